@@ -1,0 +1,153 @@
+"""Bytes to models and back: msgpack maps of the models' JSON-mode dump.
+
+Rule: decoding never raises anything but DecodeError, whatever the bytes. The worker
+decodes every message on its event loop and must answer even a malformed job, so a
+DecodeError carries an ErrorCode for the Result and, when the payload was a map at
+all, whatever `reply_to` and `id` could be read from it, so the producer still hears
+back. The happy path is one unpack and one validation; recovery work happens only on
+failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ValidationError
+
+from schemas.models import (
+    MAX_ID_CHARS,
+    PATTERN_HINTS,
+    PROMPT_TAGS,
+    ErrorCode,
+    Job,
+    Result,
+    is_subject,
+)
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+# Bounds on what a decode error message may carry back to the producer: a hostile key
+# or value can be as long as the payload, and the message travels in a Result.
+_MAX_SHOWN_ERRORS = 3
+_MAX_LOC_PART_CHARS = 64
+_MAX_DETAIL_CHARS = 200
+
+_WIRE_TYPE_NAMES = {
+    list: "array",
+    str: "string",
+    bytes: "binary",
+    int: "integer",
+    float: "float",
+    bool: "boolean",
+    type(None): "nil",
+    msgpack.Timestamp: "timestamp",
+}
+
+
+class DecodeError(Exception):
+    """A payload that is not a valid message, with what the worker needs to answer it.
+
+    reply_to: the payload's reply subject when it was a well-formed subject, else None.
+    job_id: the payload's id when it was a string (cut to 128 chars), else "".
+    """
+
+    def __init__(
+        self, code: ErrorCode, message: str, reply_to: str | None = None, job_id: str = ""
+    ) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+        self.reply_to = reply_to
+        self.job_id = job_id
+
+
+def encode(model: BaseModel) -> bytes:
+    """Serialize any wire model as a msgpack map; enums travel as their string values."""
+    return msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)
+
+
+def decode_job(data: bytes) -> Job:
+    return _decode(data, Job)
+
+
+def decode_result(data: bytes) -> Result:
+    return _decode(data, Result)
+
+
+def _decode(data: bytes, model: type[_Model]) -> _Model:
+    payload = _unpack(data)
+    if not isinstance(payload, dict):
+        kind = _WIRE_TYPE_NAMES.get(type(payload), type(payload).__name__)
+        raise DecodeError(ErrorCode.BAD_PAYLOAD, f"payload is a msgpack {kind}, not a map")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise _invalid(payload, exc) from None
+
+
+def _unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,  # str must be UTF-8; a bad byte is a bad payload, not mojibake
+            strict_map_key=True,  # map keys are str or bytes, never containers
+            # unpackb caps every str/bin/array/map length at len(data) by itself, so
+            # no length header can make it allocate more than was sent.
+            ext_hook=_refuse_ext,
+        )
+    except msgpack.ExtraData:
+        # str(ExtraData) embeds the trailing bytes themselves; do not echo them.
+        raise DecodeError(
+            ErrorCode.BAD_PAYLOAD, "trailing bytes after the msgpack object"
+        ) from None
+    except UnicodeDecodeError:
+        raise DecodeError(ErrorCode.BAD_PAYLOAD, "a string is not valid UTF-8") from None
+    except (ValueError, OverflowError, msgpack.UnpackException) as exc:
+        detail = str(exc)[:_MAX_DETAIL_CHARS] or type(exc).__name__
+        raise DecodeError(ErrorCode.BAD_PAYLOAD, f"not valid msgpack: {detail}") from None
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not part of the contract")
+
+
+def _invalid(payload: dict[Any, Any], exc: ValidationError) -> DecodeError:
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    shown = [_describe(err) for err in errors[:_MAX_SHOWN_ERRORS]]
+    if len(errors) > _MAX_SHOWN_ERRORS:
+        shown.append(f"and {len(errors) - _MAX_SHOWN_ERRORS} more")
+    code = ErrorCode.EMPTY_PROMPT if any(map(_is_empty_prompt, errors)) else ErrorCode.INVALID_JOB
+    reply_to = payload.get("reply_to")
+    job_id = payload.get("id")
+    return DecodeError(
+        code,
+        "; ".join(shown),
+        reply_to=reply_to if is_subject(reply_to) else None,
+        job_id=job_id[:MAX_ID_CHARS] if isinstance(job_id, str) else "",
+    )
+
+
+def _is_empty_prompt(err: Any) -> bool:
+    loc = err["loc"]
+    return (
+        len(loc) == 2
+        and loc[0] == "prompt"
+        and err["type"] in ("too_short", "string_too_short")
+    )
+
+
+def _describe(err: Any) -> str:
+    """'sampling.stop_token_ids[3]: Input should be ...' from one pydantic error."""
+    path = ""
+    for i, part in enumerate(err["loc"]):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif i == 1 and err["loc"][0] == "prompt" and part in PROMPT_TAGS:
+            continue  # the union branch name is ours, not the producer's
+        else:
+            path += ("." if path else "") + str(part)[:_MAX_LOC_PART_CHARS]
+    msg = err["msg"]
+    if err["type"] == "string_pattern_mismatch":
+        msg = PATTERN_HINTS.get(err["loc"], msg)
+    return f"{path}: {msg}" if path else msg

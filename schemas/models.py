@@ -1,0 +1,185 @@
+"""The wire models: what a producer may send (Job) and what a worker answers (Result).
+
+Rule: these models are the whole contract with producers in any language. They are
+validated once, at the edge, and are strict: a value of the wrong wire type is refused,
+never coerced (no "5" for 5, no true for 1, no bytes for text), because a producer that
+sends the wrong type has a bug we want it to see. Every model forbids unknown keys.
+The JSON Schema files next to this module are generated from these classes
+(`python -m schemas.export`); change the models, then regenerate.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, model_validator
+
+# Limits that bound what one message can make the worker hold in memory.
+MAX_ID_CHARS = 128
+MAX_PROMPT_TOKENS = 1_000_000
+MAX_PROMPT_CHARS = 4_000_000
+MAX_STOP_TOKENS = 64
+MAX_SUBJECT_CHARS = 256
+MAX_SEED = 2**63 - 1
+
+# The id becomes the `Nats-Msg-Id` header of the result, and header values are
+# ASCII without whitespace or control characters; so the id is printable ASCII.
+ID_PATTERN = r"^[!-~]+$"
+
+# A literal NATS subject: dot-separated non-empty tokens with no whitespace, no
+# control characters and no wildcards (a reply_to with `*` or `>` is not one subject).
+_SUBJECT_TOKEN = r"[^\s\x00-\x1f\x7f.*>]+"
+SUBJECT_PATTERN = rf"^{_SUBJECT_TOKEN}(\.{_SUBJECT_TOKEN})*$"
+_SUBJECT_RE = re.compile(SUBJECT_PATTERN)
+
+# What each pattern means in words, for error messages that a producer can act on
+# (pydantic's own message quotes the regex).
+PATTERN_HINTS = {
+    ("id",): "should be printable ASCII without spaces",
+    ("reply_to",): "should be a NATS subject: dot-separated non-empty tokens, "
+    "no whitespace, no wildcards",
+}
+
+
+def is_subject(value: object) -> bool:
+    """True if `value` is a str that Job.reply_to would accept."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_SUBJECT_CHARS
+        and _SUBJECT_RE.match(value) is not None
+    )
+
+
+class ErrorCode(str, Enum):
+    """Machine-readable reason a job failed; producers branch on these, so never rename one."""
+
+    BAD_PAYLOAD = "bad_payload"  # not msgpack, trailing bytes, or not a map
+    INVALID_JOB = "invalid_job"  # a map that violates the Job schema
+    EMPTY_PROMPT = "empty_prompt"
+    TOO_LONG = "too_long"  # prompt + max_new_tokens over max_seq_len or the budget
+    FORBIDDEN_REPLY_TO = "forbidden_reply_to"  # reply subject outside the result prefix
+    EXPIRED = "expired"  # past deadline_s before it got device time
+    BAD_TOKEN = "bad_token"  # token id outside the model's vocabulary
+    POISON = "poison"  # failed on too many deliveries
+    INTERNAL = "internal"
+    SHUTTING_DOWN = "shutting_down"
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"  # produced max_new_tokens
+    STOP = "stop"  # produced one of stop_token_ids (or the model's end token)
+    ERROR = "error"
+    EXPIRED = "expired"
+
+
+class _Wire(BaseModel):
+    # NaN and inf are refused everywhere: a NaN temperature or deadline has no meaning
+    # and would poison comparisons downstream.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+StrictStr = Annotated[str, Strict()]
+TokenId = Annotated[int, Strict(), Field(ge=0)]
+NonNegInt = Annotated[int, Strict(), Field(ge=0)]
+NonNegFloat = Annotated[float, Strict(), Field(ge=0)]
+
+
+def _prompt_kind(value: Any) -> str | None:
+    # Dispatching on the Python type (rather than trying each union member) keeps the
+    # error for a bad prompt about the one shape the producer meant to send.
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "tokens"
+    return None
+
+
+# Union tags appear in validation error locations; the codec drops them from messages.
+PROMPT_TAGS = frozenset({"tokens", "text"})
+
+Prompt = Annotated[
+    Annotated[
+        list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_TOKENS), Tag("tokens")
+    ]
+    | Annotated[StrictStr, Field(min_length=1, max_length=MAX_PROMPT_CHARS), Tag("text")],
+    Discriminator(
+        _prompt_kind,
+        custom_error_type="prompt_type",
+        custom_error_message="Input should be a list of token ids or a string",
+    ),
+]
+
+
+class Sampling(_Wire):
+    temperature: NonNegFloat = Field(0.0, description="0 means greedy decoding.")
+    top_k: NonNegInt = Field(0, description="Keep the k most likely tokens; 0 turns it off.")
+    top_p: Annotated[float, Strict(), Field(gt=0, le=1)] = Field(
+        1.0, description="Nucleus sampling mass in (0, 1]; 1 turns it off."
+    )
+    seed: Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)] | None = Field(
+        None, description="Per-job RNG seed; None lets the worker choose."
+    )
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKENS)] = Field(
+        default=[], description="Generation stops after any of these tokens."
+    )
+
+
+class Job(_Wire):
+    id: Annotated[
+        StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
+    ] = Field(description="Producer-chosen idempotency key; printable ASCII, no spaces.")
+    prompt: Prompt = Field(
+        description="Token ids, or text the worker tokenizes. Never empty."
+    )
+    max_new_tokens: NonNegInt = Field(description="Most tokens to generate.")
+    reply_to: Annotated[
+        StrictStr, Field(min_length=1, max_length=MAX_SUBJECT_CHARS, pattern=SUBJECT_PATTERN)
+    ] = Field(description="NATS subject the Result is published to; no wildcards.")
+    sampling: Sampling = Field(default_factory=Sampling)
+    deadline_s: Annotated[float, Strict()] | None = Field(
+        None, description="Unix time in seconds after which the job is not worth running."
+    )
+
+
+class ErrorInfo(_Wire):
+    code: ErrorCode
+    message: StrictStr
+
+
+class Usage(_Wire):
+    prompt_tokens: NonNegInt = 0
+    completion_tokens: NonNegInt = 0
+    padded_tokens: NonNegInt = Field(
+        0, description="Tokens of budget the job held: prompt + generation, rounded up."
+    )
+
+
+class Timing(_Wire):
+    # Every figure is measured from the message's arrival at the worker, so a Result
+    # says where the worker's time went; broker time is the producer's to measure.
+    queued_ms: NonNegFloat = Field(0.0, description="Arrival to admission.")
+    first_token_ms: NonNegFloat | None = Field(None, description="Arrival to first token.")
+    total_ms: NonNegFloat = Field(0.0, description="Arrival to result.")
+
+
+class Result(_Wire):
+    id: Annotated[StrictStr, Field(max_length=MAX_ID_CHARS)] = Field(
+        description="The job's id; empty when the payload had no readable id."
+    )
+    ok: Annotated[bool, Strict()]
+    tokens: list[TokenId] = []
+    text: StrictStr | None = None
+    finish_reason: FinishReason
+    error: ErrorInfo | None = None
+    usage: Usage = Field(default_factory=Usage)
+    timing: Timing = Field(default_factory=Timing)
+    worker: StrictStr = ""
+    attempt: NonNegInt = Field(0, description="JetStream delivery count of the job.")
+
+    @model_validator(mode="after")
+    def _ok_means_no_error(self) -> Result:
+        if self.ok != (self.error is None):
+            raise ValueError("ok must be true exactly when error is null")
+        return self

@@ -130,11 +130,7 @@ def _invalid(payload: dict[Any, Any], exc: ValidationError) -> DecodeError:
 
 def _is_empty_prompt(err: Any) -> bool:
     loc = err["loc"]
-    return (
-        len(loc) == 2
-        and loc[0] == "prompt"
-        and err["type"] in ("too_short", "string_too_short")
-    )
+    return len(loc) == 2 and loc[0] == "prompt" and err["type"] in ("too_short", "string_too_short")
 
 
 def _describe(err: Any) -> str:

@@ -11,7 +11,7 @@ The JSON Schema files next to this module are generated from these classes
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, model_validator
@@ -52,7 +52,7 @@ def is_subject(value: object) -> bool:
     )
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Machine-readable reason a job failed; producers branch on these, so never rename one."""
 
     BAD_PAYLOAD = "bad_payload"  # not msgpack, trailing bytes, or not a map
@@ -67,7 +67,7 @@ class ErrorCode(str, Enum):
     SHUTTING_DOWN = "shutting_down"
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     LENGTH = "length"  # produced max_new_tokens
     STOP = "stop"  # produced one of stop_token_ids (or the model's end token)
     ERROR = "error"
@@ -100,9 +100,7 @@ def _prompt_kind(value: Any) -> str | None:
 PROMPT_TAGS = frozenset({"tokens", "text"})
 
 Prompt = Annotated[
-    Annotated[
-        list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_TOKENS), Tag("tokens")
-    ]
+    Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_TOKENS), Tag("tokens")]
     | Annotated[StrictStr, Field(min_length=1, max_length=MAX_PROMPT_CHARS), Tag("text")],
     Discriminator(
         _prompt_kind,
@@ -119,7 +117,7 @@ class Sampling(_Wire):
         1.0, description="Nucleus sampling mass in (0, 1]; 1 turns it off."
     )
     seed: Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)] | None = Field(
-        None, description="Per-job RNG seed; None lets the worker choose."
+        None, description="Per-job RNG seed; null lets the worker choose."
     )
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKENS)] = Field(
         default=[], description="Generation stops after any of these tokens."
@@ -127,12 +125,10 @@ class Sampling(_Wire):
 
 
 class Job(_Wire):
-    id: Annotated[
-        StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
-    ] = Field(description="Producer-chosen idempotency key; printable ASCII, no spaces.")
-    prompt: Prompt = Field(
-        description="Token ids, or text the worker tokenizes. Never empty."
+    id: Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)] = (
+        Field(description="Producer-chosen idempotency key; printable ASCII, no spaces.")
     )
+    prompt: Prompt = Field(description="Token ids, or text the worker tokenizes. Never empty.")
     max_new_tokens: NonNegInt = Field(description="Most tokens to generate.")
     reply_to: Annotated[
         StrictStr, Field(min_length=1, max_length=MAX_SUBJECT_CHARS, pattern=SUBJECT_PATTERN)

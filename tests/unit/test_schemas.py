@@ -27,8 +27,8 @@ from schemas import (
     decode_job,
     decode_result,
     encode,
+    export,
 )
-from schemas import export
 from schemas.models import is_subject
 
 

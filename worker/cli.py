@@ -1,0 +1,131 @@
+"""`fabric-worker`: run a worker, provision the broker, or check a config.
+
+Start-up order is deliberate: parse and check the config, then build the engine (load
+the weights, allocate the KV pool), and only then connect to the broker. A bad config or
+a model that does not fit exits with a message naming the field (exit 2) before any
+connection is made, and a worker never holds messages while it is still loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+
+import structlog
+
+from worker import log as logsetup
+from worker.config import ConfigError, EngineConfig, cfg_summary, config_hash, load_config
+from worker.connection import ConnectError, Security, connect
+from worker.topology import Topology, TopologyError, provision
+
+EXIT_CONFIG = 2  # bad config, model or topology: fix and restart, retrying will not help
+
+
+def _topology(cfg: EngineConfig, args: argparse.Namespace) -> Topology:
+    return Topology(jobs_stream=cfg.stream, consumer=cfg.consumer,
+                    results_prefix=args.result_prefix, ack_wait_s=args.ack_wait_s,
+                    replicas=getattr(args, "replicas", 1),
+                    max_ack_pending=getattr(args, "max_ack_pending", 20000))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="engine config (TOML, the nine fields)")
+    p.add_argument("--log-level", default=os.environ.get("FABRIC_LOG_LEVEL", "info"))
+    p.add_argument("--log-format", choices=["auto", "json", "console"],
+                   default=os.environ.get("FABRIC_LOG_FORMAT", "auto"))
+    p.add_argument("--result-prefix", default="fabric.results.",
+                   help="a job's reply_to must start with this")
+    p.add_argument("--ack-wait-s", type=float, default=30.0)
+    p.add_argument("--creds", help="NATS credentials file (or FABRIC_NATS_CREDS)")
+    p.add_argument("--nkey-seed", help="NKey seed file (or FABRIC_NATS_NKEY_SEED)")
+    p.add_argument("--tls-ca", help="CA bundle to verify the server (or FABRIC_TLS_CA)")
+    p.add_argument("--tls-cert", help="client certificate (or FABRIC_TLS_CERT)")
+    p.add_argument("--tls-key", help="client key (or FABRIC_TLS_KEY)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fabric-worker", description=__doc__.splitlines()[0])
+    sp = ap.add_subparsers(dest="cmd", required=True)
+    run = sp.add_parser("run", help="serve jobs until SIGTERM")
+    _common(run)
+    run.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}")
+    run.add_argument("--metrics-port", type=int, default=int(os.environ.get("FABRIC_METRICS_PORT", 0)),
+                     help="Prometheus /metrics, /healthz, /readyz (0 = off)")
+    run.add_argument("--grace-s", type=float, default=30.0, help="SIGTERM drain period")
+    run.add_argument("--solo-from-attempt", type=int, default=3)
+    run.add_argument("--burst", action="store_true",
+                     help="exit 0 once the consumer has nothing pending and nothing is held")
+    run.add_argument("--max-step-tokens", type=int, default=None)
+    prov = sp.add_parser("provision", help="create the streams and the consumer (idempotent)")
+    _common(prov)
+    prov.add_argument("--replicas", type=int, default=1)
+    prov.add_argument("--max-ack-pending", type=int, default=20000)
+    chk = sp.add_parser("check-config", help="validate the config and exit")
+    _common(chk)
+    return ap
+
+
+def _security(args: argparse.Namespace) -> Security:
+    return Security.from_env(creds_file=args.creds, nkey_seed_file=args.nkey_seed,
+                             tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
+async def _provision(cfg: EngineConfig, args: argparse.Namespace) -> int:
+    nc = await connect(cfg.nats_url, "fabric-provision", _security(args), 30.0)
+    try:
+        for line in await provision(nc.jetstream(), _topology(cfg, args)):
+            print(line)
+    finally:
+        await nc.close()
+    return 0
+
+
+def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
+    from worker.app import Options, Worker
+    from worker.engine import EngineError, build_engine
+
+    try:
+        engine = build_engine(cfg.model, cfg.device, cfg.dtype, cfg.token_budget, cfg.max_seq_len,
+                              max_step_tokens=args.max_step_tokens)
+    except EngineError as e:
+        print(f"fabric-worker: engine config {args.config}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    log.info("engine_ready", model=engine.loaded.name, params=engine.loaded.args.num_params(),
+             kv_pool_mib=round(engine.pool.nbytes / 2**20, 1), kv_blocks=engine.pool.num_blocks,
+             block_size=engine.block_size, max_step_tokens=engine.max_step_tokens)
+    opts = Options(worker_id=args.worker_id, grace_s=args.grace_s,
+                   solo_from_attempt=args.solo_from_attempt, burst=args.burst)
+    worker = Worker(cfg, opts, engine, _topology(cfg, args), _security(args))
+    if args.metrics_port:
+        from worker.observe import serve_http
+        serve_http(worker, args.metrics_port)
+    return asyncio.run(worker.run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logsetup.configure(args.log_level, args.log_format)
+    log = structlog.get_logger("cli")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"fabric-worker: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    log.info("config_loaded", config_hash=config_hash(cfg), **cfg_summary(cfg))
+    try:
+        if args.cmd == "check-config":
+            print(f"config ok ({config_hash(cfg)})")
+            return 0
+        if args.cmd == "provision":
+            return asyncio.run(_provision(cfg, args))
+        return _run(cfg, args, log)
+    except (TopologyError, ConnectError) as e:
+        print(f"fabric-worker: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

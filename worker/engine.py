@@ -1,0 +1,101 @@
+"""Building the device-side engine from the config, and running it offline.
+
+`build_engine` does everything that can fail before the worker touches the broker: load
+the weights, check that the budget and the longest job fit the model and the device, and
+allocate the KV pool once. `generate` runs requests to completion in the calling thread
+with the same scheduler and runner the executor uses; tests and the kernel-only
+benchmark ceiling use it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from worker.checkpoint import LoadedModel, load_model
+from worker.kv import KVPool, blocks_for
+from worker.lanes import LANE_MIN_WIDTH
+from worker.runner import Runner
+from worker.scheduler import Scheduler
+from worker.sequence import Completion, Request
+
+BLOCK_SIZE = LANE_MIN_WIDTH
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineError(ValueError):
+    """The engine cannot start with this config; the message names the field."""
+
+
+@dataclass(slots=True)
+class Engine:
+    loaded: LoadedModel
+    pool: KVPool
+    device: torch.device
+    block_size: int
+    max_step_tokens: int  # packed tokens per forward
+
+    def scheduler(self) -> Scheduler:
+        return Scheduler(self.pool.allocator, self.block_size, self.max_step_tokens,
+                         self.loaded.eos_ids)
+
+    def runner(self) -> Runner:
+        return Runner(self.loaded.model, self.pool.tensor, self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError(f"device: {name!r} requested but CUDA is not available here")
+        idx = dev.index or 0
+        if idx >= torch.cuda.device_count():
+            raise EngineError(f"device: {name!r} but only {torch.cuda.device_count()} GPU(s)")
+        return torch.device("cuda", idx)
+    if dev.type != "cpu":
+        raise EngineError(f"device: {name!r} is not supported (cpu or cuda:N)")
+    return dev
+
+
+def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq_len: int,
+                 max_step_tokens: int | None = None) -> Engine:
+    from worker.checkpoint import CheckpointError
+
+    dev = resolve_device(device)
+    dt = DTYPES[dtype]
+    try:
+        loaded = load_model(model, dt, dev)
+    except CheckpointError as e:
+        raise EngineError(f"model: {e}") from None
+    if max_seq_len > loaded.args.max_position:
+        raise EngineError(f"max_seq_len: {max_seq_len} is over the model's "
+                          f"{loaded.args.max_position} positions")
+    # Every job is rounded up to whole blocks, so the pool holds the whole budget exactly.
+    num_blocks = blocks_for(token_budget, BLOCK_SIZE)
+    need = num_blocks * BLOCK_SIZE * KVPool.bytes_per_token(loaded.args, dt)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        if need > free * 0.9:
+            raise EngineError(f"token_budget: the KV pool needs {need / 2**30:.1f} GiB, "
+                              f"{free / 2**30:.1f} GiB free on {dev}")
+    pool = KVPool(loaded.args, num_blocks, BLOCK_SIZE, dt, dev)
+    # A step is the running batch (at most one row per admitted job) plus whole prompts; the
+    # cap keeps one step's activations bounded while letting the longest prompt through.
+    step_cap = max_step_tokens or max(max_seq_len, 2048)
+    return Engine(loaded, pool, dev, BLOCK_SIZE, step_cap)
+
+
+def generate(engine: Engine, reqs: list[Request]) -> list[Completion]:
+    """Run requests to completion in this thread, all admitted at once (they must fit)."""
+    sched, runner = engine.scheduler(), engine.runner()
+    now = time.monotonic()
+    for r in reqs:
+        sched.add(r, now)
+    done: list[Completion] = []
+    while sched.has_work():
+        plan = sched.schedule()
+        inp, sb, _ = runner.prepare(plan)
+        done.extend(sched.postprocess(plan, runner.run(inp, sb), time.monotonic()))
+    return done

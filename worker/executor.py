@@ -1,0 +1,130 @@
+"""The executor: the one thread that owns the model, the KV pool and the device.
+
+Work comes in through `submit` (a bounded hand-off, thread-safe), results go out through
+a callback the event loop provides (it must not block: the event loop side uses
+`call_soon_threadsafe`). The loop is schedule, run, postprocess. The thread never awaits,
+never touches NATS, and treats any exception as fatal: it reports it through `on_fatal`
+and stops, because a device in an unknown state must not serve another job.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from worker.engine import Engine
+from worker.sequence import Completion, Request
+
+log = structlog.get_logger("executor")
+
+
+@dataclass(slots=True)
+class StepReport:
+    """What one step did; the metrics and the benchmark read these."""
+
+    prefill_seqs: int
+    decode_seqs: int
+    rows: int  # packed token rows through the dense layers
+    attn_real: int  # attention query x key pairs needed
+    attn_padded: int  # attention pairs computed, padding included
+    kv_used_blocks: int
+    step_s: float
+    idle_s: float  # time the executor waited for work before this step
+    idle_while_queued_s: float  # part of idle_s during which jobs waited upstream
+
+
+class Executor:
+    def __init__(self, engine: Engine,
+                 on_complete: Callable[[list[Completion]], None],
+                 on_step: Callable[[StepReport], None],
+                 on_fatal: Callable[[BaseException], None],
+                 backlog: Callable[[], int] = lambda: 0,
+                 failpoint: Callable[[str], None] = lambda name: None):
+        self.pool = engine.pool
+        self.runner = engine.runner()
+        self.scheduler = engine.scheduler()
+        self._inbox: queue.Queue[list[Request]] = queue.Queue(maxsize=1024)
+        self._on_complete = on_complete
+        self._on_step = on_step
+        self._on_fatal = on_fatal
+        self._backlog = backlog  # jobs waiting for admission upstream (read, never written)
+        self._failpoint = failpoint
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="executor", daemon=True)
+
+    # -- called from the event loop --------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, reqs: list[Request]) -> None:
+        # Admission bounds what is in flight by tokens, so this never blocks in practice;
+        # the queue bound is a second line of defence against a bug upstream.
+        self._inbox.put(reqs, timeout=5.0)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Ask the thread to stop after its current step; True if it ended in time."""
+        self._stop.set()
+        self._inbox.put_nowait([])  # wake it if it is waiting for work
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the thread --------------------------------------------------------------------
+
+    def _take(self, block: bool) -> None:
+        try:
+            reqs = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+            while True:
+                now = time.monotonic()
+                for r in reqs:
+                    self.scheduler.add(r, now)
+                reqs = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _main(self) -> None:
+        try:
+            idle_since: float | None = None
+            idle_queued = 0.0
+            while not self._stop.is_set():
+                if not self.scheduler.has_work():
+                    t0 = time.monotonic()
+                    idle_since = idle_since or t0
+                    queued = self._backlog() > 0
+                    self._take(block=True)
+                    if queued:
+                        idle_queued += time.monotonic() - t0
+                    continue
+                self._take(block=False)
+                idle_s = time.monotonic() - idle_since if idle_since else 0.0
+                idle_since = None
+                self._step(idle_s, idle_queued)
+                idle_queued = 0.0
+        except BaseException as e:  # noqa: BLE001 - any failure here is fatal by design
+            log.error("executor_failed", error=repr(e))
+            self._on_fatal(e)
+
+    def _step(self, idle_s: float, idle_queued_s: float) -> None:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        self._failpoint("executor.step")
+        inp, sb, shape = self.runner.prepare(plan)
+        tokens = self.runner.run(inp, sb)
+        done = self.scheduler.postprocess(plan, tokens, time.monotonic())
+        if done:
+            self._on_complete(done)
+        self._on_step(StepReport(
+            prefill_seqs=sum(len(lane) for lane in plan.prefill), decode_seqs=len(plan.decode),
+            rows=shape.rows, attn_real=shape.attn_real, attn_padded=shape.attn_padded,
+            kv_used_blocks=self.pool.allocator.used_blocks,
+            step_s=time.perf_counter() - t0, idle_s=idle_s, idle_while_queued_s=idle_queued_s,
+        ))

@@ -1,0 +1,218 @@
+"""A Llama-family decoder whose attention reads and writes a paged KV pool.
+
+The model never owns its cache and never pads: every forward runs on a *packed* row of
+tokens (all sequences of a step laid end to end), so the dense layers — where nearly all
+the FLOPs are — do no wasted work. Attention is the only place sequences meet their own
+history; the caller describes it with `AttnGroup`s (which query rows, which KV slots, and a
+mask), so grouping policy lives in the scheduler, not here.
+
+Supports what Llama, Mistral and Qwen2 checkpoints need: RMSNorm, rotary embeddings
+(default, linear and llama3 scaling) in Hugging Face's rotate-half layout, grouped-query
+attention through `scaled_dot_product_attention`, SwiGLU, optional q/k/v bias, tied or
+untied embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True, slots=True)
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF `rope_scaling` dict (linear / llama3) or None
+    max_position: int = 4096  # rotary table length; jobs longer than this are refused
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 puts a bias on q/k/v
+    head_dim: int = 0  # 0 = dim // n_heads
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    def num_params(self) -> int:
+        hd = self.hd
+        attn = self.dim * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.dim * self.ffn_dim
+        emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return self.n_layers * (attn + mlp + 2 * self.dim) + emb + self.dim
+
+
+@dataclass(slots=True)
+class AttnGroup:
+    """One batched attention call: `Bg` sequences, each with up to Q queries and K keys."""
+
+    q_rows: Tensor  # [Bg, Q] int64 rows of the packed token row (padded entries point at row 0)
+    kv_slots: Tensor  # [Bg, K] int64 flat slots of the KV pool (padded entries point at slot 0)
+    mask: Tensor  # [Bg, 1, Q, K] bool, True = attend; every query row has at least one True
+    out_rows: Tensor  # [N] int64 rows of the packed token row that receive output
+    out_sel: Tensor  # [N] int64 positions in the flattened [Bg*Q] output that are real
+
+
+@dataclass(slots=True)
+class StepInput:
+    """Everything one forward needs; built by the runner, read by the model."""
+
+    tokens: Tensor  # [T] int64, packed
+    positions: Tensor  # [T] int64 position of each token in its own sequence
+    write_slots: Tensor  # [T] int64 flat KV slot each token's k/v is written to
+    groups: list[AttnGroup] = field(default_factory=list)
+    logit_rows: Tensor | None = None  # [B] rows whose next-token logits are wanted
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 as HF does, so half-precision runs match the reference.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> Tensor:
+    hd = args.hd
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    sc = args.rope_scaling
+    kind = (sc or {}).get("rope_type", (sc or {}).get("type", "default"))
+    if kind == "default":
+        return inv.float()
+    if kind == "linear":
+        return (inv / float(sc["factor"])).float()
+    if kind == "llama3":
+        factor = float(sc["factor"])
+        lo, hi = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+        old = float(sc["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        lo_wl, hi_wl = old / lo, old / hi
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > lo_wl, inv / factor, inv)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        is_mid = (wavelen <= lo_wl) & (wavelen >= hi_wl)
+        return torch.where(is_mid, mid, scaled).float()
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def rope_tables(args: ModelArgs) -> tuple[Tensor, Tensor]:
+    """cos, sin [max_position, D] in float32."""
+    inv = rope_inv_freq(args)
+    ang = torch.outer(torch.arange(args.max_position, dtype=torch.float32), inv)  # [P, D/2]
+    ang = torch.cat((ang, ang), dim=-1)  # [P, D]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x [T, H, D]; cos/sin [T, 1, D]; HF's rotate-half layout.
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hd, b = args.hd, args.attention_bias
+        self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, hd
+        self.q_proj = nn.Linear(args.dim, args.n_heads * hd, bias=b)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=b)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=b)
+        self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor, inp: StepInput) -> Tensor:
+        t = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(t, self.n_heads, self.hd), cos, sin)  # [T, H, D]
+        k = apply_rope(self.k_proj(x).view(t, self.n_kv, self.hd), cos, sin)  # [T, Hkv, D]
+        v = self.v_proj(x).view(t, self.n_kv, self.hd)  # [T, Hkv, D]
+        k_pool, v_pool = kv[0], kv[1]  # [S, Hkv, D] each, S = blocks * block_size
+        k_pool.index_copy_(0, inp.write_slots, k.to(k_pool.dtype))
+        v_pool.index_copy_(0, inp.write_slots, v.to(v_pool.dtype))
+        out = torch.empty(t, self.n_heads * self.hd, dtype=x.dtype, device=x.device)
+        for g in inp.groups:
+            bg, nq = g.q_rows.shape
+            qg = q[g.q_rows].transpose(1, 2)  # [Bg, H, Q, D]
+            kg = k_pool[g.kv_slots].transpose(1, 2)  # [Bg, Hkv, K, D]
+            vg = v_pool[g.kv_slots].transpose(1, 2)  # [Bg, Hkv, K, D]
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
+            og = og.transpose(1, 2).reshape(bg * nq, self.n_heads * self.hd)  # [Bg*Q, H*D]
+            out[g.out_rows] = og[g.out_sel]
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor, inp: StepInput) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, inp)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Parameter names follow Hugging Face's LlamaForCausalLM, so checkpoints load by name."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(args)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, inp: StepInput, kv_pool: Tensor) -> Tensor:
+        """kv_pool [L, 2, S, Hkv, D]; returns logits [B, V] for `inp.logit_rows` (float32)."""
+        x = self.embed_tokens(inp.tokens)  # [T, dim]
+        cos = self.rope_cos[inp.positions].unsqueeze(1).to(x.dtype)  # [T, 1, D]
+        sin = self.rope_sin[inp.positions].unsqueeze(1).to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_pool[i], inp)
+        if inp.logit_rows is not None:
+            x = x[inp.logit_rows]  # [B, dim]: only rows that sample pay for the vocab matmul
+        return self.lm_head(self.norm(x)).float()
+
+
+def init_random(model: Transformer, seed: int) -> None:
+    """Seeded init so builtin models are the same on every machine without a download."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / math.sqrt(p.shape[-1])))

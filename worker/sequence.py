@@ -1,0 +1,52 @@
+"""The records that cross the executor's boundary, and the executor's own view of a job.
+
+`Request` goes in (plain data, no NATS message: the executor never sees the broker),
+`Completion` comes out, `Sequence` lives in between and is owned by the executor thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class Request:
+    key: int  # unique per worker process; the event loop maps it back to the NATS message
+    prompt: list[int]  # token ids, already validated against the vocabulary
+    max_new_tokens: int  # >= 1 (zero-token jobs never reach the executor)
+    reserved_tokens: int  # prompt + max_new_tokens rounded up to KV blocks (the budget unit)
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int  # folded to 32 bits
+    stop_ids: frozenset[int]
+    solo: bool = False  # run in a batch of its own (suspected poison job)
+
+
+@dataclass(slots=True)
+class Completion:
+    key: int
+    tokens: list[int]  # generated ids, a stop token included
+    finish_reason: str  # "length" | "stop" | "error"
+    computed_tokens: int  # token rows this job occupied in forwards, padding included
+    first_token_at: float  # time.monotonic() when the first token was sampled
+    finished_at: float
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Sequence:
+    req: Request
+    slots: np.ndarray  # [reserved_tokens] int64 flat KV slots, in position order
+    lane: int  # prefill lane: prompts of similar length share attention calls
+    waiting_since: float  # monotonic; the oldest lane head is prefilled first
+    generated: list[int] = field(default_factory=list)
+    computed_tokens: int = 0
+    first_token_at: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose position exists: the prompt plus everything sampled so far."""
+        return len(self.req.prompt) + len(self.generated)

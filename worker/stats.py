@@ -1,0 +1,77 @@
+"""Counters the worker keeps about itself: the shutdown summary and the metrics read them.
+
+Step figures are written by the executor thread only and read by the event loop (plain
+int/float attributes; a torn read costs one sample, never correctness). Budget occupancy
+is integrated over time, and only over time when jobs were waiting for admission: that is
+the figure that says whether admission kept the executor fed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from worker.executor import StepReport
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    jobs_ok: int = 0
+    jobs_error: int = 0
+    errors_by_code: Counter = field(default_factory=Counter)
+    redelivered: int = 0  # messages seen with a delivery count above 1
+    naked: int = 0
+    # executor steps
+    steps: int = 0
+    prefill_seqs: int = 0
+    decode_rows: int = 0
+    rows: int = 0
+    attn_real: int = 0
+    attn_padded: int = 0
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+    idle_while_queued_s: float = 0.0  # executor had nothing to run while jobs waited upstream
+    # occupancy while queued, time-weighted
+    _occ_area: float = 0.0
+    _occ_time: float = 0.0
+    _occ_last: float = field(default_factory=time.monotonic)
+    _occ_value: float = 0.0
+    _occ_queued: bool = False
+
+    def on_step(self, r: StepReport) -> None:
+        self.steps += 1
+        self.prefill_seqs += r.prefill_seqs
+        self.decode_rows += r.decode_seqs
+        self.rows += r.rows
+        self.attn_real += r.attn_real
+        self.attn_padded += r.attn_padded
+        self.busy_s += r.step_s
+        self.idle_s += r.idle_s
+        self.idle_while_queued_s += r.idle_while_queued_s
+
+    def occupancy(self, value: float, queued: bool) -> None:
+        """Record the budget occupancy from now on, and whether jobs are waiting."""
+        now = time.monotonic()
+        if self._occ_queued:
+            self._occ_area += self._occ_value * (now - self._occ_last)
+            self._occ_time += now - self._occ_last
+        self._occ_last, self._occ_value, self._occ_queued = now, value, queued
+
+    @property
+    def occupancy_while_queued(self) -> float | None:
+        return self._occ_area / self._occ_time if self._occ_time > 0 else None
+
+    def summary(self) -> dict[str, object]:
+        occ = self.occupancy_while_queued
+        return {
+            "jobs_ok": self.jobs_ok, "jobs_error": self.jobs_error,
+            "errors_by_code": dict(self.errors_by_code), "redelivered": self.redelivered,
+            "naked": self.naked, "steps": self.steps,
+            "mean_batch_rows": round(self.rows / self.steps, 2) if self.steps else 0.0,
+            "attn_padding_fraction": (round(1 - self.attn_real / self.attn_padded, 4)
+                                      if self.attn_padded else 0.0),
+            "busy_s": round(self.busy_s, 3), "idle_s": round(self.idle_s, 3),
+            "idle_while_queued_s": round(self.idle_while_queued_s, 3),
+            "budget_occupancy_while_queued": round(occ, 4) if occ is not None else None,
+        }

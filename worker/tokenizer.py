@@ -1,0 +1,55 @@
+"""Text <-> token ids at the edge: a `tokenizer.json` when the checkpoint has one, bytes otherwise.
+
+The byte tokenizer is lossless for any UTF-8 text (ids 0..255 are the bytes), so builtin
+models accept text prompts with no vocabulary file. Decoding never raises: invalid UTF-8
+from a random model becomes replacement characters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """ids 0..255 are bytes; 256 = BOS, 257 = EOS."""
+
+    vocab_size = 258
+    bos_id = 256
+    eos_id = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json`, through the `tokenizers` library."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as _Tok
+
+        self._tok = _Tok.from_file(str(path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(model_dir: Path | None) -> Tokenizer:
+    if model_dir is not None and (model_dir / "tokenizer.json").is_file():
+        return HFTokenizer(model_dir / "tokenizer.json")
+    return ByteTokenizer()

@@ -1,0 +1,91 @@
+"""The JetStream objects the fleet shares: jobs stream, durable consumer, results and dead letters.
+
+`provision` creates or updates them idempotently (an operator runs it once per
+deployment, or the compose/Kubernetes one-shot does); `verify` is what a worker runs at
+start: it creates nothing, and refuses to start with a message that says what is missing
+and how to create it. Workers must not create streams: with many workers on one broker
+that is a race, and least-privilege credentials do not allow it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+RESULTS_STREAM = "FABRIC_RESULTS"
+DLQ_STREAM = "FABRIC_DLQ"
+
+
+class TopologyError(RuntimeError):
+    """A stream or the consumer is missing or wrongly shaped; the message says how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    jobs_stream: str
+    consumer: str
+    jobs_subjects: str = "fabric.jobs.>"
+    results_stream: str = RESULTS_STREAM
+    results_prefix: str = "fabric.results."  # a job's reply_to must start with this
+    dlq_stream: str = DLQ_STREAM
+    dlq_prefix: str = "fabric.dlq."
+    ack_wait_s: float = 30.0  # in-progress heartbeats keep long jobs alive within it
+    max_deliver: int = 5
+    # Counts unacked messages across the whole fleet: size it for workers x per-worker
+    # holding, or it silently caps the fleet.
+    max_ack_pending: int = 20000
+    replicas: int = 1
+    duplicate_window_s: float = 120.0  # results published again after a replay are dropped
+
+    def stream_configs(self) -> list[StreamConfig]:
+        def cfg(name: str, subjects: str) -> StreamConfig:
+            return StreamConfig(name=name, subjects=[subjects], storage=StorageType.FILE,
+                                num_replicas=self.replicas,
+                                duplicate_window=self.duplicate_window_s)
+        return [cfg(self.jobs_stream, self.jobs_subjects),
+                cfg(self.results_stream, self.results_prefix + ">"),
+                cfg(self.dlq_stream, self.dlq_prefix + ">")]
+
+    def consumer_config(self) -> ConsumerConfig:
+        return ConsumerConfig(durable_name=self.consumer, ack_policy=AckPolicy.EXPLICIT,
+                              deliver_policy=DeliverPolicy.ALL, ack_wait=self.ack_wait_s,
+                              max_deliver=self.max_deliver,
+                              max_ack_pending=self.max_ack_pending,
+                              num_replicas=self.replicas)
+
+
+async def provision(js: JetStreamContext, topo: Topology) -> list[str]:
+    """Create or update every stream and the consumer; returns what was done, one line each."""
+    done: list[str] = []
+    for sc in topo.stream_configs():
+        try:
+            await js.stream_info(sc.name)
+            await js.update_stream(sc)
+            done.append(f"stream {sc.name}: updated")
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(sc)
+            done.append(f"stream {sc.name}: created ({sc.subjects[0]})")
+    await js.add_consumer(topo.jobs_stream, topo.consumer_config())
+    done.append(f"consumer {topo.jobs_stream}/{topo.consumer}: ready")
+    return done
+
+
+async def verify(js: JetStreamContext, topo: Topology) -> None:
+    hint = "run `fabric-worker provision --config <engine.toml>` first"
+    for name in (topo.jobs_stream, topo.results_stream):
+        try:
+            await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            raise TopologyError(f"stream {name!r} does not exist; {hint}") from None
+    try:
+        info = await js.consumer_info(topo.jobs_stream, topo.consumer)
+    except nats.js.errors.NotFoundError:
+        raise TopologyError(f"consumer {topo.consumer!r} on stream {topo.jobs_stream!r} "
+                            f"does not exist; {hint}") from None
+    cc = info.config
+    if cc.ack_policy != AckPolicy.EXPLICIT or cc.deliver_subject:
+        raise TopologyError(f"consumer {topo.consumer!r} must be a pull consumer with explicit "
+                            f"acks (found ack_policy={cc.ack_policy}, push={bool(cc.deliver_subject)})")

@@ -98,10 +98,10 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig.name)
         self.executor.start()
-        tasks = [asyncio.create_task(c) for c in (self.drain.run(), self._heartbeats())]
-        ingress_task = asyncio.create_task(self.ingress.run())
+        tasks = [self._supervised(c) for c in (self.drain.run(), self._heartbeats())]
+        ingress_task = self._supervised(self.ingress.run())
         if self.opts.burst:
-            tasks.append(asyncio.create_task(self._burst_watch()))
+            tasks.append(self._supervised(self._burst_watch()))
         self.ready = True
         log.info("worker_ready", worker=self.opts.worker_id)
         reason = await self._stop
@@ -115,6 +115,17 @@ class Worker:
         log.info("worker_summary", worker=self.opts.worker_id, exit_reason=reason, exit_code=code,
                  **self.stats.summary())
         return code
+
+    def _supervised(self, coro) -> asyncio.Task:
+        """A stage task that ends with an exception takes the worker down: fatal, not silent."""
+        task = asyncio.create_task(coro, name=coro.__qualname__)
+
+        def check(t: asyncio.Task) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("stage_failed", stage=t.get_name(), error=repr(t.exception()))
+                self.stop(f"fatal: {t.get_name()} failed: {t.exception()!r}")
+        task.add_done_callback(check)
+        return task
 
     def stop(self, reason: str) -> None:
         if self._stop is not None and not self._stop.done():
@@ -190,7 +201,7 @@ class Worker:
                 id=t.job.id, ok=ok, tokens=c.tokens,
                 text=tok.decode(c.tokens) if ok else None,
                 finish_reason=FinishReason(c.finish_reason),
-                error=None if ok else ErrorInfo(code=ErrorCode.internal, message=c.error or ""),
+                error=None if ok else ErrorInfo(code=ErrorCode.INTERNAL, message=c.error or ""),
                 usage=Usage(prompt_tokens=len(t.prompt), completion_tokens=len(c.tokens),
                             padded_tokens=c.computed_tokens),
                 timing=Timing(queued_ms=(t.admitted_at - t.arrived_at) * 1e3,

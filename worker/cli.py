@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fabric-worker: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    log.info("config_loaded", config_hash=config_hash(cfg), **cfg_summary(cfg))
+    log.info("config_loaded", **cfg_summary(cfg))
     try:
         if args.cmd == "check-config":
             print(f"config ok ({config_hash(cfg)})")

@@ -93,33 +93,33 @@ class Validator:
             job = decode_job(msg.data)
         except DecodeError as e:
             reply = e.reply_to if self._reply_ok(e.reply_to) else None
-            return Outcome(msg, e.job_id, reply, attempt, now, FinishReason.error,
+            return Outcome(msg, e.job_id, reply, attempt, now, FinishReason.ERROR,
                            ErrorInfo(code=e.code, message=e.message))
 
         def fail(code: ErrorCode, message: str, reply: str | None = job.reply_to,
-                 reason: FinishReason = FinishReason.error) -> Outcome:
+                 reason: FinishReason = FinishReason.ERROR) -> Outcome:
             return Outcome(msg, job.id, reply, attempt, now, reason, ErrorInfo(code=code, message=message))
 
         if not self._reply_ok(job.reply_to):
-            return fail(ErrorCode.forbidden_reply_to,
+            return fail(ErrorCode.FORBIDDEN_REPLY_TO,
                         f"reply_to must start with {lim.reply_prefix!r}", reply=None)
         if job.deadline_s is not None and job.deadline_s <= time.time():
-            return fail(ErrorCode.expired, "deadline passed before the job started",
-                        reason=FinishReason.expired)
+            return fail(ErrorCode.EXPIRED, "deadline passed before the job started",
+                        reason=FinishReason.EXPIRED)
         text = isinstance(job.prompt, str)
         prompt = self.tokenizer.encode(job.prompt) if text else job.prompt
         if not prompt:
-            return fail(ErrorCode.empty_prompt, "the prompt encodes to no tokens")
+            return fail(ErrorCode.EMPTY_PROMPT, "the prompt encodes to no tokens")
         if max(prompt) >= lim.vocab_size:
-            return fail(ErrorCode.bad_token, f"token id {max(prompt)} is outside the "
+            return fail(ErrorCode.BAD_TOKEN, f"token id {max(prompt)} is outside the "
                         f"vocabulary (size {lim.vocab_size})")
         total = len(prompt) + job.max_new_tokens
         reserved = padded_tokens(total, lim.block_size)
         if total > lim.max_seq_len or reserved > lim.budget_tokens:
-            return fail(ErrorCode.too_long, f"prompt ({len(prompt)}) + max_new_tokens "
+            return fail(ErrorCode.TOO_LONG, f"prompt ({len(prompt)}) + max_new_tokens "
                         f"({job.max_new_tokens}) = {total} is over max_seq_len {lim.max_seq_len}")
         if job.max_new_tokens == 0:
-            return Outcome(msg, job.id, job.reply_to, attempt, now, FinishReason.length,
+            return Outcome(msg, job.id, job.reply_to, attempt, now, FinishReason.LENGTH,
                            prompt_tokens=len(prompt), terminate=False)
         self._next_key += 1
         return Ticket(msg=msg, job=job, key=self._next_key, attempt=attempt, prompt=prompt,

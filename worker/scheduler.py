@@ -114,7 +114,8 @@ class Scheduler:
         still: list[Sequence] = []
         for seq, tok in zip(plan.rows, tokens, strict=True):
             prefilled = not seq.generated
-            seq.computed_tokens += len(seq.req.prompt) if prefilled else 1
+            # Positions this job occupied: its prompt rows, then one per sampled token.
+            seq.computed_tokens += (len(seq.req.prompt) if prefilled else 0) + 1
             if prefilled:
                 seq.first_token_at = now
             seq.generated.append(tok)

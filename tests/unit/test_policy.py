@@ -1,0 +1,195 @@
+"""Admission, lanes, the KV allocator and the scheduler on plain data: no NATS, no device."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import pytest
+
+from worker.admission import Admission
+from worker.kv import BlockAllocator, OutOfBlocks, padded_tokens
+from worker.lanes import group_by_length, lane_of, lane_width
+from worker.scheduler import Scheduler
+from worker.sequence import Request
+
+# -- admission ------------------------------------------------------------------------
+
+
+def test_admission_never_exceeds_budget_and_holds_until_low_water() -> None:
+    rng = random.Random(0)
+    adm = Admission(budget_tokens=4096, low_water_tokens=2048)
+    pending: deque[int] = deque(rng.choice([16, 64, 160, 512, 1088]) for _ in range(2000))
+    inflight: list[int] = []
+    order: list[int] = []
+    while pending or inflight:
+        was_holding = adm.holding
+        before = adm.in_flight_tokens
+        got = adm.admit(pending, lambda c: c)
+        if was_holding and before > 2048:
+            assert got == [], "admitted while holding above low water"
+        inflight += got
+        order += got
+        assert adm.in_flight_tokens == sum(inflight) <= 4096
+        if got and pending:
+            # Admission stopped at a job that does not fit: now holding.
+            assert adm.holding and adm.in_flight_tokens + pending[0] > 4096
+        # Finish a random subset.
+        rng.shuffle(inflight)
+        k = rng.randint(1, max(1, len(inflight)))
+        for c in inflight[:k]:
+            adm.release(c)
+        inflight = inflight[k:]
+    assert adm.in_flight_tokens == 0
+
+
+def test_admission_is_fifo_so_a_big_job_is_not_overtaken() -> None:
+    adm = Admission(budget_tokens=1000, low_water_tokens=200)
+    pending = deque([600, 900, 10, 10])
+    assert adm.admit(pending, lambda c: c) == [600]
+    assert adm.holding
+    adm.release(300)  # 300 in flight, above low water: still holding
+    assert adm.admit(pending, lambda c: c) == []
+    adm.release(200)  # 100 in flight: resume, the 900 goes first
+    assert adm.admit(pending, lambda c: c) == [900]
+    adm.release(1000)
+    assert adm.admit(pending, lambda c: c) == [10, 10]
+
+
+def test_admission_group_enters_at_once_after_low_water() -> None:
+    adm = Admission(budget_tokens=1600, low_water_tokens=800)
+    pending = deque([160] * 30)
+    first = adm.admit(pending, lambda c: c)
+    assert len(first) == 10 and adm.holding
+    for _ in range(4):
+        adm.release(160)  # 960 in flight: still above low water
+        assert adm.admit(pending, lambda c: c) == []
+    adm.release(160)  # 800: at low water, a group of five refills to the budget
+    assert len(adm.admit(pending, lambda c: c)) == 5
+
+
+# -- KV allocator ---------------------------------------------------------------------
+
+
+def test_allocator_never_leaks_after_any_mix() -> None:
+    rng = random.Random(1)
+    a = BlockAllocator(256)
+    held: dict[int, int] = {}
+    for key in range(5000):
+        if held and rng.random() < 0.5:
+            k = rng.choice(list(held))
+            assert a.release(k) == held.pop(k)
+        n = rng.randint(1, 40)
+        if n <= a.free_blocks:
+            blocks = a.allocate(key, n)
+            assert len(set(blocks)) == n
+            held[key] = n
+        else:
+            with pytest.raises(OutOfBlocks):
+                a.allocate(key, n)
+        assert a.used_blocks == sum(held.values())
+    for k in list(held):
+        a.release(k)
+    assert a.free_blocks == 256 and a.holders() == 0
+    assert a.release(12345) == 0  # idempotent
+
+
+def test_padded_tokens_are_whole_blocks() -> None:
+    assert padded_tokens(1, 16) == 16
+    assert padded_tokens(16, 16) == 16
+    assert padded_tokens(17, 16) == 32
+
+
+# -- lanes ----------------------------------------------------------------------------
+
+
+def test_lane_padding_is_bounded_by_lane_width() -> None:
+    for n in range(1, 5000):
+        lane = lane_of(n)
+        assert n <= lane < n + lane_width(n)
+        assert lane - n <= max(15, n // 8)
+
+
+def test_group_by_length_bounds_spread() -> None:
+    rng = random.Random(2)
+    lengths = [rng.randint(1, 2000) for _ in range(500)]
+    groups = group_by_length(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(500))
+    for g in groups:
+        longest = lengths[g[0]]
+        assert all(longest - lengths[i] < lane_width(longest) for i in g)
+
+
+# -- scheduler ------------------------------------------------------------------------
+
+
+def _req(key: int, plen: int, max_new: int, solo: bool = False, stop=frozenset()) -> Request:
+    return Request(key=key, prompt=[1] * plen, max_new_tokens=max_new,
+                   reserved_tokens=padded_tokens(plen + max_new, 16), temperature=0.0,
+                   top_k=0, top_p=1.0, seed=0, stop_ids=stop, solo=solo)
+
+
+def _sched(blocks: int = 1024, cap: int = 512) -> Scheduler:
+    return Scheduler(BlockAllocator(blocks), 16, cap, eos_ids=(999,))
+
+
+def test_scheduler_continuous_batching_join_and_leave() -> None:
+    s = _sched(cap=64)
+    s.add(_req(1, 40, 3), now=0.0)
+    s.add(_req(2, 40, 1), now=0.1)
+    p = s.schedule()
+    assert [x.req.key for lane in p.prefill for x in lane] == [1]  # 2 does not fit the cap
+    assert s.postprocess(p, [5], 1.0) == []
+    p = s.schedule()
+    assert [x.req.key for x in p.decode] == [1]
+    assert [x.req.key for lane in p.prefill for x in lane] == [2]
+    done = s.postprocess(p, [6, 7], 2.0)  # rows: prefill(2) first, then decode(1)
+    assert [c.key for c in done] == [2] and done[0].tokens == [6]
+    p = s.schedule()
+    done = s.postprocess(p, [8], 3.0)
+    assert [c.key for c in done] == [1] and done[0].tokens == [5, 7, 8]
+    assert done[0].finish_reason == "length"
+    assert not s.has_work() and s.allocator.used_blocks == 0
+
+
+def test_scheduler_stop_token_and_eos() -> None:
+    s = _sched()
+    s.add(_req(1, 10, 50, stop=frozenset({42})), 0.0)
+    s.add(_req(2, 10, 50), 0.0)
+    p = s.schedule()
+    done = s.postprocess(p, [42, 999], 1.0)
+    assert {c.key: c.finish_reason for c in done} == {1: "stop", 2: "stop"}
+    assert s.allocator.used_blocks == 0
+
+
+def test_scheduler_oldest_lane_first_no_starvation() -> None:
+    s = _sched(cap=300)
+    s.add(_req(1, 290, 4), now=0.0)  # a long prompt, alone in its lane
+    for k in range(2, 40):
+        s.add(_req(k, 20, 4), now=float(k))  # a stream of short ones, all newer
+    p = s.schedule()
+    assert p.prefill[0][0].req.key == 1
+
+
+def test_scheduler_solo_runs_alone() -> None:
+    s = _sched()
+    s.add(_req(1, 10, 2), 0.0)
+    p = s.schedule()
+    s.postprocess(p, [3], 0.0)
+    s.add(_req(2, 10, 2, solo=True), 0.0)
+    s.add(_req(3, 10, 2), 0.0)
+    p = s.schedule()  # job 1 still running: the solo job waits, nothing new joins
+    assert not p.prefill and [x.req.key for x in p.decode] == [1]
+    s.postprocess(p, [4], 0.0)
+    p = s.schedule()
+    assert [[x.req.key for x in lane] for lane in p.prefill] == [[2]] and not p.decode
+
+
+def test_scheduler_abort_returns_every_block() -> None:
+    s = _sched()
+    for k in range(20):
+        s.add(_req(k, 30, 10), 0.0)
+    s.postprocess(p := s.schedule(), [1] * len(p.rows), 0.0)
+    done = s.abort_all("device lost")
+    assert len(done) == 20 and all(c.finish_reason == "error" for c in done)
+    assert s.allocator.used_blocks == 0 and not s.has_work()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from worker import failpoints
 from worker.engine import Engine
 from worker.sequence import Completion, Request
 
@@ -44,7 +45,7 @@ class Executor:
                  on_step: Callable[[StepReport], None],
                  on_fatal: Callable[[BaseException], None],
                  backlog: Callable[[], int] = lambda: 0,
-                 failpoint: Callable[[str], None] = lambda name: None):
+                 failpoint: Callable[[str], None] = failpoints.hit):
         self.pool = engine.pool
         self.runner = engine.runner()
         self.scheduler = engine.scheduler()

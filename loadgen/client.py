@@ -1,0 +1,182 @@
+"""The producer side of a run: publish every job, collect every Result.
+
+Rule: listen before speaking. The run's reply subject is subscribed (and the
+subscription flushed to the server) before the first job goes out, so no Result can
+arrive to nobody. Jobs are published through JetStream with `Nats-Msg-Id: <job id>`
+and at most `window` publishes await their acks at once: enough in flight that
+thousands of jobs go out in a second or two, few enough that a slow broker pushes back
+on us rather than on its own memory. A publish that fails is retried -- safe, because
+the stream's duplicate window drops a second copy with the same Msg-Id.
+
+The run ends when every job JetStream accepted has a Result or `timeout_s` (counted
+from the start of publishing) passes; either way the RunStats says what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from tqdm import tqdm
+
+from loadgen.ledger import Outcome, RunStats
+from loadgen.workload import JobSpec
+from schemas import DecodeError, Result, decode_result, encode
+
+__all__ = ["RESULT_PREFIX", "connect", "outcome_of", "reply_subject", "run_jobs"]
+
+# Workers only publish under this prefix (DESIGN: reply subjects are confined), and the
+# results stream captures it.
+RESULT_PREFIX = "fabric.results."
+# Progress postfix refresh: tqdm redraws cheaply, but a postfix dict per Result is not.
+_POSTFIX_EVERY_S = 0.5
+
+
+def reply_subject(run_id: str) -> str:
+    return f"{RESULT_PREFIX}{run_id}"
+
+
+def outcome_of(result: Result) -> Outcome:
+    """The wire Result reduced to the ledger's plain record."""
+    return Outcome(
+        id=result.id,
+        ok=result.ok,
+        finish_reason=result.finish_reason.value,
+        error_code=result.error.code.value if result.error is not None else None,
+        prompt_tokens=result.usage.prompt_tokens,
+        completion_tokens=result.usage.completion_tokens,
+        padded_tokens=result.usage.padded_tokens,
+        worker_total_ms=result.timing.total_ms,
+        first_token_ms=result.timing.first_token_ms,
+        worker=result.worker,
+        attempt=result.attempt,
+    )
+
+
+async def connect(nats_url: str, *, name: str, connect_timeout_s: float = 10.0) -> NATS:
+    """A connection that reconnects forever once up (a broker restart mid-run is a
+    chaos test, not a failure) but gives up on the first connect after a bound.
+
+    nats-py retries even the first connect for as long as reconnects are allowed,
+    so the bound is a wall-clock one around it; its per-attempt errors are kept
+    quietly and the last one explains a failure.
+    """
+    last_error: list[BaseException] = []
+
+    async def on_error(exc: Exception) -> None:
+        last_error[:] = [exc]
+
+    try:
+        return await asyncio.wait_for(
+            nats.connect(
+                nats_url,
+                name=name,
+                error_cb=on_error,
+                connect_timeout=2,
+                reconnect_time_wait=0.5,
+                max_reconnect_attempts=-1,
+            ),
+            timeout=connect_timeout_s,
+        )
+    except asyncio.TimeoutError:
+        why = f"{type(last_error[0]).__name__}: {last_error[0]}" if last_error else "timed out"
+        raise ConnectionError(f"cannot reach {nats_url} in {connect_timeout_s}s ({why})") from None
+
+
+async def run_jobs(
+    nats_url: str,
+    jobs: Sequence[JobSpec],
+    *,
+    run_id: str,
+    subject_prefix: str = "fabric.jobs.",
+    timeout_s: float = 300.0,
+    progress: bool = True,
+    window: int = 256,
+    publish_timeout_s: float = 5.0,
+    publish_attempts: int = 3,
+) -> RunStats:
+    """Publish `jobs` to `<subject_prefix><run_id>` and collect their Results."""
+    stats = RunStats(run_id=run_id, job_ids=[j.id for j in jobs])
+    if len(set(stats.job_ids)) != len(stats.job_ids):
+        raise ValueError("job ids must be unique within a run")
+    reply_to = reply_subject(run_id)
+    subject = f"{subject_prefix}{run_id}"
+    all_done = asyncio.Event()
+    # Ids JetStream accepted that have not answered yet; known only once publishing
+    # ends (a Result can beat its own PubAck). A job that never got in never answers,
+    # so the run waits on these, not on every job.
+    unanswered: set[str] | None = None
+    useful_tokens = 0
+    last_postfix_s = 0.0
+
+    async def on_result(msg: Msg) -> None:
+        nonlocal useful_tokens, last_postfix_s
+        # Arrival is stamped before decoding, so latency does not include our own work.
+        now = time.monotonic()
+        try:
+            result = decode_result(msg.data)
+        except DecodeError:
+            stats.undecodable += 1
+            return
+        outcome = outcome_of(result)
+        if not stats.record_outcome(outcome, now):
+            return
+        if outcome.ok:
+            useful_tokens += outcome.prompt_tokens + outcome.completion_tokens
+        bar.update(1)
+        if now - last_postfix_s >= _POSTFIX_EVERY_S and stats.first_sent_s is not None:
+            elapsed = max(now - stats.first_sent_s, 1e-9)
+            bar.set_postfix(tok_s=f"{useful_tokens / elapsed:,.0f}", refresh=False)
+            last_postfix_s = now
+        if unanswered is not None:
+            unanswered.discard(outcome.id)
+            if not unanswered:
+                all_done.set()
+
+    nc = await connect(nats_url, name=f"fabric-loadgen-{run_id}")
+    bar = tqdm(total=len(jobs), unit="job", disable=not progress, dynamic_ncols=True)
+    try:
+        # Results for thousands of jobs can land in a burst; the default pending limit
+        # would mark us a slow consumer and drop some, which would read as "missing".
+        sub = await nc.subscribe(
+            reply_to, cb=on_result, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+        await nc.flush()
+        js = nc.jetstream()
+        deadline_s = time.monotonic() + timeout_s
+        gate = asyncio.Semaphore(window)
+
+        async def publish(job: JobSpec) -> None:
+            payload = encode(job.to_job(reply_to))
+            headers = {"Nats-Msg-Id": job.id}
+            async with gate:
+                stats.record_sent(job.id, time.monotonic())
+                for _ in range(publish_attempts):
+                    try:
+                        await js.publish(
+                            subject, payload, timeout=publish_timeout_s, headers=headers
+                        )
+                    except nats.errors.Error as exc:  # timeouts and JetStream API errors
+                        stats.publish_errors[job.id] = f"{type(exc).__name__}: {exc}"
+                        continue
+                    stats.acked.add(job.id)
+                    stats.publish_errors.pop(job.id, None)
+                    return
+
+        await asyncio.gather(*(publish(j) for j in jobs))
+        unanswered = stats.acked - stats.outcomes.keys()
+        if unanswered:
+            remaining_s = max(deadline_s - time.monotonic(), 0.0)
+            try:
+                await asyncio.wait_for(all_done.wait(), timeout=remaining_s)
+            except asyncio.TimeoutError:
+                stats.timed_out = True
+        await sub.unsubscribe()
+    finally:
+        bar.close()
+        await nc.close()
+    return stats

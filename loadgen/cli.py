@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import signal
 import shutil
 import sys
 import tempfile
@@ -42,6 +43,10 @@ DEMO_ENGINE: dict[str, Any] = {
     "low_water": 4096,
     "max_seq_len": 1088,
 }
+# The worker's own drain period sits inside our bound on waiting for it, so an
+# interrupted demo lets it nak its in-flight jobs before we resort to SIGKILL.
+_WORKER_GRACE_S = 8.0
+_STOP_WORKER_S = 10.0
 # Exit statuses beyond the verdict: could not run at all, and Ctrl-C (as a shell
 # reports a SIGINT death).
 _EXIT_FAILED = 2
@@ -117,7 +122,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
         print(f"broker {broker.url}  config {config}", file=sys.stderr, flush=True)
         provision(config)
-        worker = WorkerProcess(config, worker_id="demo-0", log_path=work_dir / "worker.log")
+        worker = WorkerProcess(
+            config, worker_id="demo-0", log_path=work_dir / "worker.log",
+            extra_args=["--grace-s", str(_WORKER_GRACE_S)],
+        )
         worker.start()
         worker.wait_ready(args.ready_timeout_s)
         print(f"worker demo-0 ready (pid {worker.pid})", file=sys.stderr, flush=True)
@@ -125,7 +133,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     finally:
         # Worker first: it drains against a live broker, then the broker goes.
         if worker is not None:
-            code = worker.terminate(grace_s=10.0)
+            code = worker.terminate(grace_s=_STOP_WORKER_S)
             print(f"worker exited {code}", file=sys.stderr, flush=True)
             # A worker that died before ready already put its log tail in the error.
             if report is not None and code != 0:
@@ -138,9 +146,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _verdict(report)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"run": _cmd_run, "demo": _cmd_demo}[args.command]
+    # SIGTERM (docker stop, kill, a CI timeout) takes the Ctrl-C path, so the demo's
+    # finally blocks stop the worker and broker instead of orphaning them.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return command(args)
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["ENGINE_KEYS", "WorkerProcess", "provision", "worker_env", "write_engine_toml"]
@@ -106,6 +106,7 @@ class WorkerProcess:
         worker_id: str,
         log_path: str | os.PathLike[str],
         metrics_port: int = 0,
+        extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.worker_id = worker_id
@@ -115,6 +116,7 @@ class WorkerProcess:
             "--config", str(config_path),
             "--worker-id", worker_id,
             "--metrics-port", str(metrics_port),
+            *extra_args,
         ]  # fmt: skip
         self._env = worker_env(env)
         self._proc: subprocess.Popen | None = None

@@ -148,7 +148,11 @@ class Usage(_Wire):
     prompt_tokens: NonNegInt = 0
     completion_tokens: NonNegInt = 0
     padded_tokens: NonNegInt = Field(
-        0, description="Tokens of budget the job held: prompt + generation, rounded up."
+        0,
+        description="Token positions the job occupied in the device's batches, padding "
+        "included: its prompt rows (padded to the batch's longest under static batching) "
+        "plus one per decode step it took part in. Equal to prompt + completion when "
+        "nothing was padded.",
     )
 
 

@@ -18,7 +18,7 @@ from worker.checkpoint import LoadedModel, load_model
 from worker.kv import KVPool, blocks_for
 from worker.lanes import LANE_MIN_WIDTH
 from worker.runner import Runner
-from worker.scheduler import Scheduler
+from worker.scheduler import Policy, Scheduler
 from worker.sequence import Completion, Request
 
 BLOCK_SIZE = LANE_MIN_WIDTH
@@ -36,10 +36,11 @@ class Engine:
     device: torch.device
     block_size: int
     max_step_tokens: int  # packed tokens per forward
+    policy: Policy = "continuous"  # benchmark ladder only; the product is "continuous"
 
     def scheduler(self) -> Scheduler:
         return Scheduler(self.pool.allocator, self.block_size, self.max_step_tokens,
-                         self.loaded.eos_ids)
+                         self.loaded.eos_ids, policy=self.policy)
 
     def runner(self) -> Runner:
         return Runner(self.loaded.model, self.pool.tensor, self.device)
@@ -60,7 +61,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq_len: int,
-                 max_step_tokens: int | None = None) -> Engine:
+                 max_step_tokens: int | None = None, policy: Policy = "continuous") -> Engine:
     from worker.checkpoint import CheckpointError
 
     dev = resolve_device(device)
@@ -84,7 +85,7 @@ def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq
     # A step is the running batch (at most one row per admitted job) plus whole prompts; the
     # cap keeps one step's activations bounded while letting the longest prompt through.
     step_cap = max_step_tokens or max(max_seq_len, 2048)
-    return Engine(loaded, pool, dev, BLOCK_SIZE, step_cap)
+    return Engine(loaded, pool, dev, BLOCK_SIZE, step_cap, policy)
 
 
 def generate(engine: Engine, reqs: list[Request]) -> list[Completion]:

@@ -31,11 +31,15 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockAllocator:
-    """A LIFO free list of block ids; LIFO so recently freed (cache-warm) blocks go first."""
+    """A LIFO free list of block ids; LIFO so recently freed (cache-warm) blocks go first.
 
-    def __init__(self, num_blocks: int):
+    Ids start at `first`: the pool keeps block 0 as a scratch block that padding rows
+    write into and nothing ever reads as a real key.
+    """
+
+    def __init__(self, num_blocks: int, first: int = 0):
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self._free = list(range(first + num_blocks - 1, first - 1, -1))
         self._owner: dict[int, list[int]] = {}  # sequence key -> its blocks
 
     @property
@@ -68,17 +72,23 @@ class BlockAllocator:
 
 
 class KVPool:
-    """k/v for every layer: `tensor` is [L, 2, S, Hkv, D] with S = num_blocks * block_size."""
+    """k/v for every layer: `tensor` is [L, 2, S, Hkv, D], S = (num_blocks + 1) * block_size.
+
+    Block 0 is scratch (`SCRATCH_SLOT` lies in it): rows that are padding, never a real
+    token, write their k/v there.
+    """
+
+    SCRATCH_SLOT = 0
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        slots = num_blocks * block_size
+        slots = (num_blocks + 1) * block_size
         self.tensor = torch.zeros(
             (args.n_layers, 2, slots, args.n_kv_heads, args.hd), dtype=dtype, device=device
         )
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, first=1)
 
     @property
     def nbytes(self) -> int:

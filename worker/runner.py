@@ -12,11 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from worker.kv import KVPool
 from worker.lanes import group_by_length
 from worker.model import AttnGroup, StepInput, Transformer
 from worker.sampling import SamplingBatch, sample
 from worker.scheduler import StepPlan
 from worker.sequence import Sequence
+
+
+SCRATCH_SLOT = KVPool.SCRATCH_SLOT
 
 
 @dataclass(slots=True)
@@ -41,35 +45,45 @@ class _Builder:
         self.attn_real = 0
         self.attn_padded = 0
 
-    def prefill(self, seqs: list[Sequence]) -> None:
+    def prefill(self, seqs: list[Sequence], pad_to: int) -> None:
+        """Whole prompts; with `pad_to`, each is padded to that many rows (static batching)."""
         lens = np.array([len(s.req.prompt) for s in seqs], dtype=np.int64)  # [B]
-        width = int(lens.max())
-        starts = self.rows + np.concatenate(([0], np.cumsum(lens)[:-1]))  # [B]
+        rows = np.maximum(lens, pad_to)  # [B] rows each sequence occupies
+        width = int(rows.max())
+        starts = self.rows + np.concatenate(([0], np.cumsum(rows)[:-1]))  # [B]
         ar = np.arange(width, dtype=np.int64)  # [W]
-        valid = ar[None, :] < lens[:, None]  # [B, W]
+        valid = ar[None, :] < rows[:, None]  # [B, W] rows that exist in the packed tensor
+        real = ar[None, :] < lens[:, None]  # [B, W] rows that are prompt tokens
         q_rows = np.where(valid, starts[:, None] + ar[None, :], 0)  # [B, W]
-        kv_slots = np.zeros((len(seqs), width), dtype=np.int64)  # [B, W]
+        kv_slots = np.full((len(seqs), width), SCRATCH_SLOT, dtype=np.int64)  # [B, W]
         for i, s in enumerate(seqs):
-            n = int(lens[i])
-            self.tokens.append(np.asarray(s.req.prompt, dtype=np.int64))
-            self.positions.append(ar[:n])
-            self.slots.append(s.slots[:n])
+            n, w = int(lens[i]), int(rows[i])
             kv_slots[i, :n] = s.slots[:n]
-        # Causal within a sequence; padded queries see the real keys so no row is all-masked.
-        mask = (ar[None, None, :] <= ar[None, :, None]) & valid[:, None, :]  # [B, W, W]
+            pad = w - n
+            self.tokens.append(np.concatenate((np.asarray(s.req.prompt, dtype=np.int64),
+                                               np.zeros(pad, dtype=np.int64))))
+            self.positions.append(ar[:w])
+            self.slots.append(np.concatenate((s.slots[:n], np.full(pad, SCRATCH_SLOT))))
+        # Causal within a sequence over its real keys; padding rows see the real keys too,
+        # so no row is all-masked (their output is computed, as padding is, and unused).
+        mask = (ar[None, None, :] <= ar[None, :, None]) & real[:, None, :]  # [B, W, W]
         out_sel = np.flatnonzero(valid)
         self.groups.append((q_rows, kv_slots, mask[:, None], q_rows.reshape(-1)[out_sel], out_sel))
         self.logit_rows.extend((starts + lens - 1).tolist())
-        self.rows += int(lens.sum())
+        self.rows += int(rows.sum())
         self.attn_real += int((lens * (lens + 1) // 2).sum())
         self.attn_padded += len(seqs) * width * width
 
     def decode(self, seqs: list[Sequence]) -> None:
         first = self.rows
-        ctx = [s.num_tokens for s in seqs]  # keys each new token attends to, itself included
-        self.tokens.append(np.array([s.generated[-1] for s in seqs], dtype=np.int64))
-        self.positions.append(np.array(ctx, dtype=np.int64) - 1)
-        self.slots.append(np.array([s.slots[n - 1] for s, n in zip(seqs, ctx)], dtype=np.int64))
+        # Keys each new token attends to, itself included. A sequence that finished inside
+        # a static batch computes a padding row: it rereads its keys, writes to scratch.
+        ctx = [s.num_tokens - 1 if s.done else s.num_tokens for s in seqs]
+        self.tokens.append(np.array([0 if s.done else s.generated[-1] for s in seqs],
+                                    dtype=np.int64))
+        self.positions.append(np.array([s.num_tokens - 1 for s in seqs], dtype=np.int64))
+        self.slots.append(np.array([SCRATCH_SLOT if s.done else s.slots[n - 1]
+                                    for s, n in zip(seqs, ctx)], dtype=np.int64))
         for idx in group_by_length(ctx):
             lens = np.array([ctx[i] for i in idx], dtype=np.int64)  # [G]
             width = int(lens[0])  # groups are sorted longest first
@@ -98,7 +112,7 @@ class Runner:
     def prepare(self, plan: StepPlan) -> tuple[StepInput, SamplingBatch, StepShape]:
         b = _Builder()
         for lane in plan.prefill:
-            b.prefill(lane)
+            b.prefill(lane, plan.pad_to)
         if plan.decode:
             b.decode(plan.decode)
         inp = StepInput(

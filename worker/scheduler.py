@@ -1,12 +1,20 @@
 """What the next step runs: every running sequence decodes, waiting prompts fill the rest.
 
-Design, once: a step is one packed forward over (a) one new token for every running
-sequence and (b) whole prompts taken from the waiting lanes, oldest lane head first, until
-the step's token cap. Sequences join the running set the step they are prefilled and
-leave it the step they finish, so the batch is continuous. Every sequence already holds
-its KV blocks (reserved on entry), so scheduling never fails for memory, and no sequence is
-ever preempted. Taking the lane whose head has waited longest first is what keeps a long
-prompt from starving behind a stream of short ones.
+Design, once (policy `continuous`, the product): a step is one packed forward over (a) one
+new token for every running sequence and (b) whole prompts taken from the waiting lanes,
+oldest lane head first, until the step's token cap. Sequences join the running set the
+step they are prefilled and leave it the step they finish, so the batch is continuous.
+Every sequence already holds its KV blocks (reserved on entry), so scheduling never fails
+for memory and no sequence is ever preempted. Taking the lane whose head has waited
+longest first is what keeps a long prompt from starving behind a stream of short ones.
+
+The other policies exist only so the benchmark ladder can measure what each decision
+buys, on the same code: `serial` runs one job at a time; `window`, `budget` and `lanes`
+are static batching — a batch is formed when the previous one has ended, its prompts are
+padded to the longest, and every member keeps computing (padding rows) until the longest
+generation ends. `window` takes what has arrived (up to `window_max_jobs`), `budget` takes
+everything admission let in, `lanes` takes one lane. Their padding is real computation,
+so their cost is measured, not modelled.
 
 Pure Python on plain data: tested without a model or a device.
 """
@@ -16,12 +24,17 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from worker.kv import BlockAllocator
 from worker.lanes import lane_of
 from worker.sequence import Completion, Request, Sequence
+
+Policy = Literal["serial", "window", "budget", "lanes", "continuous"]
+POLICIES: tuple[str, ...] = ("serial", "window", "budget", "lanes", "continuous")
+STATIC: frozenset[str] = frozenset({"window", "budget", "lanes"})
 
 
 @dataclass(slots=True)
@@ -30,10 +43,7 @@ class StepPlan:
 
     prefill: list[list[Sequence]] = field(default_factory=list)  # one list per lane
     decode: list[Sequence] = field(default_factory=list)  # running sequences, one token each
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(len(s.req.prompt) for lane in self.prefill for s in lane)
+    pad_to: int = 0  # static batching: prompts padded to this length (0 = no padding)
 
     @property
     def rows(self) -> list[Sequence]:
@@ -46,11 +56,16 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_step_tokens: int,
-                 eos_ids: tuple[int, ...]):
+                 eos_ids: tuple[int, ...], policy: Policy = "continuous",
+                 window_max_jobs: int = 32):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r} (have {', '.join(POLICIES)})")
         self.allocator = allocator
         self.block_size = block_size
         self.max_step_tokens = max_step_tokens  # cap on packed tokens per forward
         self.eos_ids = frozenset(eos_ids)
+        self.policy = policy
+        self.window_max_jobs = window_max_jobs
         self.lanes: dict[int, deque[Sequence]] = {}
         self.running: list[Sequence] = []
         self.solo: deque[Sequence] = deque()  # suspected poison jobs, each alone
@@ -63,7 +78,9 @@ class Scheduler:
                             dtype=np.int64)
         offs = np.arange(self.block_size, dtype=np.int64)
         slots = (blocks[:, None] * self.block_size + offs[None, :]).reshape(-1)
-        seq = Sequence(req=req, slots=slots, lane=lane_of(len(req.prompt)), waiting_since=now)
+        # Static policies other than `lanes` ignore length: one lane, arrival order.
+        lane = lane_of(len(req.prompt)) if self.policy in ("continuous", "lanes") else 0
+        seq = Sequence(req=req, slots=slots, lane=lane, waiting_since=now)
         if req.solo:
             self.solo.append(seq)
         else:
@@ -81,32 +98,63 @@ class Scheduler:
         now = time.monotonic()
         seqs = self.running + list(self.solo) + [s for q in self.lanes.values() for s in q]
         self.running, self.solo, self.lanes = [], deque(), {}
-        return [self._finish(s, "error", now, reason) for s in seqs]
+        return [self._finish(s, "error", now, reason) for s in seqs if not s.done]
 
     # -- the step ---------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        plan = StepPlan(decode=list(self.running))
-        if self.solo:
+        if self.solo and not self.running:
             # A suspected poison job runs with nothing else, so if it kills the step it dies alone.
-            if not self.running:
-                plan.prefill.append([self.solo.popleft()])
-            return plan
-        room = self.max_step_tokens - len(plan.decode)
-        while self.lanes and room > 0:
-            lane = min(self.lanes, key=lambda k: self.lanes[k][0].waiting_since)
+            return StepPlan(prefill=[[self.solo.popleft()]])
+        plan = StepPlan(decode=list(self.running))
+        if self.solo or (self.running and self.policy != "continuous"):
+            return plan  # let the running set drain (before a solo job, or a static batch)
+        if self.policy == "continuous":
+            self._fill(plan, self.max_step_tokens - len(plan.decode))
+        elif self.policy == "serial":
+            self._fill(plan, 1, max_seqs=1)
+        else:
+            self._form_static_batch(plan)
+        return plan
+
+    def _oldest_lane(self) -> int:
+        return min(self.lanes, key=lambda k: self.lanes[k][0].waiting_since)
+
+    def _fill(self, plan: StepPlan, room: int, max_seqs: int = 1 << 30) -> None:
+        """Whole prompts, oldest lane head first, while they fit `room` tokens."""
+        while self.lanes and room > 0 and max_seqs > 0:
+            lane = self._oldest_lane()
             q = self.lanes[lane]
             taken: list[Sequence] = []
-            while q and (len(q[0].req.prompt) <= room or not (plan.prefill or taken or plan.decode)):
+            while q and max_seqs > 0 and (
+                    len(q[0].req.prompt) <= room or not (plan.prefill or taken or plan.decode)):
                 s = q.popleft()
                 room -= len(s.req.prompt)
+                max_seqs -= 1
                 taken.append(s)
             if not q:
                 del self.lanes[lane]
             if not taken:
                 break  # the oldest lane's head does not fit this step: it goes first next step
             plan.prefill.append(taken)
-        return plan
+
+    def _form_static_batch(self, plan: StepPlan) -> None:
+        if not self.lanes:
+            return
+        lane = self._oldest_lane() if self.policy == "lanes" else 0
+        q = self.lanes[lane]
+        n = min(len(q), self.window_max_jobs) if self.policy == "window" else len(q)
+        batch = [q.popleft() for _ in range(n)]
+        # Padded prefill must respect the step cap too: B x longest prompt rows.
+        longest = max(len(s.req.prompt) for s in batch)
+        keep = max(1, self.max_step_tokens // longest)
+        for s in reversed(batch[keep:]):
+            q.appendleft(s)
+        batch = batch[:keep]
+        if not q:
+            del self.lanes[lane]
+        plan.prefill.append(batch)
+        plan.pad_to = max(len(s.req.prompt) for s in batch)
 
     def postprocess(self, plan: StepPlan, tokens: list[int], now: float) -> list[Completion]:
         """Append each row's sampled token; retire finished sequences. tokens follow plan.rows."""
@@ -114,18 +162,30 @@ class Scheduler:
         still: list[Sequence] = []
         for seq, tok in zip(plan.rows, tokens, strict=True):
             prefilled = not seq.generated
-            # Positions this job occupied: its prompt rows, then one per sampled token.
-            seq.computed_tokens += (len(seq.req.prompt) if prefilled else 0) + 1
+            width = plan.pad_to if prefilled and plan.pad_to else len(seq.req.prompt)
+            # Positions this job occupied: its prompt rows (padding included), then one per
+            # sampled token -- or per padding row once it has finished in a static batch.
+            seq.computed_tokens += (width if prefilled else 0) + 1
+            if seq.done:
+                still.append(seq)
+                continue
             if prefilled:
                 seq.first_token_at = now
             seq.generated.append(tok)
-            if tok in seq.req.stop_ids or tok in self.eos_ids:
-                done.append(self._finish(seq, "stop", now))
-            elif len(seq.generated) >= seq.req.max_new_tokens:
-                done.append(self._finish(seq, "length", now))
-            else:
+            reason = ("stop" if tok in seq.req.stop_ids or tok in self.eos_ids
+                      else "length" if len(seq.generated) >= seq.req.max_new_tokens else None)
+            if reason is None:
                 still.append(seq)
+            elif self.policy in STATIC:
+                seq.done = True  # keeps computing padding rows until the batch ends
+                seq.generated_reason = reason
+                still.append(seq)
+            else:
+                done.append(self._finish(seq, reason, now))
         self.running = still
+        if self.policy in STATIC and still and all(s.done for s in still):
+            done.extend(self._finish(s, s.generated_reason, now) for s in still)
+            self.running = []
         return done
 
     def _finish(self, seq: Sequence, reason: str, now: float, error: str | None = None) -> Completion:

@@ -45,6 +45,9 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     computed_tokens: int = 0
     first_token_at: float = 0.0
+    # Static batching (benchmark policies) only: finished, still computing padding rows.
+    done: bool = False
+    generated_reason: str = ""
 
     @property
     def num_tokens(self) -> int:

@@ -210,6 +210,7 @@ class Worker:
                 worker=self.opts.worker_id, attempt=t.attempt,
             )
             self._count(res)
+            self.stats.on_result(res)
             self._deliver(t.msg, res, t.job.reply_to, Settle.ACK if ok else Settle.NAK)
         self._admit()
 

@@ -1,9 +1,11 @@
 """Counters the worker keeps about itself: the shutdown summary and the metrics read them.
 
-Step figures are written by the executor thread only and read by the event loop (plain
-int/float attributes; a torn read costs one sample, never correctness). Budget occupancy
-is integrated over time, and only over time when jobs were waiting for admission: that is
-the figure that says whether admission kept the executor fed.
+Step figures are written by the executor thread only (`on_step`), job figures by the event
+loop only (`on_result`, per executed job); the metrics scrape reads them from its own thread
+(plain int/float attributes: a torn read costs one sample, never correctness). Budget
+occupancy is integrated over time, and only over time when jobs were waiting for
+admission: that is the figure that says whether admission kept the executor fed. The
+histograms live in `dist` and are observed at the same two points.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from schemas import Result
 from worker.executor import StepReport
+from worker.metrics import Distributions, padding_fraction
 
 
 @dataclass(slots=True)
@@ -21,7 +25,7 @@ class WorkerStats:
     jobs_error: int = 0
     errors_by_code: Counter = field(default_factory=Counter)
     redelivered: int = 0  # messages seen with a delivery count above 1
-    naked: int = 0
+    naked: int = 0  # messages nak'd back without a Result (SIGTERM drain, fatal teardown)
     # executor steps
     steps: int = 0
     prefill_seqs: int = 0
@@ -32,6 +36,10 @@ class WorkerStats:
     busy_s: float = 0.0
     idle_s: float = 0.0
     idle_while_queued_s: float = 0.0  # executor had nothing to run while jobs waited upstream
+    # executed jobs answered ok (event loop)
+    useful_tokens: int = 0  # prompt + generated tokens: the work anyone asked for
+    computed_tokens: int = 0  # token rows those jobs occupied in forwards, padding included
+    dist: Distributions = field(default_factory=Distributions)  # the metrics' histograms
     # occupancy while queued, time-weighted
     _occ_area: float = 0.0
     _occ_time: float = 0.0
@@ -49,6 +57,14 @@ class WorkerStats:
         self.busy_s += r.step_s
         self.idle_s += r.idle_s
         self.idle_while_queued_s += r.idle_while_queued_s
+        self.dist.on_step(r.prefill_seqs, r.decode_seqs, r.rows, r.step_s)
+
+    def on_result(self, res: Result) -> None:
+        """A Result for a job the executor ran (edge answers are counted by the worker)."""
+        if res.ok:
+            self.useful_tokens += res.usage.prompt_tokens + res.usage.completion_tokens
+            self.computed_tokens += res.usage.padded_tokens
+        self.dist.on_result(res)
 
     def occupancy(self, value: float, queued: bool) -> None:
         """Record the budget occupancy from now on, and whether jobs are waiting."""
@@ -69,8 +85,10 @@ class WorkerStats:
             "errors_by_code": dict(self.errors_by_code), "redelivered": self.redelivered,
             "naked": self.naked, "steps": self.steps,
             "mean_batch_rows": round(self.rows / self.steps, 2) if self.steps else 0.0,
-            "attn_padding_fraction": (round(1 - self.attn_real / self.attn_padded, 4)
-                                      if self.attn_padded else 0.0),
+            "attn_padding_fraction": round(padding_fraction(self.attn_real, self.attn_padded), 4),
+            "compute_padding_fraction": round(padding_fraction(self.useful_tokens,
+                                                               self.computed_tokens), 4),
+            "useful_tokens": self.useful_tokens,
             "busy_s": round(self.busy_s, 3), "idle_s": round(self.idle_s, 3),
             "idle_while_queued_s": round(self.idle_while_queued_s, 3),
             "budget_occupancy_while_queued": round(occ, 4) if occ is not None else None,

@@ -1,0 +1,353 @@
+"""Prometheus metrics: what the worker is doing, in its own registry, every name `fabric_`.
+
+Rule: a scrape never waits on the event loop or the executor. Levels (queue depths,
+in-flight tokens, admission state, KV blocks) and counters are read at scrape time from
+the state their owners already keep (Worker, WorkerStats, Drain, the KV allocator) by a
+pull-based collector. Only distributions are pushed, in O(1) where the value is born: per
+step on the executor thread, per Result on the event loop (`Distributions`, owned by
+WorkerStats). Reading another thread's ints and lengths without a lock can be one sample
+stale; it never raises and never blocks the owner.
+
+GPU readings come from NVML when the device is `cuda:N` and NVML answers; otherwise the
+`fabric_gpu_*` series are absent and one info line says why. docs/operations.md says what
+every series means and what healthy looks like.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import structlog
+from prometheus_client import (CollectorRegistry, Histogram, ProcessCollector,
+                               disable_created_metrics)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from schemas import ErrorCode, Result
+from worker.config import config_hash
+from worker.health import readiness
+
+log = structlog.get_logger("metrics")
+
+STEP_PHASES = ("prefill", "decode", "mixed")
+# Token rows per step reach max_step_tokens (2048 by default, more for long prompts).
+_TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+_SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_STEP_S_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_JOB_S_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                  120.0, 300.0)
+
+
+def step_phase(prefill_seqs: int, decode_seqs: int) -> str:
+    """A step that only prefills, only decodes, or does both in one packed forward."""
+    if prefill_seqs and decode_seqs:
+        return "mixed"
+    return "prefill" if prefill_seqs else "decode"
+
+
+def padding_fraction(real: int, computed: int) -> float:
+    """1 - real/computed: the share of computed work that was padding (0 when none ran)."""
+    if computed <= 0:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - real / computed))
+
+
+class Distributions:
+    """The histograms, observed where their values are born; registered by `register_worker`.
+
+    `on_step` runs on the executor thread once per step: three observations, no allocation
+    beyond prometheus-client's own lock. `on_result` runs on the event loop per executed job.
+    """
+
+    def __init__(self) -> None:
+        self.step_seqs = Histogram(
+            "fabric_step_batch_seqs", "Sequences in one executor step (prefills + decodes).",
+            buckets=_SEQ_BUCKETS, registry=None)
+        self.step_tokens = Histogram(
+            "fabric_step_tokens", "Packed token rows through the dense layers in one step.",
+            buckets=_TOKEN_BUCKETS, registry=None)
+        self._step_s = Histogram(
+            "fabric_step_seconds", "Wall time of one executor step, by phase.", ["phase"],
+            buckets=_STEP_S_BUCKETS, registry=None)
+        self.step_s = {p: self._step_s.labels(p) for p in STEP_PHASES}
+        self.queued_s = Histogram(
+            "fabric_job_queued_seconds", "Arrival at the worker to admission (executed jobs).",
+            buckets=_JOB_S_BUCKETS, registry=None)
+        self.ttft_s = Histogram(
+            "fabric_time_to_first_token_seconds",
+            "Arrival at the worker to the first generated token (jobs answered ok).",
+            buckets=_JOB_S_BUCKETS, registry=None)
+        self.latency_s = Histogram(
+            "fabric_job_latency_seconds", "Arrival at the worker to its Result (jobs answered ok).",
+            buckets=_JOB_S_BUCKETS, registry=None)
+
+    def collectors(self) -> list[Collector]:
+        return [self.step_seqs, self.step_tokens, self._step_s, self.queued_s, self.ttft_s,
+                self.latency_s]
+
+    def on_step(self, prefill_seqs: int, decode_seqs: int, rows: int, step_s: float) -> None:
+        self.step_seqs.observe(prefill_seqs + decode_seqs)
+        self.step_tokens.observe(rows)
+        self.step_s[step_phase(prefill_seqs, decode_seqs)].observe(step_s)
+
+    def on_result(self, res: Result) -> None:
+        t = res.timing
+        self.queued_s.observe(t.queued_ms / 1e3)
+        if not res.ok:
+            return  # a failed job's latency says nothing about serving speed
+        self.latency_s.observe(t.total_ms / 1e3)
+        if t.first_token_ms is not None:
+            self.ttft_s.observe(t.first_token_ms / 1e3)
+
+
+def _copy(d: dict) -> dict:
+    """A copy of a dict another thread may be adding keys to."""
+    for _ in range(3):
+        try:
+            return dict(d)
+        except RuntimeError:  # changed size during the copy: take it again
+            continue
+    return {}
+
+
+def _gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None):
+    g = GaugeMetricFamily(name, doc, labels=list(labels) if labels else None)
+    g.add_metric(list(labels.values()) if labels else [], value)
+    return g
+
+
+def _counter(name: str, doc: str, value: float):
+    return CounterMetricFamily(name, doc, value=value)
+
+
+class WorkerCollector(Collector):
+    """Everything read at scrape time from one Worker's live state."""
+
+    def __init__(self, worker: Any):
+        self.w = worker
+        cfg = worker.cfg
+        self._info = {"config_hash": config_hash(cfg), "model": cfg.model, "device": cfg.device,
+                      "dtype": cfg.dtype, "worker": worker.opts.worker_id}
+        # The most jobs that can be in a stage at once: every job reserves >= one KV block.
+        self._max_jobs = cfg.token_budget // worker.engine.block_size
+
+    def describe(self) -> Iterator:
+        return iter(())  # unchecked collector: its families depend on the live state
+
+    def collect(self) -> Iterator:
+        w, cfg = self.w, self.w.cfg
+        stats = w.stats
+        ex = getattr(w, "executor", None)  # set once the worker has connected
+        drain = getattr(w, "drain", None)
+        ingress = getattr(w, "ingress", None)
+        nc = getattr(w, "nc", None)
+
+        info = InfoMetricFamily("fabric_config", "The engine config this worker runs.")
+        info.add_metric([], self._info)
+        yield info
+        yield _gauge("fabric_ready", "1 when /readyz answers 200.", float(readiness(w).ok))
+        yield _gauge("fabric_draining", "1 while stopping (SIGTERM or fatal).", float(w.draining))
+        yield _gauge("fabric_executor_alive", "1 while the executor thread runs.",
+                     float(ex is not None and ex.alive))
+        yield _gauge("fabric_broker_connected", "1 while connected to NATS.",
+                     float(nc is not None and nc.is_connected))
+
+        # -- jobs and messages
+        jobs = CounterMetricFamily("fabric_jobs", "Jobs answered with a Result, by outcome and "
+                                   "error code.", labels=["outcome", "code"])
+        jobs.add_metric(["ok", "none"], stats.jobs_ok)
+        by_code = _copy(stats.errors_by_code)
+        for code in ErrorCode:
+            by_code.setdefault(code.value, 0)
+        for code, n in sorted(by_code.items()):
+            jobs.add_metric(["error", code], n)
+        yield jobs
+        yield _counter("fabric_redeliveries", "Messages received with a delivery count above 1.",
+                       stats.redelivered)
+        yield _counter("fabric_messages_fetched", "Messages pulled from the consumer.",
+                       ingress.fetched if ingress is not None else 0)
+        settled = CounterMetricFamily(
+            "fabric_settled", "Messages settled: ack/term/nak after a Result; release = nak'd "
+            "back without a Result (drain on SIGTERM, fatal teardown).", labels=["action"])
+        for action, n in (("ack", getattr(drain, "acked", 0)), ("term", getattr(drain, "termed", 0)),
+                          ("nak", getattr(drain, "naked", 0)), ("release", stats.naked)):
+            settled.add_metric([action], n)
+        yield settled
+        yield _counter("fabric_results_published", "Results confirmed by the broker.",
+                       getattr(drain, "published", 0))
+        yield _gauge("fabric_held_messages", "Messages this worker holds unacked (counts "
+                     "against the consumer's max_ack_pending).", len(w.held))
+
+        # -- queues, every one bounded
+        inflight_jobs = len(w.inflight)
+        running = len(ex.scheduler.running) if ex is not None else 0
+        depth = GaugeMetricFamily("fabric_queue_depth", "Jobs (or Results) waiting in each "
+                                  "bounded stage.", labels=["stage"])
+        cap = GaugeMetricFamily("fabric_queue_capacity", "The bound of each stage's queue.",
+                                labels=["stage"])
+        for stage, n, limit in (
+            ("pending", len(w.pending), self._max_jobs),
+            ("executor_waiting", max(0, inflight_jobs - running), self._max_jobs),
+            ("executor_running", running, self._max_jobs),
+            ("drain", drain.queue.qsize() if drain is not None else 0,
+             drain.queue.maxsize if drain is not None else 0),
+        ):
+            depth.add_metric([stage], n)
+            cap.add_metric([stage], limit)
+        yield depth
+        yield cap
+
+        # -- admission and the token budget
+        adm = w.admission
+        yield _gauge("fabric_pending_tokens", "Padded tokens fetched but not yet admitted.",
+                     w.pending_tokens)
+        yield _gauge("fabric_inflight_tokens", "Padded tokens admitted and not yet finished.",
+                     adm.in_flight_tokens)
+        yield _gauge("fabric_budget_tokens", "token_budget: admission's high-water mark.",
+                     cfg.token_budget)
+        yield _gauge("fabric_low_water_tokens", "low_water: admission resumes at or below this.",
+                     cfg.low_water)
+        yield _gauge("fabric_budget_occupancy", "In-flight padded tokens over the budget.",
+                     adm.occupancy)
+        occ = stats.occupancy_while_queued
+        yield _gauge("fabric_budget_occupancy_while_queued", "Time-weighted budget occupancy "
+                     "while jobs waited for admission, since start.", occ if occ is not None else 0)
+        state = GaugeMetricFamily("fabric_admission_state", "1 for the current admission state: "
+                                  "open, or holding (hit high water, waits for low water).",
+                                  labels=["state"])
+        state.add_metric(["open"], float(not adm.holding))
+        state.add_metric(["holding"], float(adm.holding))
+        yield state
+        alloc = w.engine.pool.allocator
+        yield _gauge("fabric_kv_blocks_used", "KV cache blocks reserved by admitted jobs.",
+                     alloc.used_blocks)
+        yield _gauge("fabric_kv_blocks_capacity", "KV cache blocks in the preallocated pool.",
+                     alloc.num_blocks)
+
+        # -- executor work, real versus computed
+        yield _counter("fabric_executor_busy_seconds", "Time the executor spent in steps.",
+                       stats.busy_s)
+        yield _counter("fabric_executor_idle_seconds", "Time the executor waited for work.",
+                       stats.idle_s)
+        yield _counter("fabric_executor_idle_while_queued_seconds", "Time the executor waited "
+                       "for work while jobs waited for admission (should stay near 0).",
+                       stats.idle_while_queued_s)
+        yield _counter("fabric_useful_tokens", "Prompt + generated tokens of jobs answered ok.",
+                       stats.useful_tokens)
+        yield _counter("fabric_computed_tokens", "Token rows those jobs occupied in forwards, "
+                       "padding included.", stats.computed_tokens)
+        yield _counter("fabric_attention_real_pairs", "Attention query x key pairs needed.",
+                       stats.attn_real)
+        yield _counter("fabric_attention_computed_pairs", "Attention query x key pairs computed, "
+                       "padding included.", stats.attn_padded)
+        pad = GaugeMetricFamily("fabric_padding_fraction", "Share of computed work that was "
+                                "padding since start: compute (token rows) and attention.",
+                                labels=["kind"])
+        pad.add_metric(["compute"], padding_fraction(stats.useful_tokens, stats.computed_tokens))
+        pad.add_metric(["attention"], padding_fraction(stats.attn_real, stats.attn_padded))
+        yield pad
+
+
+# -- NVML ------------------------------------------------------------------------------
+
+
+def nvml_target(device: str, visible_devices: str | None) -> int | str | None:
+    """The NVML key of a torch device: an NVML index, a GPU/MIG UUID, or None (no GPU).
+
+    NVML numbers every GPU on the host; CUDA numbers only those CUDA_VISIBLE_DEVICES lists,
+    in its order, by index or UUID. In a container that sees one GPU both say 0.
+    """
+    if not device.startswith("cuda"):
+        return None
+    idx = int(device.partition(":")[2] or 0)
+    if visible_devices is None:
+        return idx
+    entries = [e.strip() for e in visible_devices.split(",") if e.strip()]
+    if idx >= len(entries):
+        return None
+    entry = entries[idx]
+    return int(entry) if entry.isdigit() else entry
+
+
+class GpuCollector(Collector):
+    """SM utilisation, memory, power and temperature of the worker's GPU, read per scrape."""
+
+    def __init__(self, device: str, nvml: Any = None,
+                 environ: dict[str, str] | os._Environ = os.environ):
+        self.device = device
+        self._nvml = nvml
+        self._handle = None
+        self._failed: set[str] = set()  # readings that failed once: not asked again
+        target = nvml_target(device, environ.get("CUDA_VISIBLE_DEVICES"))
+        if target is None:
+            log.info("gpu_metrics_off", device=device, reason="no GPU device configured")
+            return
+        try:
+            if self._nvml is None:
+                import pynvml
+                self._nvml = pynvml
+            self._nvml.nvmlInit()
+            self._handle = (self._nvml.nvmlDeviceGetHandleByIndex(target) if isinstance(target, int)
+                            else self._nvml.nvmlDeviceGetHandleByUUID(target))
+        except Exception as e:  # noqa: BLE001 - no driver, no library, no such GPU: metrics only
+            log.info("gpu_metrics_off", device=device, reason=repr(e))
+            self._handle = None
+            return
+        log.info("gpu_metrics_on", device=device, nvml_device=str(target))
+
+    @property
+    def enabled(self) -> bool:
+        return self._handle is not None
+
+    def describe(self) -> Iterator:
+        return iter(())
+
+    def _readings(self) -> list[tuple[str, str, Callable[[Any], float]]]:
+        n = self._nvml
+        return [
+            ("fabric_gpu_sm_utilization_ratio", "Share of the last sample period a kernel ran "
+             "(NVML utilization.gpu).", lambda h: n.nvmlDeviceGetUtilizationRates(h).gpu / 100),
+            ("fabric_gpu_memory_used_bytes", "Device memory in use (all processes).",
+             lambda h: n.nvmlDeviceGetMemoryInfo(h).used),
+            ("fabric_gpu_memory_total_bytes", "Device memory installed.",
+             lambda h: n.nvmlDeviceGetMemoryInfo(h).total),
+            ("fabric_gpu_power_watts", "Board power draw.",
+             lambda h: n.nvmlDeviceGetPowerUsage(h) / 1e3),
+            ("fabric_gpu_temperature_celsius", "GPU die temperature.",
+             lambda h: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
+        ]
+
+    def collect(self) -> Iterator:
+        if self._handle is None:
+            return
+        for name, doc, read in self._readings():
+            if name in self._failed:
+                continue
+            try:
+                value = float(read(self._handle))
+            except Exception as e:  # noqa: BLE001 - unsupported on this GPU/MIG slice, or lost
+                # Logged once per series, then the series is dropped: a scrape every 15 s
+                # must not turn one unsupported reading into a log line every 15 s.
+                self._failed.add(name)
+                log.info("gpu_metric_unavailable", metric=name, error=repr(e))
+                continue
+            yield _gauge(name, doc, value, {"device": self.device})
+
+
+def register_worker(registry: CollectorRegistry, worker: Any,
+                    gpu: GpuCollector | None = None) -> None:
+    """Put one worker's metrics, its histograms, process and GPU metrics into `registry`."""
+    registry.register(WorkerCollector(worker))
+    for c in worker.stats.dist.collectors():
+        registry.register(c)
+    registry.register(gpu if gpu is not None else GpuCollector(worker.cfg.device))
+
+
+def new_registry() -> CollectorRegistry:
+    # `*_created` series double the exposition and nothing here reads them (process-wide).
+    disable_created_metrics()
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)  # RSS, CPU seconds, open fds, start time
+    return registry

@@ -21,7 +21,9 @@ from worker.config import ConfigError, EngineConfig, cfg_summary, config_hash, l
 from worker.connection import ConnectError, Security, connect
 from worker.topology import Topology, TopologyError, provision
 
-EXIT_CONFIG = 2  # bad config, model or topology: fix and restart, retrying will not help
+EXIT_CONFIG = 2
+# worker.scheduler.POLICIES, spelled out so that `provision` never imports torch.
+POLICIES = ("serial", "window", "budget", "lanes", "continuous")  # bad config, model or topology: fix and restart, retrying will not help
 
 
 def _topology(cfg: EngineConfig, args: argparse.Namespace) -> Topology:
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--burst", action="store_true",
                      help="exit 0 once the consumer has nothing pending and nothing is held")
     run.add_argument("--max-step-tokens", type=int, default=None)
+    # Benchmark ladder only (fabric-loadgen bench): the same worker with an older policy.
+    run.add_argument("--policy", choices=POLICIES, default="continuous", help=argparse.SUPPRESS)
     prov = sp.add_parser("provision", help="create the streams and the consumer (idempotent)")
     _common(prov)
     prov.add_argument("--replicas", type=int, default=1)
@@ -89,10 +93,15 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
 
     try:
         engine = build_engine(cfg.model, cfg.device, cfg.dtype, cfg.token_budget, cfg.max_seq_len,
-                              max_step_tokens=args.max_step_tokens)
+                              max_step_tokens=args.max_step_tokens, policy=args.policy)
     except EngineError as e:
         print(f"fabric-worker: engine config {args.config}: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.policy in ("serial", "window"):
+        # Rungs 0 and 1 predate the token budget's hysteresis: admit as room frees up.
+        cfg = cfg.model_copy(update={"low_water": cfg.token_budget - 1})
+    if args.policy != "continuous":
+        log.warning("bench_policy", policy=args.policy, low_water=cfg.low_water)
     log.info("engine_ready", model=engine.loaded.name, params=engine.loaded.args.num_params(),
              kv_pool_mib=round(engine.pool.nbytes / 2**20, 1), kv_blocks=engine.pool.num_blocks,
              block_size=engine.block_size, max_step_tokens=engine.max_step_tokens)

@@ -193,3 +193,9 @@ def test_scheduler_abort_returns_every_block() -> None:
     done = s.abort_all("device lost")
     assert len(done) == 20 and all(c.finish_reason == "error" for c in done)
     assert s.allocator.used_blocks == 0 and not s.has_work()
+
+
+def test_cli_policy_choices_match_the_scheduler() -> None:
+    from worker import cli, scheduler
+
+    assert cli.POLICIES == scheduler.POLICIES

@@ -20,9 +20,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
-from prometheus_client import (CollectorRegistry, Histogram, ProcessCollector,
-                               disable_created_metrics)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from schemas import ErrorCode, Result
@@ -171,7 +179,8 @@ class WorkerCollector(Collector):
         settled = CounterMetricFamily(
             "fabric_settled", "Messages settled: ack/term/nak after a Result; release = nak'd "
             "back without a Result (drain on SIGTERM, fatal teardown).", labels=["action"])
-        for action, n in (("ack", getattr(drain, "acked", 0)), ("term", getattr(drain, "termed", 0)),
+        for action, n in (("ack", getattr(drain, "acked", 0)),
+                          ("term", getattr(drain, "termed", 0)),
                           ("nak", getattr(drain, "naked", 0)), ("release", stats.naked)):
             settled.add_metric([action], n)
         yield settled
@@ -307,8 +316,9 @@ class GpuCollector(Collector):
     def _readings(self) -> list[tuple[str, str, Callable[[Any], float]]]:
         n = self._nvml
         return [
-            ("fabric_gpu_sm_utilization_ratio", "Share of the last sample period a kernel ran "
-             "(NVML utilization.gpu).", lambda h: n.nvmlDeviceGetUtilizationRates(h).gpu / 100),
+            ("fabric_gpu_sm_utilization_ratio",
+             "Share of the last sample period a kernel ran (NVML utilization.gpu).",
+             lambda h: n.nvmlDeviceGetUtilizationRates(h).gpu / 100),
             ("fabric_gpu_memory_used_bytes", "Device memory in use (all processes).",
              lambda h: n.nvmlDeviceGetMemoryInfo(h).used),
             ("fabric_gpu_memory_total_bytes", "Device memory installed.",

@@ -44,7 +44,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = 10  # a client that never sends its request gives its thread back
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         obs = self.server.observer
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
@@ -75,7 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # probes every few seconds would drown the job logs
 
 

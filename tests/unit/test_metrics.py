@@ -1,0 +1,388 @@
+"""Metrics, health and the observability port on plain data: no NATS, no model, no GPU.
+
+The worker is a stand-in with the attributes the collector and the probes read; NVML is a
+fake module, so the GPU path is tested on a machine without one.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from types import SimpleNamespace
+
+import pytest
+import structlog
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from schemas import ErrorCode, ErrorInfo, FinishReason, Result, Timing, Usage
+from worker.admission import Admission
+from worker.config import EngineConfig, config_hash
+from worker.executor import StepReport
+from worker.health import liveness, readiness
+from worker.kv import BlockAllocator
+from worker.metrics import (
+    GpuCollector,
+    WorkerCollector,
+    new_registry,
+    nvml_target,
+    padding_fraction,
+    register_worker,
+    step_phase,
+)
+from worker.observe import Observer, start_http
+from worker.stats import WorkerStats
+
+CFG = EngineConfig.model_validate({
+    "nats_url": "nats://127.0.0.1:4222", "stream": "JOBS", "consumer": "workers",
+    "model": "builtin:tiny", "device": "cpu", "dtype": "float32", "token_budget": 4096,
+    "low_water": 2048, "max_seq_len": 1088,
+})
+
+
+def fake_worker(*, connected: bool = True, started: bool = True) -> SimpleNamespace:
+    """The attributes of worker.app.Worker that metrics and health read, nothing else."""
+    alloc = BlockAllocator(256)
+    w = SimpleNamespace(
+        cfg=CFG, opts=SimpleNamespace(worker_id="w-test"),
+        engine=SimpleNamespace(block_size=16, pool=SimpleNamespace(allocator=alloc)),
+        stats=WorkerStats(), admission=Admission(4096, 2048), pending=deque(),
+        pending_tokens=0, inflight={}, held={}, ready=False, draining=False,
+    )
+    if started:
+        w.nc = SimpleNamespace(is_connected=connected)
+        w.executor = SimpleNamespace(alive=True, scheduler=SimpleNamespace(running=[]))
+        w.drain = SimpleNamespace(queue=queue.Queue(maxsize=1792), acked=0, termed=0, naked=0,
+                                  published=0)
+        w.ingress = SimpleNamespace(fetched=0)
+        w.ready = True
+    return w
+
+
+def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} from the registry's text exposition."""
+    text = generate_latest(registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def result(ok: bool = True, prompt: int = 10, completion: int = 5, padded: int = 15,
+           first_ms: float | None = 20.0, total_ms: float = 50.0) -> Result:
+    return Result(id="j", ok=ok, tokens=[1] * completion,
+                  finish_reason=FinishReason.LENGTH if ok else FinishReason.ERROR,
+                  error=None if ok else ErrorInfo(code=ErrorCode.INTERNAL, message="boom"),
+                  usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
+                              padded_tokens=padded),
+                  timing=Timing(queued_ms=5.0, first_token_ms=first_ms, total_ms=total_ms),
+                  worker="w-test", attempt=1)
+
+
+def step(prefill: int, decode: int, rows: int = 64, real: int = 60, padded: int = 80) -> StepReport:
+    return StepReport(prefill_seqs=prefill, decode_seqs=decode, rows=rows, attn_real=real,
+                      attn_padded=padded, kv_used_blocks=3, step_s=0.004, idle_s=0.01,
+                      idle_while_queued_s=0.002)
+
+
+# -- pure functions ---------------------------------------------------------------------
+
+
+def test_step_phase() -> None:
+    assert step_phase(3, 0) == "prefill"
+    assert step_phase(0, 7) == "decode"
+    assert step_phase(2, 5) == "mixed"
+    assert step_phase(0, 0) == "decode"  # cannot happen (a step has work); never raises
+
+
+@pytest.mark.parametrize(("real", "computed", "want"), [
+    (0, 0, 0.0), (10, 10, 0.0), (3, 4, 0.25), (0, 8, 1.0), (9, 8, 0.0), (5, -1, 0.0)])
+def test_padding_fraction_is_a_fraction(real: int, computed: int, want: float) -> None:
+    assert padding_fraction(real, computed) == pytest.approx(want)
+
+
+@pytest.mark.parametrize(("device", "visible", "want"), [
+    ("cpu", None, None), ("cuda", None, 0), ("cuda:2", None, 2), ("cuda:0", "3,1", 3),
+    ("cuda:1", "3,1", 1), ("cuda:2", "3,1", None), ("cuda:0", "", None),
+    ("cuda:0", "GPU-8f6a3c1e-0000-1111-2222-333344445555",
+     "GPU-8f6a3c1e-0000-1111-2222-333344445555"),
+    ("cuda:0", " MIG-abc , 2", "MIG-abc")])
+def test_nvml_target_follows_cuda_visible_devices(device, visible, want) -> None:
+    assert nvml_target(device, visible) == want
+
+
+# -- WorkerStats ------------------------------------------------------------------------
+
+
+def test_stats_count_steps_and_results_and_summarise() -> None:
+    s = WorkerStats()
+    s.on_step(step(4, 0))
+    s.on_step(step(1, 9))
+    s.on_step(step(0, 10))
+    s.on_result(result(prompt=10, completion=5, padded=15))
+    s.on_result(result(prompt=6, completion=2, padded=10))
+    s.on_result(result(ok=False, first_ms=None))
+    assert (s.useful_tokens, s.computed_tokens) == (23, 25)
+    d = s.dist
+    assert [d.step_s[p]._sum.get() > 0 for p in ("prefill", "decode", "mixed")] == [True] * 3
+    reg = CollectorRegistry()
+    for c in d.collectors():
+        reg.register(c)
+    got = scrape(reg)
+    assert got[("fabric_step_batch_seqs_count", ())] == 3
+    assert got[("fabric_step_batch_seqs_sum", ())] == 24
+    assert got[("fabric_step_seconds_count", (("phase", "mixed"),))] == 1
+    assert got[("fabric_job_queued_seconds_count", ())] == 3  # every executed job
+    assert got[("fabric_job_latency_seconds_count", ())] == 2  # only jobs answered ok
+    assert got[("fabric_time_to_first_token_seconds_sum", ())] == pytest.approx(0.04)
+    summary = s.summary()
+    assert summary["useful_tokens"] == 23
+    assert summary["compute_padding_fraction"] == pytest.approx(0.08)
+    assert summary["attn_padding_fraction"] == pytest.approx(0.25)
+    assert summary["steps"] == 3 and summary["idle_while_queued_s"] == pytest.approx(0.006)
+
+
+def test_on_step_is_cheap() -> None:
+    """The executor thread pays this every step; a generous bound that a 2-core box meets."""
+    s, r = WorkerStats(), step(2, 30)
+    n = 20000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        s.on_step(r)
+    per_step_us = (time.perf_counter() - t0) / n * 1e6
+    assert per_step_us < 200, per_step_us
+
+
+# -- the collector ----------------------------------------------------------------------
+
+
+NAMED = {
+    "fabric_config_info", "fabric_ready", "fabric_draining", "fabric_executor_alive",
+    "fabric_broker_connected", "fabric_jobs_total", "fabric_redeliveries_total",
+    "fabric_messages_fetched_total", "fabric_settled_total", "fabric_results_published_total",
+    "fabric_held_messages", "fabric_queue_depth", "fabric_queue_capacity",
+    "fabric_pending_tokens", "fabric_inflight_tokens", "fabric_budget_tokens",
+    "fabric_low_water_tokens", "fabric_budget_occupancy",
+    "fabric_budget_occupancy_while_queued", "fabric_admission_state", "fabric_kv_blocks_used",
+    "fabric_kv_blocks_capacity", "fabric_executor_busy_seconds_total",
+    "fabric_executor_idle_seconds_total", "fabric_executor_idle_while_queued_seconds_total",
+    "fabric_useful_tokens_total", "fabric_computed_tokens_total",
+    "fabric_attention_real_pairs_total", "fabric_attention_computed_pairs_total",
+    "fabric_padding_fraction", "fabric_step_batch_seqs_count", "fabric_step_tokens_count",
+    "fabric_step_seconds_count", "fabric_job_queued_seconds_count",
+    "fabric_time_to_first_token_seconds_count", "fabric_job_latency_seconds_count",
+}
+
+
+def test_collector_exports_every_named_series_from_live_state() -> None:
+    w = fake_worker()
+    reg = new_registry()
+    register_worker(reg, w)
+    w.stats.jobs_ok, w.stats.jobs_error = 7, 2
+    w.stats.errors_by_code.update({"too_long": 2})
+    w.stats.redelivered, w.stats.naked = 1, 3
+    w.stats.on_step(step(2, 3))
+    w.stats.on_result(result())
+    w.pending.extend(["a", "b"])
+    w.pending_tokens = 96
+    w.inflight.update({1: "x", 2: "y", 3: "z"})
+    w.executor.scheduler.running = ["y"]
+    w.admission.admit(deque([3000, 2000]), lambda c: c)  # the second does not fit: holding
+    w.engine.pool.allocator.allocate(1, 5)
+    w.drain.acked, w.drain.naked, w.drain.published = 6, 1, 7
+    w.held.update({1: "m"})
+    got = scrape(reg)
+    names = {name for name, _ in got}
+    assert NAMED <= names, NAMED - names
+    assert "process_resident_memory_bytes" in names
+    assert not [n for n in names if n.endswith("_created")]
+    assert got[("fabric_config_info", (
+        ("config_hash", config_hash(CFG)), ("device", "cpu"), ("dtype", "float32"),
+        ("model", "builtin:tiny"), ("worker", "w-test")))] == 1
+    assert got[("fabric_jobs_total", (("code", "none"), ("outcome", "ok")))] == 7
+    assert got[("fabric_jobs_total", (("code", "too_long"), ("outcome", "error")))] == 2
+    # Every error code has a series from the start, so rate() works from the first failure.
+    for code in ErrorCode:
+        assert ("fabric_jobs_total", (("code", code.value), ("outcome", "error"))) in got
+    assert got[("fabric_settled_total", (("action", "release"),))] == 3
+    assert got[("fabric_settled_total", (("action", "nak"),))] == 1
+    depth = {dict(lab)["stage"]: v for (n, lab), v in got.items() if n == "fabric_queue_depth"}
+    cap = {dict(lab)["stage"]: v for (n, lab), v in got.items() if n == "fabric_queue_capacity"}
+    assert depth == {"pending": 2, "executor_waiting": 2, "executor_running": 1, "drain": 0}
+    assert cap == {"pending": 256, "executor_waiting": 256, "executor_running": 256,
+                   "drain": 1792}
+    assert got[("fabric_inflight_tokens", ())] == 3000
+    assert got[("fabric_budget_occupancy", ())] == pytest.approx(3000 / 4096)
+    assert got[("fabric_admission_state", (("state", "holding"),))] == 1
+    assert got[("fabric_admission_state", (("state", "open"),))] == 0
+    assert got[("fabric_kv_blocks_used", ())] == 5
+    assert got[("fabric_useful_tokens_total", ())] == 15
+    assert got[("fabric_padding_fraction", (("kind", "attention"),))] == pytest.approx(0.25)
+    assert got[("fabric_ready", ())] == 1 and got[("fabric_held_messages", ())] == 1
+
+
+def test_collector_before_connect_and_after_executor_death() -> None:
+    w = fake_worker(started=False)
+    reg = CollectorRegistry()
+    reg.register(WorkerCollector(w))
+    got = scrape(reg)
+    assert got[("fabric_ready", ())] == 0 and got[("fabric_executor_alive", ())] == 0
+    assert got[("fabric_broker_connected", ())] == 0
+    assert got[("fabric_queue_capacity", (("stage", "drain"),))] == 0
+    w = fake_worker()
+    reg = CollectorRegistry()
+    reg.register(WorkerCollector(w))
+    w.executor.alive = False
+    got = scrape(reg)
+    assert got[("fabric_ready", ())] == 0 and got[("fabric_executor_alive", ())] == 0
+
+
+# -- health -----------------------------------------------------------------------------
+
+
+def test_liveness() -> None:
+    assert liveness(None).ok and liveness(None).reason == "loading model"
+    assert liveness(fake_worker(started=False)).reason == "starting"
+    w = fake_worker()
+    assert liveness(w).ok
+    w.executor.alive = False
+    assert not liveness(w).ok and "executor" in liveness(w).reason
+
+
+def test_readiness_through_the_lifecycle() -> None:
+    assert readiness(None).reason == "loading model" and not readiness(None).ok
+    w = fake_worker(started=False)
+    assert readiness(w).reason == "connecting to the broker"
+    w.nc = SimpleNamespace(is_connected=True)  # connected, verifying the topology
+    assert readiness(w).reason == "starting"
+    w = fake_worker()
+    assert readiness(w).ok and readiness(w).reason == "ready"
+    w.nc.is_connected = False
+    assert readiness(w, was_ready=True).reason == "broker disconnected"
+    w.nc.is_connected = True
+    w.ready = False
+    assert readiness(w, was_ready=True).reason == "stopping"
+    w.draining = True
+    assert readiness(w, was_ready=True).reason == "draining"
+    w = fake_worker()
+    w.executor.alive = False
+    assert readiness(w).reason == "executor thread is not running"
+
+
+# -- the HTTP port ----------------------------------------------------------------------
+
+
+def get(port: int, path: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def test_http_port_serves_health_before_and_after_the_worker_exists() -> None:
+    obs = Observer(0, "127.0.0.1").start()
+    try:
+        assert get(obs.port, "/healthz")[0] == 200
+        code, ctype, body = get(obs.port, "/readyz")
+        assert (code, ctype, json.loads(body)) == (
+            503, "application/json", {"ok": False, "reason": "loading model"})
+        code, _, body = get(obs.port, "/metrics")
+        assert code == 200 and "fabric_" not in body  # process metrics only, so far
+        w = fake_worker()
+        obs.attach(w)
+        code, ctype, body = get(obs.port, "/metrics")
+        assert code == 200 and ctype.startswith("text/plain") and "fabric_jobs_total" in body
+        assert get(obs.port, "/readyz")[0] == 200
+        assert get(obs.port, "/readyz?verbose=1")[0] == 200
+        w.draining = True
+        code, _, body = get(obs.port, "/readyz")
+        assert code == 503 and json.loads(body)["reason"] == "draining"
+        w.executor.alive = False
+        assert get(obs.port, "/healthz")[0] == 503
+        assert get(obs.port, "/nope")[0] == 404
+    finally:
+        obs.close()
+
+
+def test_a_taken_port_exits_with_the_config_status(capsys) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(SystemExit) as e:
+            start_http(s.getsockname()[1], "127.0.0.1")
+    assert e.value.code == 2 and "--metrics-port" in capsys.readouterr().err
+
+
+# -- GPU metrics --------------------------------------------------------------------------
+
+
+class NotSupported(Exception):
+    pass
+
+
+class FakeNvml:
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self, fail_init: bool = False):
+        self.fail_init = fail_init
+        self.power_calls = 0
+
+    def nvmlInit(self) -> None:
+        if self.fail_init:
+            raise OSError("NVML Shared Library Not Found")
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> str:
+        return f"h{i}"
+
+    def nvmlDeviceGetHandleByUUID(self, u: str) -> str:
+        return u
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return SimpleNamespace(gpu=87, memory=40)
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return SimpleNamespace(used=30 * 2**30, total=80 * 2**30, free=50 * 2**30)
+
+    def nvmlDeviceGetPowerUsage(self, h) -> int:
+        self.power_calls += 1
+        raise NotSupported("Not Supported")
+
+    def nvmlDeviceGetTemperature(self, h, sensor) -> int:
+        return 61
+
+
+def gpu_scrape(collector: GpuCollector) -> dict[tuple[str, tuple], float]:
+    reg = CollectorRegistry()
+    reg.register(collector)
+    return scrape(reg)
+
+
+def test_gpu_metrics_from_nvml_and_unsupported_readings_dropped_quietly() -> None:
+    nvml = FakeNvml()
+    with structlog.testing.capture_logs() as logs:
+        gpu = GpuCollector("cuda:1", nvml=nvml, environ={"CUDA_VISIBLE_DEVICES": "2,5"})
+        first, second = gpu_scrape(gpu), gpu_scrape(gpu)
+    dev = (("device", "cuda:1"),)
+    assert first == second
+    assert first[("fabric_gpu_sm_utilization_ratio", dev)] == pytest.approx(0.87)
+    assert first[("fabric_gpu_memory_used_bytes", dev)] == 30 * 2**30
+    assert first[("fabric_gpu_memory_total_bytes", dev)] == 80 * 2**30
+    assert first[("fabric_gpu_temperature_celsius", dev)] == 61
+    assert ("fabric_gpu_power_watts", dev) not in first
+    assert nvml.power_calls == 1  # not asked again on the next scrape
+    events = [e["event"] for e in logs]
+    assert events == ["gpu_metrics_on", "gpu_metric_unavailable"]
+    assert logs[0]["nvml_device"] == "5"
+
+
+@pytest.mark.parametrize(("device", "nvml"), [("cpu", None), ("cuda:0", FakeNvml(fail_init=True))])
+def test_no_gpu_means_no_gpu_series_and_one_info_line(device, nvml) -> None:
+    with structlog.testing.capture_logs() as logs:
+        gpu = GpuCollector(device, nvml=nvml, environ={})
+        assert gpu_scrape(gpu) == {} and gpu_scrape(gpu) == {}
+    assert not gpu.enabled
+    assert [(e["event"], e["log_level"]) for e in logs] == [("gpu_metrics_off", "info")]

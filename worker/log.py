@@ -1,8 +1,12 @@
 """Structured logs: JSON lines on stderr by default, human-readable on a terminal.
 
-Every line about a job carries `job` (its id) and `attempt` (the delivery count); the
-worker binds them where it first reads a message. Secrets never reach a log line: the
-config is logged through `cfg_summary`, which redacts URL credentials.
+Every line about a job carries `job` (its id) and `attempt` (the delivery count), passed
+explicitly at the call: a job crosses the event loop, the executor thread and callbacks,
+where a context variable bound at fetch time would not follow it
+(tests/unit/test_metrics.py fails on a job line without both). Secrets never reach a log
+line: the config is logged through `cfg_summary`, which redacts URL credentials. At
+shutdown the worker writes one `worker_summary` line (WorkerStats.summary plus the exit
+reason and code) that operators and tests read instead of counting lines.
 """
 
 from __future__ import annotations

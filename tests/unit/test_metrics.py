@@ -6,6 +6,7 @@ fake module, so the GPU path is tested on a machine without one.
 
 from __future__ import annotations
 
+import ast
 import json
 import queue
 import socket
@@ -13,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +22,7 @@ import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import worker
 from schemas import ErrorCode, ErrorInfo, FinishReason, Result, Timing, Usage
 from worker.admission import Admission
 from worker.config import EngineConfig, config_hash
@@ -386,3 +389,33 @@ def test_no_gpu_means_no_gpu_series_and_one_info_line(device, nvml) -> None:
         assert gpu_scrape(gpu) == {} and gpu_scrape(gpu) == {}
     assert not gpu.enabled
     assert [(e["event"], e["log_level"]) for e in logs] == [("gpu_metrics_off", "info")]
+
+
+# -- logs -------------------------------------------------------------------------------
+
+
+def _log_calls(path: Path) -> list[tuple[int, str, set[str]]]:
+    """(line, event, keyword names) of every `log.<level>("event", ...)` call in a file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "log"
+                and node.func.attr in ("debug", "info", "warning", "error", "exception")):
+            first = node.args[0] if node.args else None
+            event = first.value if isinstance(first, ast.Constant) else "<dynamic>"
+            out.append((node.lineno, str(event), {k.arg for k in node.keywords if k.arg}))
+    return out
+
+
+def test_every_job_log_line_carries_job_and_attempt() -> None:
+    root = Path(worker.__file__).parent
+    missing = [f"{p.name}:{line} {event}" for p in sorted(root.glob("*.py"))
+               for line, event, keys in _log_calls(p)
+               if ("job" in keys or event.startswith("job_")) and not {"job", "attempt"} <= keys]
+    assert not missing, missing
+
+
+def test_summary_has_what_an_operator_reads_at_shutdown() -> None:
+    keys = set(WorkerStats().summary())
+    assert {"jobs_ok", "jobs_error", "errors_by_code", "redelivered", "naked",
+            "useful_tokens", "compute_padding_fraction", "idle_while_queued_s"} <= keys

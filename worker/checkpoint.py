@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from worker.model import ModelArgs, Transformer, init_random, rope_inv_freq, rope_tables
-from worker.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from worker.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -45,45 +45,115 @@ class LoadedModel:
 
 def args_from_hf(cfg: dict, where: str) -> ModelArgs:
     archs = cfg.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHS for a in archs):
+    arch = next((a for a in archs if a in SUPPORTED_ARCHS), None)
+    if arch is None:
         raise CheckpointError(
             f"{where}: architecture {archs or cfg.get('model_type')!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_ARCHS)})"
         )
-    if cfg.get("use_sliding_window") or (
-        cfg.get("sliding_window") and cfg["sliding_window"] < cfg.get("max_position_embeddings", 0)
-    ):
-        raise CheckpointError(f"{where}: sliding-window attention is not supported")
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise CheckpointError(f"{where}: quantized checkpoints ({method}) are not supported")
+    max_position = int(cfg.get("max_position_embeddings") or 4096)
+    window = _sliding_window(cfg, arch)
+    if window is not None and window < max_position:
+        raise CheckpointError(f"{where}: sliding-window attention (window {window} < "
+                              f"max_position_embeddings {max_position}) is not supported")
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
-    n_heads = cfg["num_attention_heads"]
+    # Llama's `attention_bias` also puts a bias on o_proj, and `mlp_bias` on the MLP;
+    # our model has neither, so such a checkpoint is refused here rather than as a name mismatch.
+    for key in ("attention_bias", "mlp_bias"):
+        if arch == "LlamaForCausalLM" and cfg.get(key):
+            raise CheckpointError(f"{where}: {key}=true is not supported for {arch}")
+    theta, scaling = _rope(cfg, where)
+
+    def need(key: str) -> int:
+        if not isinstance(cfg.get(key), int):
+            raise CheckpointError(f"{where}: config.json has no integer {key!r}")
+        return cfg[key]
+
+    n_heads = need("num_attention_heads")
     args = ModelArgs(
-        vocab_size=cfg["vocab_size"],
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
+        vocab_size=need("vocab_size"),
+        dim=need("hidden_size"),
+        n_layers=need("num_hidden_layers"),
         n_heads=n_heads,
         n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        ffn_dim=cfg["intermediate_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        rope_scaling=cfg.get("rope_scaling"),
-        max_position=cfg.get("max_position_embeddings", 4096),
+        ffn_dim=need("intermediate_size"),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position=max_position,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", "Qwen2ForCausalLM" in archs)),
+        attention_bias=arch == "Qwen2ForCausalLM",  # Qwen2 always has q/k/v bias; Mistral never
         head_dim=cfg.get("head_dim") or 0,
     )
     try:
         rope_inv_freq(args)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: {e}") from None
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{where}: rope scaling {scaling}: {e}") from None
     return args
 
 
-def _eos_ids(cfg: dict) -> tuple[int, ...]:
-    eos = cfg.get("eos_token_id")
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+def _sliding_window(cfg: dict, arch: str) -> int | None:
+    """The attention window the reference would apply, or None for full attention."""
+    window = cfg.get("sliding_window")
+    if window is None:
+        return None
+    if "sliding_attention" in (cfg.get("layer_types") or []):
+        return int(window)
+    if arch == "MistralForCausalLM":
+        return int(window)
+    # Qwen2 ignores `sliding_window` unless `use_sliding_window` is set.
+    return int(window) if cfg.get("use_sliding_window") else None
+
+
+def _rope(cfg: dict, where: str) -> tuple[float, dict | None]:
+    """(theta, scaling) from either layout of config.json.
+
+    transformers >= 5 writes `rope_parameters` with the theta inside; older versions wrote
+    `rope_theta` and `rope_scaling` side by side. Reading only the old keys would load a
+    new checkpoint with theta 10000 and no scaling: wrong tokens, no error.
+    """
+    params = cfg.get("rope_parameters")
+    if params:
+        if not ({"rope_type", "type", "rope_theta"} & params.keys()):
+            raise CheckpointError(f"{where}: per-layer rope_parameters are not supported")
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = params
+    else:
+        theta, scaling = cfg.get("rope_theta", 10000.0), cfg.get("rope_scaling") or {}
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError(f"{where}: partial_rotary_factor is not supported")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    # One spelling (`type` is the old name of `rope_type`), theta kept out: equal configs compare equal.
+    rest = {k: v for k, v in scaling.items() if k not in ("type", "rope_type", "rope_theta")}
+    return float(theta), {"rope_type": kind, **rest}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read as JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _eos_ids(path: Path, cfg: dict) -> tuple[int, ...]:
+    """config.json's eos ids, then generation_config.json's (what HF generate stops at)."""
+    gen_path = path / "generation_config.json"
+    gen = _read_json(gen_path) if gen_path.is_file() else {}
+    out: list[int] = []
+    for eos in (cfg.get("eos_token_id"), gen.get("eos_token_id")):
+        for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+            if int(i) not in out:
+                out.append(int(i))
+    return tuple(out)
 
 
 def load_model(spec: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -100,39 +170,99 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device) -> LoadedMod
     return _load_hf(Path(spec), dtype, device)
 
 
+def _weight_files(path: Path) -> list[Path]:
+    """The shards an index names, or every *.safetensors file when there is no index.
+
+    With an index, other files are ignored: some repositories ship a second copy of the
+    weights under other names (Mistral's `consolidated.safetensors`).
+    """
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map") or {}
+        files = sorted({path / f for f in weight_map.values()})
+        absent = [f.name for f in files if not f.is_file()]
+        if absent or not files:
+            raise CheckpointError(f"{path}: {index.name} names shards that are not there: "
+                                  f"{absent[:3] or 'none at all'}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in path.iterdir())[:8] if path.is_dir() else []
+        raise CheckpointError(f"{path}: no *.safetensors weights (found {found}; "
+                              "pytorch_model.bin and other pickles are not loaded)")
+    return files
+
+
+def _checkpoint_tensors(path: Path, files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """Our parameter name -> (file, name in the file, shape), from the headers alone."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for key in st.keys():
+                # Rotary inverse frequencies are sometimes saved; we compute our own.
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue
+                name = key.removeprefix("model.")
+                if name in out:
+                    raise CheckpointError(f"{path}: tensor {key!r} is in both "
+                                          f"{out[name][0].name} and {f.name}")
+                out[name] = (f, key, tuple(st.get_slice(key).get_shape()))
+    return out
+
+
 def _load_hf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory "
                               "or builtin:<name>)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = _read_json(cfg_path)
     args = args_from_hf(cfg, str(path))
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no *.safetensors weights")
-    with torch.device("meta"):
-        model = Transformer(args)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        for name, t in load_file(str(f), device="cpu").items():
-            state[name.removeprefix("model.")] = t.to(dtype)
+    tensors = _checkpoint_tensors(path, _weight_files(path))
     if args.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    expected = {n for n, _ in model.named_parameters()}
-    missing, unexpected = expected - state.keys(), state.keys() - expected
-    # Rotary inverse frequencies are sometimes saved; we compute our own.
-    unexpected = {n for n in unexpected if not n.endswith("rotary_emb.inv_freq")}
+        tensors.pop("lm_head.weight", None)  # a tied head is the embedding, whatever was saved
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    params = dict(model.named_parameters())  # a tied lm_head.weight is listed once, as the embedding
+    missing, unexpected = params.keys() - tensors.keys(), tensors.keys() - params.keys()
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the config: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    wrong = [f"{n} {tensors[n][2]} (config says {tuple(p.shape)})"
+             for n, p in params.items() if tensors[n][2] != tuple(p.shape)]
+    if wrong:
+        raise CheckpointError(f"{path}: weights do not match the config: {wrong[:3]}")
+
+    # Allocate once on the device in the target dtype, then copy tensor by tensor, so
+    # neither the host nor the device ever holds a second copy of the model.
     model = model.to_empty(device=device)
-    model.load_state_dict({n: state[n] for n in expected}, strict=False, assign=False)
     if args.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+        model.lm_head.weight = model.embed_tokens.weight  # to_empty() unties shared parameters
+    params = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for name in params:
+        by_file.setdefault(tensors[name][0], []).append(name)
+    with torch.no_grad():
+        for f, names in by_file.items():
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for name in names:
+                    params[name].copy_(st.get_tensor(tensors[name][1]))
     # to_empty() left the rotary tables uninitialised: rebuild them.
     cos, sin = rope_tables(args)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    model = model.to(dtype=dtype).eval()
-    return LoadedModel(model, load_tokenizer(path), args, str(path), _eos_ids(cfg))
+    model.rope_cos, model.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
+    return LoadedModel(model.eval(), _tokenizer(path, args), args, str(path), _eos_ids(path, cfg))
+
+
+def _tokenizer(path: Path, args: ModelArgs) -> Tokenizer:
+    try:
+        tok = load_tokenizer(path)
+    except Exception as e:  # the tokenizers library raises its own untyped errors
+        raise CheckpointError(f"{path}: tokenizer.json cannot be read: {e}") from None
+    if isinstance(tok, HFTokenizer) and tok.vocab_size > args.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer.json has {tok.vocab_size} ids but the model "
+                              f"only {args.vocab_size}: text prompts could encode to ids the "
+                              "model has no embedding for")
+    return tok

@@ -40,7 +40,8 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tok
 
         self._tok = _Tok.from_file(str(path))
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # The id space, not the count: added tokens may sit above a gap in the ids.
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=True).ids

@@ -78,6 +78,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--ready-timeout-s", type=float, default=300.0,
                       help="how long the worker may take to load its model")
     common(demo, jobs=300)
+
+    bench = sub.add_parser("bench", help="the benchmark ladder on an embedded broker")
+    bench.add_argument("--out", type=Path, required=True, help="folder for JSON, markdown, PNG")
+    bench.add_argument("--jobs", type=int, default=300)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--model", default="builtin:small")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32")
+    bench.add_argument("--token-budget", type=int, default=8192)
+    bench.add_argument("--low-water", type=int, default=4096)
+    bench.add_argument("--max-seq-len", type=int, default=1088)
+    bench.add_argument("--rungs", default="0,1,2,3,4", help="comma-separated rung numbers")
+    bench.add_argument("--serial-jobs", type=int, default=0,
+                       help="run rung 0 on the first N jobs only (0 = all)")
+    bench.add_argument("--null-jobs", type=int, default=20000,
+                       help="jobs for the null-model broker-path run (0 = skip)")
     return p
 
 
@@ -150,9 +166,22 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from loadgen.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(jobs=args.jobs, seed=args.seed, model=args.model, device=args.device,
+                      dtype=args.dtype, token_budget=args.token_budget, low_water=args.low_water,
+                      max_seq_len=args.max_seq_len,
+                      rungs=tuple(int(r) for r in args.rungs.split(",") if r),
+                      serial_jobs=args.serial_jobs, null_jobs=args.null_jobs)
+    result = run_bench(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print((args.out / "ladder.md").read_text(), end="")
+    return 0 if all(r["jobs_ok"] == r["jobs"] for r in result["rungs"].values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"run": _cmd_run, "demo": _cmd_demo}[args.command]
+    command = {"run": _cmd_run, "demo": _cmd_demo, "bench": _cmd_bench}[args.command]
     # SIGTERM (docker stop, kill, a CI timeout) takes the Ctrl-C path, so the demo's
     # finally blocks stop the worker and broker instead of orphaning them.
     signal.signal(signal.SIGTERM, _interrupt)

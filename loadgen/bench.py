@@ -1,0 +1,258 @@
+"""The benchmark ladder: each rung one scheduler decision, measured side by side in one run.
+
+Rule: same machine, same model, same seeded workload, same worker binary, one run. A rung
+is only a policy switch on the worker (`--policy`, benchmark-only), so the difference
+between two rungs is attributable to that decision and nothing else:
+
+  0 serial       one job at a time
+  1 window       static batches of whatever arrived (up to 32), padded to the longest
+                 prompt, run to the longest generation; admission refills as room frees
+  2 budget       static batches formed by token-budget admission with hysteresis
+  3 lanes        static batches taken from one length lane (pad-minimal prompts)
+  4 continuous   sequences join and leave at step boundaries, packed (no padding)
+
+Every rung runs at saturation: the whole workload is published at once and the broker
+holds the backlog. Beside the ladder: the kernel-only ceiling (the same engine in this
+process, no broker, no event loop, admission refilling the budget the moment room frees,
+so the gap the worker leaves is a number) and a null-model run (the broker path alone:
+ingress, admission, executor loop and drain with no model compute).
+
+Rung 5 of DESIGN.md (host work overlapped with device work, CUDA graphs) needs a GPU; on a
+CPU the "device" is the same cores, and the rung is reported as not measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from loadgen.broker import EmbeddedNats
+from loadgen.client import run_jobs
+from loadgen.fleet import WorkerProcess, provision, write_engine_toml
+from loadgen.report import build_report
+from loadgen.workload import JobSpec, WorkloadSpec, generate
+
+RUNGS: tuple[tuple[int, str], ...] = (
+    (0, "serial"), (1, "window"), (2, "budget"), (3, "lanes"), (4, "continuous"))
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    jobs: int = 300
+    seed: int = 0
+    model: str = "builtin:small"
+    device: str = "cpu"
+    dtype: str = "float32"
+    token_budget: int = 8192
+    low_water: int = 4096
+    max_seq_len: int = 1088
+    rungs: tuple[int, ...] = (0, 1, 2, 3, 4)
+    serial_jobs: int = 0  # rung 0 on a subset (it is slow); 0 = the whole workload
+    null_jobs: int = 20000
+    timeout_s: float = 1800.0
+
+    def engine_fields(self, url: str, stream: str, model: str | None = None) -> dict[str, Any]:
+        return {"nats_url": url, "stream": stream, "consumer": "bench", "model": model or self.model,
+                "device": self.device, "dtype": self.dtype, "token_budget": self.token_budget,
+                "low_water": self.low_water, "max_seq_len": self.max_seq_len}
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "commit": commit or None}
+
+
+def kernel_ceiling(cfg: BenchConfig, jobs: list[JobSpec], completions: dict[str, int]) -> dict:
+    """The same engine and workload in this process: no broker, no event loop, no waiting."""
+    import torch  # noqa: F401 - the engine needs it; imported here so `run` stays light
+
+    from worker.admission import Admission
+    from worker.engine import build_engine
+    from worker.kv import padded_tokens
+    from worker.sequence import Request
+
+    eng = build_engine(cfg.model, cfg.device, cfg.dtype, cfg.token_budget, cfg.max_seq_len)
+    sched, runner = eng.scheduler(), eng.runner()
+    adm = Admission(cfg.token_budget, cfg.token_budget - 1)  # refill the moment room frees
+    pending: deque[Request] = deque()
+    for k, j in enumerate(jobs):
+        n = len(j.prompt) + j.max_new_tokens
+        pending.append(Request(key=k, prompt=list(j.prompt), max_new_tokens=j.max_new_tokens,
+                               reserved_tokens=padded_tokens(n, eng.block_size), temperature=0.0,
+                               top_k=0, top_p=1.0, seed=0, stop_ids=frozenset()))
+    useful = 0
+    t0 = time.perf_counter()
+    while pending or sched.has_work():
+        for r in adm.admit(pending, lambda r: r.reserved_tokens):
+            sched.add(r, time.monotonic())
+        plan = sched.schedule()
+        inp, sb, _ = runner.prepare(plan)
+        for c in sched.postprocess(plan, runner.run(inp, sb), time.monotonic()):
+            r = jobs[c.key]
+            adm.release(padded_tokens(len(r.prompt) + r.max_new_tokens, eng.block_size))
+            useful += len(r.prompt) + len(c.tokens)
+            if completions and completions.get(r.id, len(c.tokens)) != len(c.tokens):
+                raise AssertionError(f"ceiling and worker disagree on {r.id}")
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "useful_tokens": useful, "useful_tokens_per_s": useful / wall}
+
+
+async def _fresh_stream(url: str, stream: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        try:
+            await nc.jetstream().delete_stream(stream)
+        except nats.js.errors.NotFoundError:
+            pass
+    finally:
+        await nc.close()
+
+
+def _summary(log_path: Path) -> dict[str, Any]:
+    for line in reversed(log_path.read_text().splitlines()):
+        if '"worker_summary"' in line:
+            return json.loads(line)
+    return {}
+
+
+def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, policy: str,
+             jobs: list[JobSpec], model: str | None = None) -> dict[str, Any]:
+    stream = f"BENCH_{name.upper()}"
+    asyncio.run(_fresh_stream(broker.url, stream))
+    conf = write_engine_toml(work / f"{name}.toml", cfg.engine_fields(broker.url, stream, model))
+    provision(conf)
+    log = work / f"{name}.log"
+    w = WorkerProcess(conf, worker_id=name, log_path=log, extra_args=("--policy", policy))
+    w.start()
+    try:
+        w.wait_ready(300)
+        stats = asyncio.run(run_jobs(broker.url, jobs, run_id=name, timeout_s=cfg.timeout_s,
+                                     progress=False))
+    finally:
+        w.terminate(grace_s=30)
+    asyncio.run(_fresh_stream(broker.url, stream))
+    rep = build_report(stats)
+    s = _summary(log)
+    return {
+        "policy": policy, "jobs": len(jobs), "jobs_ok": rep["jobs_ok"], "wall_s": rep["wall_s"],
+        "jobs_per_s": rep["jobs_per_s"], "useful_tokens_per_s": rep["useful_tokens_per_s"],
+        "padding_fraction": rep["padding_fraction"], "latency_ms": rep["latency_ms"],
+        "ttft_ms": rep["ttft_ms"],
+        "budget_occupancy_while_queued": s.get("budget_occupancy_while_queued"),
+        "attn_padding_fraction": s.get("attn_padding_fraction"),
+        "mean_batch_rows": s.get("mean_batch_rows"),
+        "idle_while_queued_s": s.get("idle_while_queued_s"),
+        "completions": {o.id.split("-", 1)[1]: o.completion_tokens
+                        for o in stats.outcomes.values()},
+    }
+
+
+def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    result: dict[str, Any] = {"machine": machine(), "config": dataclasses.asdict(cfg),
+                              "rungs": {}}
+    with EmbeddedNats() as broker:
+        for rung, policy in RUNGS:
+            if rung not in cfg.rungs:
+                continue
+            n = cfg.serial_jobs if rung == 0 and cfg.serial_jobs else cfg.jobs
+            jobs = generate(WorkloadSpec(num_jobs=n, seed=cfg.seed, run_id=f"r{rung}"))
+            log(f"rung {rung} ({policy}): {n} jobs ...")
+            r = run_rung(cfg, broker, work, f"r{rung}", policy, jobs)
+            log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s, padding {r['padding_fraction']:.3f}")
+            result["rungs"][str(rung)] = r
+        if cfg.null_jobs:
+            jobs = generate(WorkloadSpec(num_jobs=cfg.null_jobs, seed=cfg.seed, run_id="null",
+                                         max_new_tokens=1))
+            log(f"null model: {cfg.null_jobs} jobs ...")
+            r = run_rung(cfg, broker, work, "null", "continuous", jobs, model="builtin:null")
+            r.pop("completions")
+            result["null_model"] = r
+            log(f"  {r['jobs_per_s']:.0f} jobs/s")
+    jobs = generate(WorkloadSpec(num_jobs=cfg.jobs, seed=cfg.seed, run_id="r4"))
+    top = result["rungs"].get("4", {}).get("completions", {})
+    log("kernel-only ceiling ...")
+    ceiling = kernel_ceiling(cfg, jobs, {f"r4-{k}": v for k, v in top.items()})
+    result["ceiling"] = ceiling
+    log(f"  {ceiling['useful_tokens_per_s']:.0f} useful tok/s")
+    for r in result["rungs"].values():
+        r.pop("completions", None)
+    (out / "ladder.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "ladder.md").write_text(markdown(result))
+    chart(result, out / "ladder.png")
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    ceil = result["ceiling"]["useful_tokens_per_s"]
+    base = result["rungs"].get("1", {}).get("useful_tokens_per_s")
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}, torch "
+             f"{m['torch']}, commit {m['commit']}", "",
+             "| rung | policy | useful tok/s | x window | % of ceiling | padding | occupancy "
+             "while queued | p50 / p99 latency ms |", "|---|---|---|---|---|---|---|---|"]
+    for k, r in sorted(result["rungs"].items()):
+        tps = r["useful_tokens_per_s"]
+        occ = r["budget_occupancy_while_queued"]
+        x = f"{tps / base:.2f}" if base else "-"
+        lines.append(
+            f"| {k} | {r['policy']} | {tps:,.0f} | {x} | {100 * tps / ceil:.1f}% | "
+            f"{100 * r['padding_fraction']:.1f}% | {'-' if occ is None else f'{100 * occ:.1f}%'} | "
+            f"{r['latency_ms']['p50']:,.0f} / {r['latency_ms']['p99']:,.0f} |")
+    lines.append(f"| - | kernel-only ceiling | {ceil:,.0f} | | 100% | 0.0% | | |")
+    if "null_model" in result:
+        lines += ["", f"Null model (broker path alone): {result['null_model']['jobs_per_s']:,.0f} "
+                  "jobs/s through one worker."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # the `bench` extra is not installed: JSON and markdown still written
+    names = [f"{k} {r['policy']}" for k, r in sorted(result["rungs"].items())] + ["ceiling"]
+    vals = [r["useful_tokens_per_s"] for _, r in sorted(result["rungs"].items())]
+    vals.append(result["ceiling"]["useful_tokens_per_s"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(names, vals, color=["#888"] * (len(vals) - 1) + ["#2a6"])
+    ax.set_ylabel("useful tokens/s")
+    m = result["machine"]
+    ax.set_title(f"Inference Fabric ladder — {m['gpu'] or m['cpu']} ({m['cores']} cores)",
+                 fontsize=9)
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

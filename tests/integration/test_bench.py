@@ -1,0 +1,28 @@
+"""The ladder runs end to end on the real binary and its numbers mean what they say."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loadgen.bench import BenchConfig, run_bench
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_ladder_smoke(tmp_path) -> None:
+    cfg = BenchConfig(jobs=24, model="builtin:tiny", token_budget=4096, low_water=2048,
+                      rungs=(0, 1, 3, 4), null_jobs=300)
+    result = run_bench(cfg, tmp_path, log=lambda m: None)
+    rungs = result["rungs"]
+    assert all(r["jobs_ok"] == r["jobs"] for r in rungs.values())
+    # Static batching pads for real; continuous batching and serial never pad.
+    assert rungs["1"]["padding_fraction"] > 0.05
+    assert rungs["3"]["padding_fraction"] < rungs["1"]["padding_fraction"]
+    assert rungs["0"]["padding_fraction"] == 0.0 and rungs["4"]["padding_fraction"] == 0.0
+    assert result["null_model"]["jobs_ok"] == 300
+    assert result["ceiling"]["useful_tokens_per_s"] > 0
+    on_disk = json.loads((tmp_path / "ladder.json").read_text())
+    assert on_disk["machine"]["cores"] and on_disk["rungs"].keys() == rungs.keys()
+    assert "| 4 | continuous |" in (tmp_path / "ladder.md").read_text()

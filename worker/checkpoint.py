@@ -26,6 +26,9 @@ BUILTINS: dict[str, ModelArgs] = {
     # The demo and benchmark load: ~6M parameters, real matmuls and attention.
     "small": ModelArgs(vocab_size=320, dim=384, n_layers=4, n_heads=6, n_kv_heads=2,
                        ffn_dim=1024, max_position=4096),
+    # No layers: measures the broker path (ingress, admission, executor loop, drain) alone.
+    "null": ModelArgs(vocab_size=320, dim=8, n_layers=0, n_heads=1, n_kv_heads=1,
+                      ffn_dim=8, max_position=4096),
 }
 BUILTIN_SEED = 1234
 
@@ -61,11 +64,9 @@ def args_from_hf(cfg: dict, where: str) -> ModelArgs:
                               f"max_position_embeddings {max_position}) is not supported")
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
-    # Llama's `attention_bias` also puts a bias on o_proj, and `mlp_bias` on the MLP;
-    # our model has neither, so such a checkpoint is refused here rather than as a name mismatch.
-    for key in ("attention_bias", "mlp_bias"):
-        if arch == "LlamaForCausalLM" and cfg.get(key):
-            raise CheckpointError(f"{where}: {key}=true is not supported for {arch}")
+    # Llama's `attention_bias` puts a bias on q/k/v *and* o_proj, `mlp_bias` on the MLP;
+    # Qwen2 always biases q/k/v and never o_proj; Mistral has none.
+    llama_bias = arch == "LlamaForCausalLM" and bool(cfg.get("attention_bias"))
     theta, scaling = _rope(cfg, where)
 
     def need(key: str) -> int:
@@ -86,7 +87,9 @@ def args_from_hf(cfg: dict, where: str) -> ModelArgs:
         rope_scaling=scaling,
         max_position=max_position,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=arch == "Qwen2ForCausalLM",  # Qwen2 always has q/k/v bias; Mistral never
+        attention_bias=arch == "Qwen2ForCausalLM" or llama_bias,
+        o_proj_bias=llama_bias,
+        mlp_bias=arch == "LlamaForCausalLM" and bool(cfg.get("mlp_bias")),
         head_dim=cfg.get("head_dim") or 0,
     )
     try:

@@ -35,7 +35,9 @@ class ModelArgs:
     rope_scaling: dict | None = None  # HF `rope_scaling` dict (linear / llama3) or None
     max_position: int = 4096  # rotary table length; jobs longer than this are refused
     tie_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2 puts a bias on q/k/v
+    attention_bias: bool = False  # Qwen2 puts a bias on q/k/v (Llama's attention_bias too)
+    o_proj_bias: bool = False  # Llama's attention_bias also biases o_proj
+    mlp_bias: bool = False
     head_dim: int = 0  # 0 = dim // n_heads
 
     @property
@@ -131,7 +133,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(args.dim, args.n_heads * hd, bias=b)
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=b)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=b)
-        self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=args.o_proj_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor, inp: StepInput) -> Tensor:
         t = x.shape[0]
@@ -156,9 +158,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
+        b = args.mlp_bias
+        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=b)
+        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=b)
+        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=b)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -41,6 +41,8 @@ CASES: dict[str, tuple[str, dict, dict]] = {
     # Wavelengths on both sides of 16/4..16 positions: scaled, smoothed and kept bands.
     "llama-rope-llama3": ("Llama", dict(rope_scaling=LLAMA3_SCALING, num_key_value_heads=1), {}),
     "llama-rope-linear": ("Llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0}), {}),
+    # attention_bias biases q/k/v and o_proj; mlp_bias the three MLP projections.
+    "llama-biases": ("Llama", dict(attention_bias=True, mlp_bias=True), {}),
     "mistral-head-dim": ("Mistral", dict(sliding_window=None, head_dim=32), {}),
     "qwen2-bias-tied": ("Qwen2", dict(tie_word_embeddings=True, rope_theta=1e6), {}),
     "qwen2-sharded": ("Qwen2", dict(rope_theta=1e6), dict(max_shard_size="40KB")),

@@ -7,17 +7,32 @@ are held) on the event loop, and the two ways out:
 - graceful (SIGTERM, SIGINT, burst mode done): stop fetching, nak what was never admitted
   so the fleet takes it at once, let in-flight jobs finish within the grace period, nak the
   rest, flush, exit 0;
-- fatal (the executor died, or anything that leaves the device in doubt): a watchdog
-  forces the exit within 5 s whatever hangs; stop fetching, nak every held message and
-  flush so the broker redelivers them now, not after the ack wait; exit 1.
+- fatal (the executor raised or died, a step that never ends, the broker gone past a
+  bound, a stage task that failed): the moment the fault is known an exit watchdog thread
+  is armed (os._exit at FATAL_EXIT_S whatever hangs, the event loop included); stop
+  fetching, nak every held message -- pending, in flight, Results not yet published --
+  and flush so the broker redelivers them now, not after the ack wait; collect what the
+  last pull request still delivered and nak that too; close; exit 1.
+
+Nothing reports a hung executor, so the loop watches it: when jobs are in flight and no
+step has finished for `step_timeout_s`, that is a fault. The executor's per-step callback
+is the heartbeat.
+
+Poison: a job delivered `solo_from_attempt` times or more runs in a batch of its own, and
+while it runs this worker fetches nothing new, so a job that kills the engine takes as
+few bystanders with it as possible; on its last allowed delivery ingress turns it into a
+dead letter instead of running it (see ingress.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -27,20 +42,22 @@ import structlog
 from nats.aio.msg import Msg
 
 from schemas import ErrorCode, ErrorInfo, FinishReason, Result, Timing, Usage
+from worker import failpoints
 from worker.admission import Admission
 from worker.config import EngineConfig
 from worker.connection import Security, connect
-from worker.drain import Delivery, Drain, Settle
+from worker.drain import DeadLetter, Delivery, Drain, Settle
 from worker.engine import Engine
 from worker.executor import Executor, StepReport
 from worker.ingress import Ingress, Limits, Outcome, Ticket, Validator
 from worker.sequence import Completion
 from worker.stats import WorkerStats
-from worker.topology import Topology, verify
+from worker.topology import Topology, Verified, verify
 
 log = structlog.get_logger("worker")
 
 FATAL_EXIT_S = 4.5  # the watchdog's deadline from the fault; the contract is under 5 s
+_TICK_S = 0.25  # how often the loop checks the executor, the broker and deadlines
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +71,16 @@ class Options:
     connect_give_up_s: float = 30.0
     burst: bool = False  # exit once the consumer has nothing pending and nothing is held
     max_step_tokens: int | None = None
+    step_timeout_s: float = 60.0  # jobs in flight and no step finished this long: a hang, fatal
+    broker_give_up_s: float = 120.0  # disconnected this long: fatal (held jobs wait the ack wait)
+    publish_give_up_s: float = 60.0  # a Result publish is retried this long, then the job is nak'd
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    reason: str
+    at: float  # time.monotonic()
+    at_unix: float  # time.time(), for the log and for tests that time the exit
 
 
 class Worker:
@@ -71,34 +98,51 @@ class Worker:
                              reply_prefix=topo.results_prefix)
         self._rng = random.Random()
         self._stop: asyncio.Future[str] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False
         self.draining = False
+        self.fault: Fault | None = None
+        self._fault_lock = threading.Lock()
+        self.last_step_at = 0.0  # monotonic end of the last executor step (written by the executor)
+        self._busy_since = 0.0  # monotonic time the executor last went from no work to some
+        self.solo_inflight = 0  # suspected poison jobs admitted and not finished
+        self._refused: list[Msg] = []  # fetched while draining: nak'd by the teardown
+        self._disconnected_since: float | None = None
 
     # -- wiring ----------------------------------------------------------------------
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
         self.nc = await connect(self.cfg.nats_url, self.opts.worker_id, self.security,
                                 self.opts.connect_give_up_s)
         self.js = self.nc.jetstream()
-        await verify(self.js, self.topo)
+        self.verified: Verified = await verify(self.js, self.topo)
+        self.limits = dataclasses.replace(self.limits, max_deliver=self.verified.max_deliver)
+        log.info("topology_verified", ack_wait_s=self.verified.ack_wait_s,
+                 max_deliver=self.verified.max_deliver, solo_from_attempt=self.opts.solo_from_attempt,
+                 dead_letters=self.topo.dlq_subject, security=self.security.describe(),
+                 failpoints=failpoints.armed() or None)
         sub = await self.js.pull_subscribe_bind(durable=self.topo.consumer, stream=self.topo.jobs_stream)
         self.executor = Executor(
             self.engine,
             on_complete=lambda c: loop.call_soon_threadsafe(self._on_completions, c),
             on_step=self._on_step,
-            on_fatal=lambda e: loop.call_soon_threadsafe(self.stop, f"fatal: {e!r}"),
+            on_fatal=lambda e: self.declare_fault(f"fatal: executor failed: {e!r}"),
             backlog=lambda: len(self.pending),
+            failpoint=self._failpoint,
         )
         in_flight_jobs = self.cfg.token_budget // self.engine.block_size
-        self.drain = Drain(self.js, maxsize=in_flight_jobs + 2 * self.opts.fetch_batch + 1024)
+        self._held_cap = 2 * in_flight_jobs + 2 * self.opts.fetch_batch
+        self.drain = Drain(self.js, maxsize=self._held_cap + 1024,
+                           publish_give_up_s=self.opts.publish_give_up_s,
+                           results_captured=self.verified.results_captured)
         self.ingress = Ingress(sub, Validator(self.limits, self.engine.loaded.tokenizer),
                                self._room, self._on_ticket, self._on_outcome)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig.name)
         self.executor.start()
-        tasks = [self._supervised(c) for c in (self.drain.run(), self._heartbeats())]
+        tasks = [self._supervised(c) for c in (self.drain.run(), self._heartbeats(), self._watch())]
         ingress_task = self._supervised(self.ingress.run())
         if self.opts.burst:
             tasks.append(self._supervised(self._burst_watch()))
@@ -106,10 +150,10 @@ class Worker:
         log.info("worker_ready", worker=self.opts.worker_id)
         reason = await self._stop
         self.ready = False
-        if reason.startswith("fatal"):
-            code = await self._teardown_fatal(reason, ingress_task)
+        if self.fault is not None:
+            code = await self._teardown_fatal(ingress_task)
         else:
-            code = await self._teardown_graceful(reason, ingress_task)
+            code = await self._teardown_graceful(ingress_task)
         for t in tasks:
             t.cancel()
         log.info("worker_summary", worker=self.opts.worker_id, exit_reason=reason, exit_code=code,
@@ -128,50 +172,118 @@ class Worker:
         return task
 
     def stop(self, reason: str) -> None:
+        """Begin the way out (event loop thread). A reason starting with "fatal" is a fault."""
+        if reason.startswith("fatal"):
+            self.declare_fault(reason)
+            return
         if self._stop is not None and not self._stop.done():
             log.info("worker_stopping", reason=reason)
+            self._stop.set_result(reason)
+
+    def declare_fault(self, reason: str) -> None:
+        """Any thread. Arms the exit watchdog first, then asks the loop to tear down."""
+        with self._fault_lock:
+            if self.fault is not None:
+                return
+            self.fault = Fault(reason, time.monotonic(), time.time())
+        threading.Thread(target=_exit_watchdog, args=(self.fault,), name="exit-watchdog",
+                         daemon=True).start()
+        log.error("worker_fault", reason=reason, fault_unix=self.fault.at_unix,
+                  held=len(self.held), inflight=len(self.inflight))
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop: the watchdog ends it
+            loop.call_soon_threadsafe(self._stop_for_fault, reason)
+
+    def _stop_for_fault(self, reason: str) -> None:
+        if self._stop is not None and not self._stop.done():
             self._stop.set_result(reason)
 
     # -- ingress and admission ---------------------------------------------------------
 
     def _room(self) -> int:
-        if self.draining:
-            return 0
+        if self.draining or self.solo_inflight:
+            return 0  # a suspected poison job runs with as little else held as possible
         free = self.cfg.token_budget - self.pending_tokens
-        return min(self.opts.fetch_batch, free // self.engine.block_size)
+        return max(0, min(self.opts.fetch_batch, free // self.engine.block_size,
+                          self._held_cap - len(self.held)))
 
-    def _hold(self, msg: Msg, attempt: int) -> None:
+    def _hold(self, msg: Msg, attempt: int, job_id: str) -> None:
         self.held[id(msg)] = msg
         if attempt > 1:
             self.stats.redelivered += 1
+            log.info("job_redelivered", job=job_id, attempt=attempt)
 
     def _on_ticket(self, t: Ticket) -> None:
-        self._hold(t.msg, t.attempt)
+        self._hold(t.msg, t.attempt, t.job.id)
         if self.draining:
-            self._nak(t.msg)
+            self._refused.append(t.msg)
             return
         self.pending.append(t)
         self.pending_tokens += t.reserved_tokens
         self._admit()
 
     def _admit(self) -> None:
-        admitted = self.admission.admit(self.pending, lambda t: t.reserved_tokens)
-        if admitted:
-            now = time.monotonic()
-            reqs = []
+        any_admitted = False
+        while admitted := self.admission.admit(self.pending, lambda t: t.reserved_tokens):
+            any_admitted = True
+            now, now_unix = time.monotonic(), time.time()
+            reqs, expired = [], 0
             for t in admitted:
                 self.pending_tokens -= t.reserved_tokens
+                if t.job.deadline_s is not None and t.job.deadline_s <= now_unix:
+                    # Expired while it waited for admission: answer it without device time.
+                    self.admission.release(t.reserved_tokens)
+                    self._expire(t)
+                    expired += 1
+                    continue
+                if not self.inflight:
+                    self._busy_since = now
                 t.admitted_at = now
                 self.inflight[t.key] = t
+                solo = t.attempt >= self.opts.solo_from_attempt
+                if solo:
+                    self.solo_inflight += 1
+                    log.info("job_solo", job=t.job.id, attempt=t.attempt)
                 seed = t.job.sampling.seed
-                reqs.append(t.request(self._rng.getrandbits(63) if seed is None else seed,
-                                      solo=t.attempt >= self.opts.solo_from_attempt))
-            self.executor.submit(reqs)
+                reqs.append(t.request(self._rng.getrandbits(63) if seed is None else seed, solo=solo))
+            if reqs:
+                self.executor.submit(reqs)
+            if not expired:
+                break  # released tokens may let more in: otherwise admission is done for now
+        if any_admitted:
             self.ingress.room_changed.set()
         self.stats.occupancy(self.admission.occupancy, queued=bool(self.pending))
 
+    def _expire(self, t: Ticket) -> None:
+        self._answer(Outcome(t.msg, t.job.id, t.job.reply_to, t.attempt, t.arrived_at,
+                             FinishReason.EXPIRED,
+                             ErrorInfo(code=ErrorCode.EXPIRED,
+                                       message="deadline passed while the job waited for admission"),
+                             prompt_tokens=len(t.prompt)))
+
+    def _expire_pending(self) -> None:
+        now_unix = time.time()
+        if not any(t.job.deadline_s is not None and t.job.deadline_s <= now_unix
+                   for t in self.pending):
+            return
+        keep: list[Ticket] = []
+        for t in self.pending:
+            if t.job.deadline_s is not None and t.job.deadline_s <= now_unix:
+                self.pending_tokens -= t.reserved_tokens
+                self._expire(t)
+            else:
+                keep.append(t)
+        self.pending.clear()
+        self.pending.extend(keep)
+        self.ingress.room_changed.set()
+
     def _on_outcome(self, o: Outcome) -> None:
-        self._hold(o.msg, o.attempt)
+        self._hold(o.msg, o.attempt, o.job_id)
+        self._answer(o)
+
+    def _answer(self, o: Outcome) -> None:
         now = time.monotonic()
         ok = o.error is None
         res = Result(id=o.job_id, ok=ok, finish_reason=o.finish_reason, error=o.error,
@@ -179,29 +291,74 @@ class Worker:
                      timing=Timing(total_ms=(now - o.arrived_at) * 1e3),
                      worker=self.opts.worker_id, attempt=o.attempt)
         self._count(res)
-        log.info("job_rejected" if not ok else "job_answered_at_edge", job=o.job_id,
-                 attempt=o.attempt, code=o.error.code.value if o.error else None,
-                 reason=o.error.message if o.error else None)
-        self._deliver(o.msg, res, o.reply_to, Settle.TERM if o.terminate else Settle.ACK)
+        dead = None
+        if o.dead_letter is not None:
+            dead = self._dead_letter(o)
+            log.error("job_dead_lettered", job=o.job_id, attempt=o.attempt, subject=dead.subject,
+                      reason=o.dead_letter)
+        else:
+            log.info("job_rejected" if not ok else "job_answered_at_edge", job=o.job_id,
+                     attempt=o.attempt, code=o.error.code.value if o.error else None,
+                     reason=o.error.message if o.error else None)
+        self._deliver(o.msg, res, o.reply_to, Settle.TERM if o.terminate else Settle.ACK, dead)
+
+    def _dead_letter(self, o: Outcome) -> DeadLetter:
+        md = o.msg.metadata
+        headers = {
+            # One dead letter per stored job message, however often it is dead-lettered.
+            "Nats-Msg-Id": f"{md.stream}:{md.sequence.stream}",
+            "Fabric-Job-Id": o.job_id,
+            "Fabric-Stream": md.stream,
+            "Fabric-Stream-Seq": str(md.sequence.stream),
+            "Fabric-Subject": o.msg.subject,
+            "Fabric-Deliveries": str(o.attempt),
+            "Fabric-Error": o.dead_letter or "",
+            "Fabric-Worker": self.opts.worker_id,
+            "Fabric-Dead-At": f"{time.time():.3f}",
+        }
+        return DeadLetter(self.topo.dlq_subject, o.msg.data, headers)
 
     # -- completions -------------------------------------------------------------------
 
+    def _failpoint(self, name: str) -> None:
+        # Executor thread. The ids of the jobs decoding this step, for job-specific failpoints
+        # (a read of the scheduler's running list, only when such a point is armed).
+        failpoints.hit(name, jobs=self._running_job_ids)
+
+    def _running_job_ids(self) -> list[str]:
+        ids = []
+        for seq in list(self.executor.scheduler.running):
+            t = self.inflight.get(seq.req.key)
+            if t is not None:
+                ids.append(t.job.id)
+        return ids
+
     def _on_step(self, r: StepReport) -> None:
-        # Executor thread: only this thread writes the step counters.
+        # Executor thread: only this thread writes the step counters and the heartbeat.
+        self.last_step_at = time.monotonic()
         self.stats.on_step(r)
 
     def _on_completions(self, comps: list[Completion]) -> None:
+        if self.fault is not None:
+            return  # everything held has been nak'd; a late completion answers nothing
         now = time.monotonic()
         tok = self.engine.loaded.tokenizer
         for c in comps:
-            t = self.inflight.pop(c.key)
+            t = self.inflight.pop(c.key, None)
+            if t is None:
+                continue
             self.admission.release(t.reserved_tokens)
-            ok = c.error is None
+            if t.attempt >= self.opts.solo_from_attempt:
+                self.solo_inflight -= 1
+            if c.error is not None:
+                # Not an answer: publishing it would make the results stream keep this error
+                # over the good Result of the retry (same Nats-Msg-Id). Retry it instead.
+                log.warning("job_failed", job=t.job.id, attempt=t.attempt, error=c.error)
+                self._nak(t.msg)
+                continue
             res = Result(
-                id=t.job.id, ok=ok, tokens=c.tokens,
-                text=tok.decode(c.tokens) if ok else None,
+                id=t.job.id, ok=True, tokens=c.tokens, text=tok.decode(c.tokens),
                 finish_reason=FinishReason(c.finish_reason),
-                error=None if ok else ErrorInfo(code=ErrorCode.INTERNAL, message=c.error or ""),
                 usage=Usage(prompt_tokens=len(t.prompt), completion_tokens=len(c.tokens),
                             padded_tokens=c.computed_tokens),
                 timing=Timing(queued_ms=(t.admitted_at - t.arrived_at) * 1e3,
@@ -211,8 +368,9 @@ class Worker:
             )
             self._count(res)
             self.stats.on_result(res)
-            self._deliver(t.msg, res, t.job.reply_to, Settle.ACK if ok else Settle.NAK)
+            self._deliver(t.msg, res, t.job.reply_to, Settle.ACK)
         self._admit()
+        self.ingress.room_changed.set()
 
     def _count(self, res: Result) -> None:
         if res.ok:
@@ -221,25 +379,65 @@ class Worker:
             self.stats.jobs_error += 1
             self.stats.errors_by_code[res.error.code.value] += 1
 
-    def _deliver(self, msg: Msg, res: Result, reply_to: str | None, settle: Settle) -> None:
+    def _deliver(self, msg: Msg, res: Result, reply_to: str | None, settle: Settle,
+                 dead: DeadLetter | None = None) -> None:
+        if self.drain.aborted:
+            self._nak(msg)
+            return
+
         def done(_as_asked: bool) -> None:
             self.held.pop(id(msg), None)
-        self.drain.put(Delivery(msg, res, reply_to, settle, on_done=done))
+            self.ingress.room_changed.set()
+        self.drain.put(Delivery(msg, res, reply_to, settle, on_done=done, dead_letter=dead))
 
     def _nak(self, msg: Msg) -> None:
         self.held.pop(id(msg), None)
         self.stats.naked += 1
         asyncio.ensure_future(_quiet(msg.nak()))
 
+    async def _nak_now(self, msgs: list[Msg]) -> int:
+        """Nak and forget `msgs`; each nak is queued on the connection (flush to send)."""
+        for m in msgs:
+            self.held.pop(id(m), None)
+            await _quiet(m.nak())
+        self.stats.naked += len(msgs)
+        return len(msgs)
+
     # -- background duties -------------------------------------------------------------
 
     async def _heartbeats(self) -> None:
         """Tell the broker held jobs are alive, so the ack wait can be short."""
-        period = max(1.0, self.topo.ack_wait_s / 3)
+        period = max(0.2, self.verified.ack_wait_s / 3)
         while True:
             await asyncio.sleep(period)
             for msg in list(self.held.values()):
                 await _quiet(msg.in_progress())
+
+    async def _watch(self) -> None:
+        """The loop's eye on what cannot report its own failure: a stuck executor, a lost broker."""
+        last_sweep = time.monotonic()
+        while not self._stop.done():
+            await asyncio.sleep(_TICK_S)
+            now = time.monotonic()
+            if not self.executor.alive:
+                self.stop("fatal: the executor thread is gone")
+                return
+            if self.inflight:
+                quiet_s = now - max(self.last_step_at, self._busy_since)
+                if quiet_s > self.opts.step_timeout_s:
+                    self.stop(f"fatal: executor stalled: no step finished in {quiet_s:.1f}s "
+                              f"with {len(self.inflight)} jobs in flight")
+                    return
+            if self.nc.is_connected:
+                self._disconnected_since = None
+            else:
+                since = self._disconnected_since = self._disconnected_since or now
+                if now - since > self.opts.broker_give_up_s:
+                    self.stop(f"fatal: broker unreachable for {now - since:.0f}s")
+                    return
+            if now - last_sweep >= 1.0:
+                last_sweep = now
+                self._expire_pending()
 
     async def _burst_watch(self) -> None:
         while True:
@@ -254,49 +452,86 @@ class Worker:
     # -- the ways out ------------------------------------------------------------------
 
     async def _stop_ingress(self, task: asyncio.Task, wait_s: float) -> None:
+        """Stop fetching; nak what was fetched and never admitted."""
         self.draining = True
         self.ingress.stop()
-        try:
-            await asyncio.wait_for(task, wait_s)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            pass
-        for t in self.pending:
-            self._nak(t.msg)
+        done, _ = await asyncio.wait({task}, timeout=wait_s)
+        if not done:
+            task.cancel()
+        refused = [t.msg for t in self.pending] + self._refused
         self.pending.clear()
+        self._refused = []
         self.pending_tokens = 0
+        await self._nak_now(refused)
 
-    async def _teardown_graceful(self, reason: str, ingress_task: asyncio.Task) -> int:
+    async def _nak_buffered(self, until: float) -> None:
+        """Nak what our last pull requests delivered after the last fetch (see ingress.py).
+
+        After each request expired the server sends nothing more to them; a round trip then
+        guarantees whatever it did send has arrived."""
+        wait_s = min(self.ingress.requests_expire_at + 0.05, until) - time.monotonic()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        await self._flush(max(0.1, until - time.monotonic()))
+        late = self.ingress.take_buffered()
+        if late:
+            log.info("naked_late_deliveries", count=len(late))
+            await self._nak_now(late)
+
+    async def _teardown_graceful(self, ingress_task: asyncio.Task) -> int:
         await self._stop_ingress(ingress_task, self.ingress.fetch_timeout_s + 1.0)
+        await self._flush(1.0)  # the fleet takes the refused jobs now
         deadline = time.monotonic() + self.opts.grace_s
-        while self.inflight and time.monotonic() < deadline and self.executor.alive:
+        while (self.inflight and time.monotonic() < deadline and self.executor.alive
+               and self.fault is None):
             await asyncio.sleep(0.05)
         self.executor.stop(timeout_s=2.0)
-        for t in list(self.inflight.values()):
-            self._nak(t.msg)
+        await self._nak_now([t.msg for t in self.inflight.values()])
         self.inflight.clear()
-        await self.drain.flush(timeout_s=5.0)
+        await self.drain.flush(timeout_s=10.0)
+        await self._nak_buffered(until=time.monotonic() + 2.0)
         await self._close()
-        return 0
+        return 1 if self.fault is not None else 0
 
-    async def _teardown_fatal(self, reason: str, ingress_task: asyncio.Task) -> int:
-        fault_at = time.monotonic()
-        threading.Thread(target=_watchdog, args=(fault_at,), daemon=True).start()
-        await self._stop_ingress(ingress_task, 1.0)
-        for msg in list(self.held.values()):
-            self._nak(msg)
+    async def _teardown_fatal(self, ingress_task: asyncio.Task) -> int:
+        fault = self.fault
+        assert fault is not None
+        self.draining = True
+        self.ingress.stop()
+        with contextlib.suppress(Exception):  # only asks; a hung thread is left to the watchdog
+            self.executor.stop(timeout_s=0)
+        await self.drain.abort(grace_s=0.25)
+        held_ids = sorted({t.job.id for t in list(self.pending) + list(self.inflight.values())})
+        self.pending.clear()
         self.inflight.clear()
-        try:
-            await asyncio.wait_for(self.nc.flush(), 1.0)
-        except Exception as e:  # noqa: BLE001 - we are leaving either way; the watchdog bounds it
-            log.warning("flush_failed", error=repr(e))
-        await self._close()
-        log.error("worker_fatal", reason=reason, teardown_s=round(time.monotonic() - fault_at, 3))
+        self.pending_tokens = 0
+        naked = await self._nak_now(list(self.held.values()))
+        flushed = await self._flush(1.0)
+        log.error("fatal_naked", naked=naked, flushed=flushed, jobs=held_ids,
+                  since_fault_s=round(time.monotonic() - fault.at, 3))
+        # The fetch under way (if any) ends within its timeout; what it hands over is nak'd.
+        done, _ = await asyncio.wait({ingress_task}, timeout=self.ingress.fetch_timeout_s + 0.2)
+        if not done:
+            ingress_task.cancel()
+        await self._nak_now(list(self.held.values()) + self._refused)
+        await self._nak_buffered(until=fault.at + FATAL_EXIT_S - 1.5)
+        await self._close(timeout_s=1.0)
+        log.error("worker_fatal", reason=fault.reason, teardown_s=round(time.monotonic() - fault.at, 3),
+                  exit_unix=time.time())
         return 1
 
-    async def _close(self) -> None:
+    async def _flush(self, timeout_s: float) -> bool:
         try:
-            await asyncio.wait_for(self.nc.flush(), 2.0)
-            await asyncio.wait_for(self.nc.close(), 2.0)
+            await asyncio.wait_for(self.nc.flush(), timeout_s)
+            return True
+        except Exception as e:  # noqa: BLE001 - we are leaving either way; unflushed = ack wait
+            log.warning("flush_failed", error=repr(e))
+            return False
+
+    async def _close(self, timeout_s: float = 2.0) -> None:
+        await self._flush(timeout_s)
+        try:
+            await asyncio.wait_for(self.nc.close(), timeout_s)
         except Exception as e:  # noqa: BLE001 - closing a broken connection may fail; unacked = redelivered
             log.warning("close_failed", error=repr(e))
 
@@ -308,6 +543,10 @@ async def _quiet(aw) -> None:
         log.debug("settle_failed", error=repr(e))
 
 
-def _watchdog(fault_at: float) -> None:
-    time.sleep(max(0.0, FATAL_EXIT_S - (time.monotonic() - fault_at)))
+def _exit_watchdog(fault: Fault) -> None:
+    """Whatever hangs (a device call, the event loop, interpreter shutdown), exit in time."""
+    time.sleep(max(0.0, FATAL_EXIT_S - (time.monotonic() - fault.at)))
+    with contextlib.suppress(Exception):
+        log.error("exit_watchdog", reason=fault.reason, since_fault_s=round(time.monotonic() - fault.at, 3))
+        sys.stderr.flush()
     os._exit(1)

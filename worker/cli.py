@@ -21,16 +21,18 @@ from worker.config import ConfigError, EngineConfig, cfg_summary, config_hash, l
 from worker.connection import ConnectError, Security, connect
 from worker.topology import Topology, TopologyError, provision
 
-EXIT_CONFIG = 2
+EXIT_CONFIG = 2  # bad config, model, topology or credentials: fix and restart, retrying will not help
+EXIT_FATAL = 1  # a fault at run time: held jobs were nak'd; restart me
 # worker.scheduler.POLICIES, spelled out so that `provision` never imports torch.
-POLICIES = ("serial", "window", "budget", "lanes", "continuous")  # bad config, model or topology: fix and restart, retrying will not help
+POLICIES = ("serial", "window", "budget", "lanes", "continuous")
 
 
 def _topology(cfg: EngineConfig, args: argparse.Namespace) -> Topology:
     return Topology(jobs_stream=cfg.stream, consumer=cfg.consumer,
                     results_prefix=args.result_prefix, ack_wait_s=args.ack_wait_s,
                     replicas=getattr(args, "replicas", 1),
-                    max_ack_pending=getattr(args, "max_ack_pending", 20000))
+                    max_ack_pending=getattr(args, "max_ack_pending", 20000),
+                    max_deliver=getattr(args, "max_deliver", 5))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -41,6 +43,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-prefix", default="fabric.results.",
                    help="a job's reply_to must start with this")
     p.add_argument("--ack-wait-s", type=float, default=30.0)
+    p.add_argument("--connect-give-up-s", type=float,
+                   default=float(os.environ.get("FABRIC_CONNECT_GIVE_UP_S", 30.0)),
+                   help="first connect: retry this long, then exit 2 (a refusal exits at once)")
+    # Secrets: files, or the environment (FABRIC_NATS_PASSWORD, FABRIC_NATS_TOKEN); never a
+    # flag's value, which any user on the host can read from the process list.
+    p.add_argument("--user", help="NATS user (or FABRIC_NATS_USER); password: FABRIC_NATS_PASSWORD")
     p.add_argument("--creds", help="NATS credentials file (or FABRIC_NATS_CREDS)")
     p.add_argument("--nkey-seed", help="NKey seed file (or FABRIC_NATS_NKEY_SEED)")
     p.add_argument("--tls-ca", help="CA bundle to verify the server (or FABRIC_TLS_CA)")
@@ -57,7 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, default=int(os.environ.get("FABRIC_METRICS_PORT", 0)),
                      help="Prometheus /metrics, /healthz, /readyz (0 = off)")
     run.add_argument("--grace-s", type=float, default=30.0, help="SIGTERM drain period")
-    run.add_argument("--solo-from-attempt", type=int, default=3)
+    run.add_argument("--solo-from-attempt", type=int, default=3,
+                     help="a job on this delivery or later runs alone (suspected poison)")
+    run.add_argument("--step-timeout-s", type=float, default=60.0,
+                     help="jobs in flight and no executor step finished this long: fatal (a hang)")
+    run.add_argument("--broker-give-up-s", type=float, default=120.0,
+                     help="broker unreachable this long: fatal")
+    run.add_argument("--publish-give-up-s", type=float, default=60.0,
+                     help="retry a Result publish this long, then nak the job")
     run.add_argument("--burst", action="store_true",
                      help="exit 0 once the consumer has nothing pending and nothing is held")
     run.add_argument("--max-step-tokens", type=int, default=None)
@@ -67,24 +82,62 @@ def build_parser() -> argparse.ArgumentParser:
     _common(prov)
     prov.add_argument("--replicas", type=int, default=1)
     prov.add_argument("--max-ack-pending", type=int, default=20000)
+    prov.add_argument("--max-deliver", type=int, default=5,
+                      help="deliveries per job; the last one dead-letters it instead of running it")
+    dlq = sp.add_parser("dlq", help="list or replay dead letters (operator credentials)")
+    _common(dlq)
+    dlq.add_argument("action", choices=["list", "replay"])
+    dlq.add_argument("--seq", type=int, action="append", default=[],
+                     help="replay only this DLQ sequence (repeatable)")
+    dlq.add_argument("--all", action="store_true", help="replay every dead letter of the stream")
+    dlq.add_argument("--keep", action="store_true", help="replay without deleting the dead letter")
     chk = sp.add_parser("check-config", help="validate the config and exit")
     _common(chk)
     return ap
 
 
 def _security(args: argparse.Namespace) -> Security:
-    return Security.from_env(creds_file=args.creds, nkey_seed_file=args.nkey_seed,
+    return Security.from_env(user=args.user, creds_file=args.creds, nkey_seed_file=args.nkey_seed,
                              tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 async def _provision(cfg: EngineConfig, args: argparse.Namespace) -> int:
-    nc = await connect(cfg.nats_url, "fabric-provision", _security(args), 30.0)
+    nc = await connect(cfg.nats_url, "fabric-provision", _security(args), args.connect_give_up_s)
     try:
         for line in await provision(nc.jetstream(), _topology(cfg, args)):
             print(line)
     finally:
         await nc.close()
     return 0
+
+
+async def _dlq(cfg: EngineConfig, args: argparse.Namespace) -> int:
+    from worker.deadletters import list_dead_letters, replay
+
+    topo = _topology(cfg, args)
+    nc = await connect(cfg.nats_url, "fabric-dlq", _security(args), args.connect_give_up_s)
+    try:
+        js = nc.jetstream()
+        records = await list_dead_letters(js, topo)
+        if args.action == "list":
+            print(f"# {len(records)} dead letter(s) on {topo.dlq_stream} {topo.dlq_subject}")
+            print("# seq\tdead_at\tjob\tsubject\tdeliveries\tworker\terror")
+            for r in records:
+                print(r.line())
+            return 0
+        if not args.all and not args.seq:
+            print("fabric-worker: dlq replay needs --seq N (repeatable) or --all", file=sys.stderr)
+            return EXIT_CONFIG
+        chosen = records if args.all else [r for r in records if r.seq in set(args.seq)]
+        missing = set(args.seq) - {r.seq for r in chosen}
+        for line in await replay(js, topo, chosen, keep=args.keep):
+            print(line)
+        if missing:
+            print(f"fabric-worker: no dead letter with seq {sorted(missing)}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        await nc.close()
 
 
 def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
@@ -106,12 +159,22 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
              kv_pool_mib=round(engine.pool.nbytes / 2**20, 1), kv_blocks=engine.pool.num_blocks,
              block_size=engine.block_size, max_step_tokens=engine.max_step_tokens)
     opts = Options(worker_id=args.worker_id, grace_s=args.grace_s,
-                   solo_from_attempt=args.solo_from_attempt, burst=args.burst)
+                   solo_from_attempt=args.solo_from_attempt, burst=args.burst,
+                   connect_give_up_s=args.connect_give_up_s, step_timeout_s=args.step_timeout_s,
+                   broker_give_up_s=args.broker_give_up_s, publish_give_up_s=args.publish_give_up_s)
     worker = Worker(cfg, opts, engine, _topology(cfg, args), _security(args))
     if args.metrics_port:
         from worker.observe import serve_http
         serve_http(worker, args.metrics_port)
-    return asyncio.run(worker.run())
+    code = asyncio.run(worker.run())
+    if code == EXIT_FATAL:
+        # Everything held is nak'd and flushed: leave now. A normal interpreter exit would
+        # wait for whatever is stuck (a hung device call, a helper thread), and the exit
+        # watchdog would have to end it anyway.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "provision":
             return asyncio.run(_provision(cfg, args))
+        if args.cmd == "dlq":
+            return asyncio.run(_dlq(cfg, args))
         return _run(cfg, args, log)
     except (TopologyError, ConnectError) as e:
         print(f"fabric-worker: {e}", file=sys.stderr)

@@ -4,11 +4,17 @@ Off by default and free when off (one dict lookup). In the style of etcd's gofai
 environment variable `FABRIC_FAILPOINTS` names points and actions, `;`-separated:
 
     FABRIC_FAILPOINTS="executor.step=raise@50;drain.publish=sleep(2.0)"
+    FABRIC_FAILPOINTS="executor.step=raise:job=poison-"
 
 Actions: `raise` (RuntimeError), `hang` (block forever), `sleep(S)` (delay S seconds),
 `exit(N)` (os._exit, like a crash). `@K` fires the action from the K-th hit on (default 1:
-the first hit). Points in the code today: `executor.step` (before each forward),
-`drain.publish` (before each Result publish), `ingress.fetch` (after each fetch).
+the first hit). `:job=PREFIX` makes the point job-specific: only a hit whose call site
+reports a job id starting with PREFIX counts (and fires), so a test can make one marked
+job kill every worker that runs it -- the poison job of the failure table.
+
+Points in the code today: `executor.step` (before each forward; the worker reports the ids
+of the jobs decoding in that step), `drain.publish` (before each Result publish, with its
+job id), `ingress.fetch` (after each fetch, with the fetched job ids unknown: no filter).
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 _SPEC = re.compile(r"^(?P<name>[\w.]+)=(?P<action>raise|hang|sleep\((?P<s>[\d.]+)\)|exit\((?P<n>\d+)\))"
-                   r"(?:@(?P<after>\d+))?$")
+                   r"(?:@(?P<after>\d+))?(?::job=(?P<job>[^\s;]+))?$")
 
 
 class FailpointError(RuntimeError):
@@ -32,6 +39,7 @@ class _Point:
     action: str
     arg: float
     after: int
+    job_prefix: str | None = None  # None: every hit counts
     hits: int = 0
 
 
@@ -41,10 +49,10 @@ def parse(spec: str) -> dict[str, _Point]:
         m = _SPEC.match(part)
         if not m:
             raise ValueError(f"FABRIC_FAILPOINTS: cannot parse {part!r} "
-                             "(want name=raise|hang|sleep(S)|exit(N)[@K])")
+                             "(want name=raise|hang|sleep(S)|exit(N)[@K][:job=PREFIX])")
         action = m["action"].split("(")[0]
         arg = float(m["s"] or m["n"] or 0)
-        points[m["name"]] = _Point(action, arg, int(m["after"] or 1))
+        points[m["name"]] = _Point(action, arg, int(m["after"] or 1), m["job"])
     return points
 
 
@@ -52,11 +60,17 @@ _points = parse(os.environ.get("FABRIC_FAILPOINTS", ""))
 _lock = threading.Lock()
 
 
-def hit(name: str) -> None:
-    """Call at a failpoint; does nothing unless the environment armed this point."""
+def hit(name: str, jobs: Callable[[], Iterable[str]] | None = None) -> None:
+    """Call at a failpoint; does nothing unless the environment armed this point.
+
+    `jobs` (called only when the point is armed with a job filter) returns the ids of the
+    jobs this hit concerns."""
     p = _points.get(name)
     if p is None:
         return
+    if p.job_prefix is not None:
+        if jobs is None or not any(j.startswith(p.job_prefix) for j in jobs()):
+            return
     with _lock:
         p.hits += 1
         if p.hits < p.after:

@@ -4,8 +4,19 @@ The pull consumer is the outermost buffer. Ingress asks the broker for at most a
 messages as the pending queue can take (its bound is in tokens, one budget's worth, so a
 backlog of any size stays in the broker, not in this process). Every message becomes
 either a `Ticket` (valid work) or an `Outcome` that the drain answers at once (bad input,
-expired, zero tokens to generate): bad input never reaches the executor and never stops
-the worker.
+expired, zero tokens to generate, poison): bad input never reaches the executor and never
+stops the worker.
+
+Poison: a message on its last allowed delivery (the consumer's `max_deliver`) has already
+been handed out that many times without an answer -- every worker that took it died or
+failed. It is not run again: it becomes a dead letter before anything else is done with
+it, even decoding (decoding may be what kills us).
+
+Stopping is the subtle part. A pull request outlives the `fetch` call that made it (until
+its `expires`), and messages the server delivers to it meanwhile wait in the
+subscription's buffer for the next fetch. A worker that stops fetching must collect those
+(`take_buffered`, after the last request expired) and nak them, or they sit out the whole
+ack wait in a dead process.
 """
 
 from __future__ import annotations
@@ -18,8 +29,10 @@ from dataclasses import dataclass, field
 import nats.errors
 import structlog
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from schemas import DecodeError, ErrorCode, ErrorInfo, FinishReason, Job, decode_job
+from worker import failpoints
 from worker.kv import padded_tokens
 from worker.sampling import fold_seed
 from worker.sequence import Request
@@ -63,6 +76,7 @@ class Outcome:
     error: ErrorInfo | None = None
     prompt_tokens: int = 0
     terminate: bool = True  # term (never redeliver) rather than ack
+    dead_letter: str | None = None  # why it goes to the dead-letter stream (poison)
     extra: dict = field(default_factory=dict)
 
 
@@ -73,6 +87,7 @@ class Limits:
     budget_tokens: int
     block_size: int
     reply_prefix: str
+    max_deliver: int = 0  # the consumer's; a message on this delivery is poison (<= 0: never)
 
 
 class Validator:
@@ -89,6 +104,8 @@ class Validator:
     def check(self, msg: Msg, now: float) -> Ticket | Outcome:
         lim = self.limits
         attempt = _attempt(msg)
+        if 0 < lim.max_deliver <= attempt:
+            return self._poison(msg, attempt, now)
         try:
             job = decode_job(msg.data)
         except DecodeError as e:
@@ -126,6 +143,19 @@ class Validator:
                       reserved_tokens=reserved, arrived_at=now, text_prompt=text)
 
 
+    def _poison(self, msg: Msg, attempt: int, now: float) -> Outcome:
+        why = (f"delivered {attempt} times (max_deliver {self.limits.max_deliver}) without an "
+               "answer: every worker that took it crashed, stalled or failed on it")
+        try:
+            job = decode_job(msg.data)
+            job_id, reply = job.id, job.reply_to
+        except DecodeError as e:
+            job_id, reply = e.job_id, e.reply_to
+        return Outcome(msg, job_id, reply if self._reply_ok(reply) else None, attempt, now,
+                       FinishReason.ERROR, ErrorInfo(code=ErrorCode.POISON, message=why),
+                       dead_letter=why)
+
+
 def _attempt(msg: Msg) -> int:
     try:
         return msg.metadata.num_delivered
@@ -148,6 +178,8 @@ class Ingress:
         self.room_changed = asyncio.Event()
         self.stopping = False
         self.fetched = 0
+        self.fetch_errors = 0
+        self.requests_expire_at = 0.0  # monotonic time by which every pull request we made expired
 
     async def run(self) -> None:
         while not self.stopping:
@@ -156,24 +188,46 @@ class Ingress:
                 self.room_changed.clear()
                 await self.room_changed.wait()
                 continue
+            self.requests_expire_at = time.monotonic() + self.fetch_timeout_s
             try:
                 msgs = await self.sub.fetch(batch=n, timeout=self.fetch_timeout_s)
             except (asyncio.TimeoutError, nats.errors.TimeoutError):
                 continue
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
-                    nats.errors.NoRespondersError, nats.errors.SlowConsumerError) as e:
-                log.warning("fetch_failed", error=repr(e))
+            except nats.errors.Error as e:
+                # Disconnected, reconnecting, a cluster leader change (409), JetStream not ready
+                # (503): wait and ask again. A broker that stays away is the worker's watchdog's
+                # call, not ours.
+                self.fetch_errors += 1
+                if self.fetch_errors == 1 or self.fetch_errors % 20 == 0:
+                    log.warning("fetch_failed", error=repr(e), count=self.fetch_errors)
                 await asyncio.sleep(0.5)
                 continue
-            now = time.monotonic()
-            self.fetched += len(msgs)
-            for m in msgs:
-                item = self.validator.check(m, now)
-                if isinstance(item, Ticket):
-                    self.on_ticket(item)
-                else:
-                    self.on_outcome(item)
+            failpoints.hit("ingress.fetch")
+            self.handle(msgs)
+
+    def handle(self, msgs: list[Msg]) -> None:
+        now = time.monotonic()
+        self.fetched += len(msgs)
+        for m in msgs:
+            item = self.validator.check(m, now)
+            if isinstance(item, Ticket):
+                self.on_ticket(item)
+            else:
+                self.on_outcome(item)
 
     def stop(self) -> None:
         self.stopping = True
         self.room_changed.set()
+
+    def take_buffered(self) -> list[Msg]:
+        """Messages delivered to our pull requests that no fetch has returned (see the top).
+
+        nats-py keeps them in the subscription's pending queue and has no public call that
+        takes them without asking the server for more, so this reads that queue directly."""
+        queue = getattr(getattr(self.sub, "_sub", None), "_pending_queue", None)
+        out: list[Msg] = []
+        while queue is not None and not queue.empty():
+            m = queue.get_nowait()
+            if not JetStreamContext.is_status_msg(m):  # a 408/409/heartbeat is not a delivery
+                out.append(m)
+        return out

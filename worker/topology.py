@@ -12,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import nats.js.errors
+import structlog
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+log = structlog.get_logger("topology")
 
 RESULTS_STREAM = "FABRIC_RESULTS"
 DLQ_STREAM = "FABRIC_DLQ"
@@ -39,6 +42,11 @@ class Topology:
     max_ack_pending: int = 20000
     replicas: int = 1
     duplicate_window_s: float = 120.0  # results published again after a replay are dropped
+
+    @property
+    def dlq_subject(self) -> str:
+        """Where this stream's dead letters go: one subject per jobs stream, one DLQ stream."""
+        return f"{self.dlq_prefix}{self.jobs_stream}"
 
     def stream_configs(self) -> list[StreamConfig]:
         def cfg(name: str, subjects: str) -> StreamConfig:
@@ -73,11 +81,43 @@ async def provision(js: JetStreamContext, topo: Topology) -> list[str]:
     return done
 
 
-async def verify(js: JetStreamContext, topo: Topology) -> None:
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """What the worker learns from the broker at start, rather than trusting its own flags."""
+
+    ack_wait_s: float  # the consumer's: heartbeats are paced from it
+    max_deliver: int  # the consumer's; <= 0 means unlimited (then nothing is dead-lettered)
+    results_captured: bool  # the results stream captures every allowed reply subject
+
+
+def _covers(pattern: str, prefix: str) -> bool:
+    """Does stream subject `pattern` capture every subject under `prefix` ("a.b.")?"""
+    p, q = pattern.split("."), prefix.rstrip(".").split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return i <= len(q)
+        if i >= len(q) or (tok != "*" and tok != q[i]):
+            return False
+    return False
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: does `pattern` (with * and >) match the literal `subject`?"""
+    p, q = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return i < len(q)
+        if i >= len(q) or (tok != "*" and tok != q[i]):
+            return False
+    return len(p) == len(q)
+
+
+async def verify(js: JetStreamContext, topo: Topology) -> Verified:
     hint = "run `fabric-worker provision --config <engine.toml>` first"
-    for name in (topo.jobs_stream, topo.results_stream):
+    subjects: dict[str, list[str]] = {}
+    for name in (topo.jobs_stream, topo.results_stream, topo.dlq_stream):
         try:
-            await js.stream_info(name)
+            subjects[name] = list((await js.stream_info(name)).config.subjects or [])
         except nats.js.errors.NotFoundError:
             raise TopologyError(f"stream {name!r} does not exist; {hint}") from None
     try:
@@ -89,3 +129,13 @@ async def verify(js: JetStreamContext, topo: Topology) -> None:
     if cc.ack_policy != AckPolicy.EXPLICIT or cc.deliver_subject:
         raise TopologyError(f"consumer {topo.consumer!r} must be a pull consumer with explicit "
                             f"acks (found ack_policy={cc.ack_policy}, push={bool(cc.deliver_subject)})")
+    if not any(_matches(s, topo.dlq_subject) for s in subjects[topo.dlq_stream]):
+        raise TopologyError(f"stream {topo.dlq_stream!r} does not capture {topo.dlq_subject!r}, "
+                            f"so poison jobs could not be dead-lettered; {hint}")
+    max_deliver = cc.max_deliver if cc.max_deliver is not None else -1
+    if max_deliver <= 0:
+        log.warning("no_max_deliver", consumer=topo.consumer,
+                    hint="a job that kills every worker is retried forever; set max_deliver")
+    return Verified(ack_wait_s=float(cc.ack_wait or topo.ack_wait_s), max_deliver=max_deliver,
+                    results_captured=any(_covers(s, topo.results_prefix)
+                                         for s in subjects[topo.results_stream]))

@@ -75,11 +75,18 @@ def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def provision(config_path: str | os.PathLike[str], *, timeout_s: float = 60.0) -> None:
-    """Run `fabric-worker provision` (idempotent: creates streams and the consumer)."""
+def provision(
+    config_path: str | os.PathLike[str],
+    *,
+    timeout_s: float = 60.0,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Run `fabric-worker provision` (idempotent: creates streams and the consumer).
+    `extra_args` go to the command as given (e.g. `--ack-wait-s 2 --max-deliver 3`)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "worker", "provision", "--config", str(config_path)],
-        env=worker_env(),
+        [sys.executable, "-m", "worker", "provision", "--config", str(config_path), *extra_args],
+        env=worker_env(env),
         capture_output=True,
         text=True,
         timeout=timeout_s,

@@ -1,14 +1,16 @@
 """Liveness and readiness: two questions about the worker, answered from its own state.
 
-- alive (`/healthz`): the process answers and the executor thread, once started, is
-  running. While the model loads or the broker connects the worker is alive but not ready.
-  A dead executor is the one thing a restart fixes, so it is the one thing that fails this.
+- alive (`/healthz`): the process answers, no fault has been declared, and the executor
+  thread, once started, is running. While the model loads or the broker connects the
+  worker is alive but not ready. A fault (a dead or stalled executor, a broker gone too
+  long) exits the process within 5 s by itself; failing this probe meanwhile is for humans
+  and for the rare case the exit does not happen.
 - ready (`/readyz`): connected to the broker, model loaded, executor running, serving, not
   draining. Workers pull, so nothing routes to them; readiness is for rollouts, compose's
   `depends_on` and humans, and the reason says which condition is missing.
 
 Pure functions of a Worker (or None before one exists); they read attributes the worker
-sets as it goes (`nc`, `executor`, `ready`, `draining`) and never call into it.
+sets as it goes (`nc`, `executor`, `ready`, `draining`, `fault`) and never call into it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Verdict:
 def liveness(worker: Any | None) -> Verdict:
     if worker is None:
         return Verdict(True, "loading model")
+    if getattr(worker, "fault", None) is not None:
+        return Verdict(False, "fault: exiting")
     ex = getattr(worker, "executor", None)
     if ex is None:
         return Verdict(True, "starting")
@@ -41,6 +45,8 @@ def readiness(worker: Any | None, was_ready: bool = False) -> Verdict:
     """`was_ready`: the worker has been ready before, so not-ready-now means stopping."""
     if worker is None:
         return Verdict(False, "loading model")
+    if getattr(worker, "fault", None) is not None:
+        return Verdict(False, "fault: exiting")
     if worker.draining:
         return Verdict(False, "draining")
     nc = getattr(worker, "nc", None)

@@ -16,6 +16,7 @@ every series means and what healthy looks like.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -178,7 +179,8 @@ class WorkerCollector(Collector):
                        ingress.fetched if ingress is not None else 0)
         settled = CounterMetricFamily(
             "fabric_settled", "Messages settled: ack/term/nak after a Result; release = nak'd "
-            "back without a Result (drain on SIGTERM, fatal teardown).", labels=["action"])
+            "back without a Result (SIGTERM drain, fatal teardown, a job the engine failed).",
+            labels=["action"])
         for action, n in (("ack", getattr(drain, "acked", 0)),
                           ("term", getattr(drain, "termed", 0)),
                           ("nak", getattr(drain, "naked", 0)), ("release", stats.naked)):
@@ -186,6 +188,8 @@ class WorkerCollector(Collector):
         yield settled
         yield _counter("fabric_results_published", "Results confirmed by the broker.",
                        getattr(drain, "published", 0))
+        yield _counter("fabric_dead_letters", "Jobs moved to the dead-letter stream (poison, or "
+                       "out of deliveries).", getattr(drain, "dead_lettered", 0))
         yield _gauge("fabric_held_messages", "Messages this worker holds unacked (counts "
                      "against the consumer's max_ack_pending).", len(w.held))
 
@@ -240,6 +244,10 @@ class WorkerCollector(Collector):
                        stats.busy_s)
         yield _counter("fabric_executor_idle_seconds", "Time the executor waited for work.",
                        stats.idle_s)
+        last_step = getattr(w, "last_step_at", 0.0)
+        yield _gauge("fabric_executor_last_step_age_seconds", "Seconds since the last step "
+                     "finished (large with jobs in flight: a stalled executor).",
+                     time.monotonic() - last_step if last_step else 0.0)
         yield _counter("fabric_executor_idle_while_queued_seconds", "Time the executor waited "
                        "for work while jobs waited for admission (should stay near 0).",
                        stats.idle_while_queued_s)

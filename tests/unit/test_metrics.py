@@ -174,7 +174,8 @@ NAMED = {
     "fabric_executor_idle_seconds_total", "fabric_executor_idle_while_queued_seconds_total",
     "fabric_useful_tokens_total", "fabric_computed_tokens_total",
     "fabric_attention_real_pairs_total", "fabric_attention_computed_pairs_total",
-    "fabric_padding_fraction", "fabric_step_batch_seqs_count", "fabric_step_tokens_count",
+    "fabric_padding_fraction", "fabric_dead_letters_total",
+    "fabric_executor_last_step_age_seconds", "fabric_step_batch_seqs_count", "fabric_step_tokens_count",
     "fabric_step_seconds_count", "fabric_job_queued_seconds_count",
     "fabric_time_to_first_token_seconds_count", "fabric_job_latency_seconds_count",
 }
@@ -197,6 +198,8 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     w.engine.pool.allocator.allocate(1, 5)
     w.drain.acked, w.drain.naked, w.drain.published = 6, 1, 7
     w.held.update({1: "m"})
+    w.drain.dead_lettered = 2
+    w.last_step_at = time.monotonic() - 3.0
     got = scrape(reg)
     names = {name for name, _ in got}
     assert NAMED <= names, NAMED - names
@@ -225,6 +228,8 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     assert got[("fabric_useful_tokens_total", ())] == 15
     assert got[("fabric_padding_fraction", (("kind", "attention"),))] == pytest.approx(0.25)
     assert got[("fabric_ready", ())] == 1 and got[("fabric_held_messages", ())] == 1
+    assert got[("fabric_dead_letters_total", ())] == 2
+    assert 3.0 <= got[("fabric_executor_last_step_age_seconds", ())] < 60
 
 
 def test_collector_before_connect_and_after_executor_death() -> None:
@@ -253,6 +258,9 @@ def test_liveness() -> None:
     assert liveness(w).ok
     w.executor.alive = False
     assert not liveness(w).ok and "executor" in liveness(w).reason
+    w = fake_worker()
+    w.fault = SimpleNamespace(reason="fatal: executor stalled")
+    assert not liveness(w).ok and liveness(w).reason == "fault: exiting"
 
 
 def test_readiness_through_the_lifecycle() -> None:
@@ -273,6 +281,10 @@ def test_readiness_through_the_lifecycle() -> None:
     w = fake_worker()
     w.executor.alive = False
     assert readiness(w).reason == "executor thread is not running"
+    w = fake_worker()
+    w.draining = True
+    w.fault = SimpleNamespace(reason="fatal: broker unreachable for 121s")
+    assert readiness(w).reason == "fault: exiting"
 
 
 # -- the HTTP port ----------------------------------------------------------------------

@@ -191,6 +191,13 @@ class WorkerProcess:
         self._join_reader()
         return self._proc.returncode
 
+    def wait(self, timeout_s: float | None = None) -> int:
+        """Block until the worker exits on its own (raises subprocess.TimeoutExpired)."""
+        assert self._proc is not None, "start() first"
+        code = self._proc.wait(timeout=timeout_s)
+        self._join_reader()
+        return code
+
     def kill(self) -> int | None:
         """SIGKILL: what a crash looks like to the broker."""
         if self._proc is None:

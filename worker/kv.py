@@ -72,7 +72,7 @@ class BlockAllocator:
 
 
 class KVPool:
-    """k/v for every layer: `tensor` is [L, 2, S, Hkv, D], S = (num_blocks + 1) * block_size.
+    """k/v for every layer: `tensor` is [L, S, 2, Hkv, D], S = (num_blocks + 1) * block_size.
 
     Block 0 is scratch (`SCRATCH_SLOT` lies in it): rows that are padding, never a real
     token, write their k/v there.
@@ -86,7 +86,7 @@ class KVPool:
         self.num_blocks = num_blocks
         slots = (num_blocks + 1) * block_size
         self.tensor = torch.zeros(
-            (args.n_layers, 2, slots, args.n_kv_heads, args.hd), dtype=dtype, device=device
+            (args.n_layers, slots, 2, args.n_kv_heads, args.hd), dtype=dtype, device=device
         )
         self.allocator = BlockAllocator(num_blocks, first=1)
 

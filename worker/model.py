@@ -54,13 +54,19 @@ class ModelArgs:
 
 @dataclass(slots=True)
 class AttnGroup:
-    """One batched attention call: `Bg` sequences, each with up to Q queries and K keys."""
+    """One batched attention call: `Bg` sequences, each with up to Q queries and K keys.
 
-    q_rows: Tensor  # [Bg, Q] int64 rows of the packed token row (padded entries point at row 0)
-    kv_slots: Tensor  # [Bg, K] int64 flat slots of the KV pool (padded entries point at slot 0)
+    Decode groups (one query per sequence) are laid out as a contiguous run of packed rows
+    `rows = (start, stop)`: queries and outputs are then slices, not gathers. Prefill
+    groups pad their prompts to the longest and use the index tensors.
+    """
+
+    kv_slots: Tensor  # [Bg, K] int64 flat slots of the KV pool (padding points at scratch)
     mask: Tensor  # [Bg, 1, Q, K] bool, True = attend; every query row has at least one True
-    out_rows: Tensor  # [N] int64 rows of the packed token row that receive output
-    out_sel: Tensor  # [N] int64 positions in the flattened [Bg*Q] output that are real
+    rows: tuple[int, int] | None = None  # decode: packed rows start..stop, one per sequence
+    q_rows: Tensor | None = None  # prefill: [Bg, Q] rows of the packed tokens (padding -> 0)
+    out_rows: Tensor | None = None  # prefill: [N] packed rows that receive output
+    out_sel: Tensor | None = None  # prefill: [N] positions in the flattened [Bg*Q] output
 
 
 @dataclass(slots=True)
@@ -140,18 +146,28 @@ class Attention(nn.Module):
         q = apply_rope(self.q_proj(x).view(t, self.n_heads, self.hd), cos, sin)  # [T, H, D]
         k = apply_rope(self.k_proj(x).view(t, self.n_kv, self.hd), cos, sin)  # [T, Hkv, D]
         v = self.v_proj(x).view(t, self.n_kv, self.hd)  # [T, Hkv, D]
-        k_pool, v_pool = kv[0], kv[1]  # [S, Hkv, D] each, S = blocks * block_size
-        k_pool.index_copy_(0, inp.write_slots, k.to(k_pool.dtype))
-        v_pool.index_copy_(0, inp.write_slots, v.to(v_pool.dtype))
+        # kv [S, 2, Hkv, D]: this layer's pool, slot-major so that one slot's key and value
+        # are one row: writes and gathers are single index ops along dim 0, the fast path.
+        flat = kv.view(kv.shape[0], -1)  # [S, 2*Hkv*D]
+        flat.index_copy_(0, inp.write_slots, torch.stack((k, v), 1).to(kv.dtype).view(t, -1))
         out = torch.empty(t, self.n_heads * self.hd, dtype=x.dtype, device=x.device)
         for g in inp.groups:
-            bg, nq = g.q_rows.shape
-            qg = q[g.q_rows].transpose(1, 2)  # [Bg, H, Q, D]
-            kg = k_pool[g.kv_slots].transpose(1, 2)  # [Bg, Hkv, K, D]
-            vg = v_pool[g.kv_slots].transpose(1, 2)  # [Bg, Hkv, K, D]
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
-            og = og.transpose(1, 2).reshape(bg * nq, self.n_heads * self.hd)  # [Bg*Q, H*D]
-            out[g.out_rows] = og[g.out_sel]
+            bg, nk = g.kv_slots.shape
+            kvg = flat.index_select(0, g.kv_slots.view(-1)).view(bg, nk, 2, self.n_kv, self.hd)
+            kg = kvg[:, :, 0].transpose(1, 2)  # [Bg, Hkv, K, D]
+            vg = kvg[:, :, 1].transpose(1, 2)  # [Bg, Hkv, K, D]
+            if g.rows is not None:
+                a, b = g.rows
+                qg = q[a:b].unsqueeze(2)  # [Bg, H, 1, D]
+                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
+                out[a:b] = og.view(b - a, self.n_heads * self.hd)
+            else:
+                nq = g.q_rows.shape[1]
+                qg = q.index_select(0, g.q_rows.view(-1)).view(bg, nq, self.n_heads, self.hd)
+                og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg, vg, attn_mask=g.mask,
+                                                    enable_gqa=True)  # [Bg, H, Q, D]
+                og = og.transpose(1, 2).reshape(bg * nq, self.n_heads * self.hd)  # [Bg*Q, H*D]
+                out.index_copy_(0, g.out_rows, og.index_select(0, g.out_sel))
         return self.o_proj(out)
 
 
@@ -197,7 +213,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, inp: StepInput, kv_pool: Tensor) -> Tensor:
-        """kv_pool [L, 2, S, Hkv, D]; returns logits [B, V] for `inp.logit_rows` (float32)."""
+        """kv_pool [L, S, 2, Hkv, D]; returns logits [B, V] for `inp.logit_rows` (float32)."""
         x = self.embed_tokens(inp.tokens)  # [T, dim]
         cos = self.rope_cos[inp.positions].unsqueeze(1).to(x.dtype)  # [T, 1, D]
         sin = self.rope_sin[inp.positions].unsqueeze(1).to(x.dtype)

@@ -39,7 +39,7 @@ class _Builder:
         self.tokens: list[np.ndarray] = []
         self.positions: list[np.ndarray] = []
         self.slots: list[np.ndarray] = []
-        self.groups: list[tuple[np.ndarray, ...]] = []
+        self.groups: list[dict] = []  # AttnGroup fields, host side
         self.logit_rows: list[int] = []
         self.rows = 0
         self.attn_real = 0
@@ -68,34 +68,44 @@ class _Builder:
         # so no row is all-masked (their output is computed, as padding is, and unused).
         mask = (ar[None, None, :] <= ar[None, :, None]) & real[:, None, :]  # [B, W, W]
         out_sel = np.flatnonzero(valid)
-        self.groups.append((q_rows, kv_slots, mask[:, None], q_rows.reshape(-1)[out_sel], out_sel))
+        self.groups.append(dict(kv_slots=kv_slots, mask=mask[:, None], q_rows=q_rows,
+                                out_rows=q_rows.reshape(-1)[out_sel], out_sel=out_sel))
         self.logit_rows.extend((starts + lens - 1).tolist())
         self.rows += int(rows.sum())
         self.attn_real += int((lens * (lens + 1) // 2).sum())
         self.attn_padded += len(seqs) * width * width
 
     def decode(self, seqs: list[Sequence]) -> None:
+        """One row per sequence. Reorders `seqs` in place so that each attention group is
+        a contiguous run of rows (the caller's plan, and so the logit rows, follow)."""
         first = self.rows
         # Keys each new token attends to, itself included. A sequence that finished inside
         # a static batch computes a padding row: it rereads its keys, writes to scratch.
         ctx = [s.num_tokens - 1 if s.done else s.num_tokens for s in seqs]
+        groups = group_by_length(ctx)
+        order = [i for g in groups for i in g]
+        seqs[:] = [seqs[i] for i in order]
+        ctx = [ctx[i] for i in order]
         self.tokens.append(np.array([0 if s.done else s.generated[-1] for s in seqs],
                                     dtype=np.int64))
         self.positions.append(np.array([s.num_tokens - 1 for s in seqs], dtype=np.int64))
         self.slots.append(np.array([SCRATCH_SLOT if s.done else s.slots[n - 1]
                                     for s, n in zip(seqs, ctx)], dtype=np.int64))
-        for idx in group_by_length(ctx):
-            lens = np.array([ctx[i] for i in idx], dtype=np.int64)  # [G]
+        start = first
+        for g in groups:
+            stop = start + len(g)
+            lens = np.array(ctx[start - first: stop - first], dtype=np.int64)  # [G]
             width = int(lens[0])  # groups are sorted longest first
-            kv_slots = np.zeros((len(idx), width), dtype=np.int64)  # [G, K]
-            for j, i in enumerate(idx):
-                kv_slots[j, : ctx[i]] = seqs[i].slots[: ctx[i]]
-            rows = first + np.array(idx, dtype=np.int64)
+            kv_slots = np.full((len(g), width), SCRATCH_SLOT, dtype=np.int64)  # [G, K]
+            for j in range(len(g)):
+                n = int(lens[j])
+                kv_slots[j, :n] = seqs[start - first + j].slots[:n]
             mask = np.arange(width)[None, :] < lens[:, None]  # [G, K]
-            self.groups.append((rows[:, None], kv_slots, mask[:, None, None, :], rows,
-                                np.arange(len(idx), dtype=np.int64)))
+            self.groups.append(dict(kv_slots=kv_slots, mask=mask[:, None, None, :],
+                                    rows=(start, stop)))
             self.attn_real += int(lens.sum())
-            self.attn_padded += len(idx) * width
+            self.attn_padded += len(g) * width
+            start = stop
         self.logit_rows.extend(range(first, first + len(seqs)))
         self.rows += len(seqs)
 
@@ -119,7 +129,8 @@ class Runner:
             tokens=self._t(np.concatenate(b.tokens)),
             positions=self._t(np.concatenate(b.positions)),
             write_slots=self._t(np.concatenate(b.slots)),
-            groups=[AttnGroup(*(self._t(np.ascontiguousarray(a)) for a in g)) for g in b.groups],
+            groups=[AttnGroup(**{k: v if k == "rows" else self._t(np.ascontiguousarray(v))
+                                 for k, v in g.items()}) for g in b.groups],
             logit_rows=self._t(np.array(b.logit_rows, dtype=np.int64)),
         )
         rows = plan.rows

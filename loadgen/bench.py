@@ -60,6 +60,7 @@ class BenchConfig:
     rungs: tuple[int, ...] = (0, 1, 2, 3, 4)
     serial_jobs: int = 0  # rung 0 on a subset (it is slow); 0 = the whole workload
     null_jobs: int = 20000
+    fleet_jobs: int = 0  # jobs for the fleet-scaling run (one vs two one-core workers); 0 = skip
     timeout_s: float = 1800.0
 
     def engine_fields(self, url: str, stream: str, model: str | None = None) -> dict[str, Any]:
@@ -143,22 +144,30 @@ def _summary(log_path: Path) -> dict[str, Any]:
 
 
 def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, policy: str,
-             jobs: list[JobSpec], model: str | None = None) -> dict[str, Any]:
+             jobs: list[JobSpec], model: str | None = None,
+             cpus: tuple[str, ...] = ("",)) -> dict[str, Any]:
+    """One worker per entry of `cpus` ("" = unpinned) on one consumer, the workload at once."""
     stream = f"BENCH_{name.upper()}"
     asyncio.run(_fresh_stream(broker.url, stream))
     conf = write_engine_toml(work / f"{name}.toml", cfg.engine_fields(broker.url, stream, model))
     provision(conf)
     log = work / f"{name}.log"
-    w = WorkerProcess(conf, worker_id=name, log_path=log, extra_args=("--policy", policy))
-    w.start()
+    workers = [WorkerProcess(conf, worker_id=f"{name}-{i}", log_path=work / f"{name}-{i}.log",
+                             extra_args=("--policy", policy) + (("--cpus", c) if c else ()))
+               for i, c in enumerate(cpus)]
     try:
-        w.wait_ready(300)
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.wait_ready(300)
         stats = asyncio.run(run_jobs(broker.url, jobs, run_id=name, timeout_s=cfg.timeout_s,
                                      progress=False))
     finally:
-        w.terminate(grace_s=30)
+        for w in workers:
+            w.terminate(grace_s=30)
     asyncio.run(_fresh_stream(broker.url, stream))
     rep = build_report(stats)
+    log = work / f"{name}-0.log"
     s = _summary(log)
     return {
         "policy": policy, "jobs": len(jobs), "jobs_ok": rep["jobs_ok"], "wall_s": rep["wall_s"],
@@ -198,6 +207,18 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
             r.pop("completions")
             result["null_model"] = r
             log(f"  {r['jobs_per_s']:.0f} jobs/s")
+        if cfg.fleet_jobs:
+            result["fleet"] = {}
+            for name, cpus in (("one", ("0",)), ("two", ("0", "1"))):
+                jobs = generate(WorkloadSpec(num_jobs=cfg.fleet_jobs, seed=cfg.seed,
+                                             run_id=f"fleet{name}"))
+                log(f"fleet: {len(cpus)} worker(s), one core each, {cfg.fleet_jobs} jobs ...")
+                r = run_rung(cfg, broker, work, f"fleet{name}", "continuous", jobs, cpus=cpus)
+                r.pop("completions")
+                result["fleet"][name] = r
+                log(f"  {r['jobs_per_s']:.1f} jobs/s")
+            f = result["fleet"]
+            f["ratio"] = f["two"]["jobs_per_s"] / f["one"]["jobs_per_s"]
     jobs = generate(WorkloadSpec(num_jobs=cfg.jobs, seed=cfg.seed, run_id="r4"))
     top = result["rungs"].get("4", {}).get("completions", {})
     log("kernel-only ceiling ...")
@@ -229,6 +250,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"{100 * r['padding_fraction']:.1f}% | {'-' if occ is None else f'{100 * occ:.1f}%'} | "
             f"{r['latency_ms']['p50']:,.0f} / {r['latency_ms']['p99']:,.0f} |")
     lines.append(f"| - | kernel-only ceiling | {ceil:,.0f} | | 100% | 0.0% | | |")
+    if "fleet" in result:
+        f = result["fleet"]
+        lines += ["", f"Fleet: two one-core workers on one consumer {f['two']['jobs_per_s']:.1f} "
+                  f"jobs/s, one {f['one']['jobs_per_s']:.1f} jobs/s: ratio {f['ratio']:.2f}."]
     if "null_model" in result:
         lines += ["", f"Null model (broker path alone): {result['null_model']['jobs_per_s']:,.0f} "
                   "jobs/s through one worker."]

@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="run rung 0 on the first N jobs only (0 = all)")
     bench.add_argument("--null-jobs", type=int, default=20000,
                        help="jobs for the null-model broker-path run (0 = skip)")
+    bench.add_argument("--fleet-jobs", type=int, default=0,
+                       help="jobs for one vs two one-core workers on one consumer (0 = skip)")
     return p
 
 
@@ -173,7 +175,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       dtype=args.dtype, token_budget=args.token_budget, low_water=args.low_water,
                       max_seq_len=args.max_seq_len,
                       rungs=tuple(int(r) for r in args.rungs.split(",") if r),
-                      serial_jobs=args.serial_jobs, null_jobs=args.null_jobs)
+                      serial_jobs=args.serial_jobs, null_jobs=args.null_jobs,
+                      fleet_jobs=args.fleet_jobs)
     result = run_bench(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True))
     print((args.out / "ladder.md").read_text(), end="")
     return 0 if all(r["jobs_ok"] == r["jobs"] for r in result["rungs"].values()) else 1

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="broker unreachable this long: fatal")
     run.add_argument("--publish-give-up-s", type=float, default=60.0,
                      help="retry a Result publish this long, then nak the job")
+    run.add_argument("--cpus", default=os.environ.get("FABRIC_CPUS", ""),
+                     help="pin the worker to these CPU ids (comma-separated), e.g. one core each")
     run.add_argument("--burst", action="store_true",
                      help="exit 0 once the consumer has nothing pending and nothing is held")
     run.add_argument("--max-step-tokens", type=int, default=None)
@@ -141,8 +143,18 @@ async def _dlq(cfg: EngineConfig, args: argparse.Namespace) -> int:
 
 
 def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
+    if args.cpus:
+        # Before torch starts its thread pool: every thread it makes inherits the mask.
+        cpus = {int(c) for c in args.cpus.split(",")}
+        os.sched_setaffinity(0, cpus)
+        os.environ.setdefault("OMP_NUM_THREADS", str(len(cpus)))
+    import torch
+
     from worker.app import Options, Worker
     from worker.engine import EngineError, build_engine
+
+    if args.cpus:
+        torch.set_num_threads(len(cpus))
 
     try:
         engine = build_engine(cfg.model, cfg.device, cfg.dtype, cfg.token_budget, cfg.max_seq_len,

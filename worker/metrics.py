@@ -173,6 +173,8 @@ class WorkerCollector(Collector):
         for code, n in sorted(by_code.items()):
             jobs.add_metric(["error", code], n)
         yield jobs
+        yield _counter("fabric_job_failures", "Jobs the engine failed: nak'd for a retry, no "
+                       "Result published.", stats.engine_failures)
         yield _counter("fabric_redeliveries", "Messages received with a delivery count above 1.",
                        stats.redelivered)
         yield _counter("fabric_messages_fetched", "Messages pulled from the consumer.",

@@ -25,7 +25,8 @@ class WorkerStats:
     jobs_error: int = 0
     errors_by_code: Counter = field(default_factory=Counter)
     redelivered: int = 0  # messages seen with a delivery count above 1
-    naked: int = 0  # messages nak'd back without a Result (SIGTERM drain, fatal teardown)
+    naked: int = 0  # messages nak'd back without a Result (SIGTERM drain, fault, engine failure)
+    engine_failures: int = 0  # jobs the engine failed: nak'd for a retry, no Result published
     # executor steps
     steps: int = 0
     prefill_seqs: int = 0
@@ -83,7 +84,7 @@ class WorkerStats:
         return {
             "jobs_ok": self.jobs_ok, "jobs_error": self.jobs_error,
             "errors_by_code": dict(self.errors_by_code), "redelivered": self.redelivered,
-            "naked": self.naked, "steps": self.steps,
+            "naked": self.naked, "engine_failures": self.engine_failures, "steps": self.steps,
             "mean_batch_rows": round(self.rows / self.steps, 2) if self.steps else 0.0,
             "attn_padding_fraction": round(padding_fraction(self.attn_real, self.attn_padded), 4),
             "compute_padding_fraction": round(padding_fraction(self.useful_tokens,

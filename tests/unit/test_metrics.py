@@ -174,7 +174,7 @@ NAMED = {
     "fabric_executor_idle_seconds_total", "fabric_executor_idle_while_queued_seconds_total",
     "fabric_useful_tokens_total", "fabric_computed_tokens_total",
     "fabric_attention_real_pairs_total", "fabric_attention_computed_pairs_total",
-    "fabric_padding_fraction", "fabric_dead_letters_total",
+    "fabric_padding_fraction", "fabric_dead_letters_total", "fabric_job_failures_total",
     "fabric_executor_last_step_age_seconds", "fabric_step_batch_seqs_count", "fabric_step_tokens_count",
     "fabric_step_seconds_count", "fabric_job_queued_seconds_count",
     "fabric_time_to_first_token_seconds_count", "fabric_job_latency_seconds_count",
@@ -187,7 +187,7 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     register_worker(reg, w)
     w.stats.jobs_ok, w.stats.jobs_error = 7, 2
     w.stats.errors_by_code.update({"too_long": 2})
-    w.stats.redelivered, w.stats.naked = 1, 3
+    w.stats.redelivered, w.stats.naked, w.stats.engine_failures = 1, 3, 1
     w.stats.on_step(step(2, 3))
     w.stats.on_result(result())
     w.pending.extend(["a", "b"])
@@ -229,6 +229,7 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     assert got[("fabric_padding_fraction", (("kind", "attention"),))] == pytest.approx(0.25)
     assert got[("fabric_ready", ())] == 1 and got[("fabric_held_messages", ())] == 1
     assert got[("fabric_dead_letters_total", ())] == 2
+    assert got[("fabric_job_failures_total", ())] == 1
     assert 3.0 <= got[("fabric_executor_last_step_age_seconds", ())] < 60
 
 
@@ -429,5 +430,5 @@ def test_every_job_log_line_carries_job_and_attempt() -> None:
 
 def test_summary_has_what_an_operator_reads_at_shutdown() -> None:
     keys = set(WorkerStats().summary())
-    assert {"jobs_ok", "jobs_error", "errors_by_code", "redelivered", "naked",
+    assert {"jobs_ok", "jobs_error", "errors_by_code", "redelivered", "naked", "engine_failures",
             "useful_tokens", "compute_padding_fraction", "idle_while_queued_s"} <= keys

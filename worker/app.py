@@ -10,13 +10,16 @@ are held) on the event loop, and the two ways out:
 - fatal (the executor raised or died, a step that never ends, the broker gone past a
   bound, a stage task that failed): the moment the fault is known an exit watchdog thread
   is armed (os._exit at FATAL_EXIT_S whatever hangs, the event loop included); stop
-  fetching, nak every held message -- pending, in flight, Results not yet published --
-  and flush so the broker redelivers them now, not after the ack wait; collect what the
-  last pull request still delivered and nak that too; close; exit 1.
+  fetching and let our last pull request expire (FETCH_TIMEOUT_S), collecting what it
+  still delivered; nak every held message -- pending, in flight, Results not yet
+  published, those late deliveries -- and flush, so the broker redelivers them now, not
+  after the ack wait; close; exit 1. About a second from fault to exit.
 
 Nothing reports a hung executor, so the loop watches it: when jobs are in flight and no
 step has finished for `step_timeout_s`, that is a fault. The executor's per-step callback
-is the heartbeat.
+is the heartbeat. A thread watches the loop the same way (a blocked loop is a fault too;
+then nothing can be nak'd and the exit watchdog ends the process: the ack wait returns the
+jobs).
 
 Poison: a job delivered `solo_from_attempt` times or more runs in a batch of its own, and
 while it runs this worker fetches nothing new, so a job that kills the engine takes as
@@ -57,6 +60,8 @@ from worker.topology import Topology, Verified, verify
 log = structlog.get_logger("worker")
 
 FATAL_EXIT_S = 4.5  # the watchdog's deadline from the fault; the contract is under 5 s
+# A pull request lives this long; stopping waits one out before nak'ing (see _stop_ingress).
+FETCH_TIMEOUT_S = 0.5
 _TICK_S = 0.25  # how often the loop checks the executor, the broker and deadlines
 
 
@@ -138,10 +143,13 @@ class Worker:
                            publish_give_up_s=self.opts.publish_give_up_s,
                            results_captured=self.verified.results_captured)
         self.ingress = Ingress(sub, Validator(self.limits, self.engine.loaded.tokenizer),
-                               self._room, self._on_ticket, self._on_outcome)
+                               self._room, self._on_ticket, self._on_outcome,
+                               fetch_timeout_s=FETCH_TIMEOUT_S)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig.name)
         self.executor.start()
+        self._loop_tick = time.monotonic()
+        threading.Thread(target=self._watch_loop, name="loop-watchdog", daemon=True).start()
         tasks = [self._supervised(c) for c in (self.drain.run(), self._heartbeats(), self._watch())]
         ingress_task = self._supervised(self.ingress.run())
         if self.opts.burst:
@@ -382,7 +390,7 @@ class Worker:
     def _deliver(self, msg: Msg, res: Result, reply_to: str | None, settle: Settle,
                  dead: DeadLetter | None = None) -> None:
         if self.drain.aborted:
-            self._nak(msg)
+            self._refused.append(msg)  # the fatal teardown naks it with the rest
             return
 
         def done(_as_asked: bool) -> None:
@@ -418,7 +426,7 @@ class Worker:
         last_sweep = time.monotonic()
         while not self._stop.done():
             await asyncio.sleep(_TICK_S)
-            now = time.monotonic()
+            now = self._loop_tick = time.monotonic()
             if not self.executor.alive:
                 self.stop("fatal: the executor thread is gone")
                 return
@@ -439,6 +447,15 @@ class Worker:
                 last_sweep = now
                 self._expire_pending()
 
+    def _watch_loop(self) -> None:
+        """A thread's eye on the loop itself: a blocked event loop can watch nothing else."""
+        while self.fault is None and not (self._stop is not None and self._stop.done()):
+            time.sleep(1.0)
+            stalled_s = time.monotonic() - self._loop_tick
+            if stalled_s > self.opts.step_timeout_s:
+                self.declare_fault(f"fatal: event loop stalled for {stalled_s:.1f}s")
+                return
+
     async def _burst_watch(self) -> None:
         while True:
             await asyncio.sleep(0.5)
@@ -451,36 +468,42 @@ class Worker:
 
     # -- the ways out ------------------------------------------------------------------
 
-    async def _stop_ingress(self, task: asyncio.Task, wait_s: float) -> None:
-        """Stop fetching; nak what was fetched and never admitted."""
+    async def _stop_ingress(self, task: asyncio.Task, wait_s: float, until: float) -> None:
+        """Stop fetching, and wait until no pull request of ours can take another message.
+
+        Nak'ing before our last pull request expired would hand the message straight back
+        to that request (one wasted delivery each, which counts towards max_deliver); so
+        the fetch under way ends, its request expires, a round trip brings in whatever the
+        server sent it (see ingress.py), and only then does the caller nak."""
         self.draining = True
         self.ingress.stop()
         done, _ = await asyncio.wait({task}, timeout=wait_s)
         if not done:
             task.cancel()
-        refused = [t.msg for t in self.pending] + self._refused
-        self.pending.clear()
-        self._refused = []
-        self.pending_tokens = 0
-        await self._nak_now(refused)
-
-    async def _nak_buffered(self, until: float) -> None:
-        """Nak what our last pull requests delivered after the last fetch (see ingress.py).
-
-        After each request expired the server sends nothing more to them; a round trip then
-        guarantees whatever it did send has arrived."""
         wait_s = min(self.ingress.requests_expire_at + 0.05, until) - time.monotonic()
         if wait_s > 0:
             await asyncio.sleep(wait_s)
-        await self._flush(max(0.1, until - time.monotonic()))
+        await self._flush(max(0.1, min(1.0, until - time.monotonic())))
         late = self.ingress.take_buffered()
         if late:
-            log.info("naked_late_deliveries", count=len(late))
-            await self._nak_now(late)
+            log.info("late_deliveries", count=len(late))
+            for m in late:
+                self.held[id(m)] = m
+            self._refused.extend(late)
+
+    def _unadmitted(self) -> list[Msg]:
+        """Take every message fetched and never admitted: pending, and refused while stopping."""
+        msgs = [t.msg for t in self.pending] + self._refused
+        self.pending.clear()
+        self._refused = []
+        self.pending_tokens = 0
+        return msgs
 
     async def _teardown_graceful(self, ingress_task: asyncio.Task) -> int:
-        await self._stop_ingress(ingress_task, self.ingress.fetch_timeout_s + 1.0)
-        await self._flush(1.0)  # the fleet takes the refused jobs now
+        await self._stop_ingress(ingress_task, self.ingress.fetch_timeout_s + 1.0,
+                                 until=time.monotonic() + self.ingress.fetch_timeout_s + 2.0)
+        await self._nak_now(self._unadmitted())
+        await self._flush(1.0)  # the fleet takes the never-admitted jobs now
         deadline = time.monotonic() + self.opts.grace_s
         while (self.inflight and time.monotonic() < deadline and self.executor.alive
                and self.fault is None):
@@ -489,32 +512,26 @@ class Worker:
         await self._nak_now([t.msg for t in self.inflight.values()])
         self.inflight.clear()
         await self.drain.flush(timeout_s=10.0)
-        await self._nak_buffered(until=time.monotonic() + 2.0)
         await self._close()
         return 1 if self.fault is not None else 0
 
     async def _teardown_fatal(self, ingress_task: asyncio.Task) -> int:
         fault = self.fault
         assert fault is not None
-        self.draining = True
-        self.ingress.stop()
         with contextlib.suppress(Exception):  # only asks; a hung thread is left to the watchdog
             self.executor.stop(timeout_s=0)
-        await self.drain.abort(grace_s=0.25)
+        abort = asyncio.ensure_future(self.drain.abort(grace_s=0.25))
+        await self._stop_ingress(ingress_task, self.ingress.fetch_timeout_s + 0.2,
+                                 until=fault.at + 2.0)
+        await abort
         held_ids = sorted({t.job.id for t in list(self.pending) + list(self.inflight.values())})
-        self.pending.clear()
+        self._unadmitted()
         self.inflight.clear()
-        self.pending_tokens = 0
+        # Every held message: pending, in flight, Results not yet published, late deliveries.
         naked = await self._nak_now(list(self.held.values()))
         flushed = await self._flush(1.0)
         log.error("fatal_naked", naked=naked, flushed=flushed, jobs=held_ids,
                   since_fault_s=round(time.monotonic() - fault.at, 3))
-        # The fetch under way (if any) ends within its timeout; what it hands over is nak'd.
-        done, _ = await asyncio.wait({ingress_task}, timeout=self.ingress.fetch_timeout_s + 0.2)
-        if not done:
-            ingress_task.cancel()
-        await self._nak_now(list(self.held.values()) + self._refused)
-        await self._nak_buffered(until=fault.at + FATAL_EXIT_S - 1.5)
         await self._close(timeout_s=1.0)
         log.error("worker_fatal", reason=fault.reason, teardown_s=round(time.monotonic() - fault.at, 3),
                   exit_unix=time.time())

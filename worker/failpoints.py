@@ -6,6 +6,9 @@ environment variable `FABRIC_FAILPOINTS` names points and actions, `;`-separated
     FABRIC_FAILPOINTS="executor.step=raise@50;drain.publish=sleep(2.0)"
     FABRIC_FAILPOINTS="executor.step=raise:job=poison-"
 
+A name may appear more than once; its actions run in order on each hit (for example
+`executor.step=sleep(0.05);executor.step=raise@40`: slow steps, then a fault).
+
 Actions: `raise` (RuntimeError), `hang` (block forever), `sleep(S)` (delay S seconds),
 `exit(N)` (os._exit, like a crash). `@K` fires the action from the K-th hit on (default 1:
 the first hit). `:job=PREFIX` makes the point job-specific: only a hit whose call site
@@ -43,8 +46,8 @@ class _Point:
     hits: int = 0
 
 
-def parse(spec: str) -> dict[str, _Point]:
-    points: dict[str, _Point] = {}
+def parse(spec: str) -> dict[str, list[_Point]]:
+    points: dict[str, list[_Point]] = {}
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         m = _SPEC.match(part)
         if not m:
@@ -52,7 +55,7 @@ def parse(spec: str) -> dict[str, _Point]:
                              "(want name=raise|hang|sleep(S)|exit(N)[@K][:job=PREFIX])")
         action = m["action"].split("(")[0]
         arg = float(m["s"] or m["n"] or 0)
-        points[m["name"]] = _Point(action, arg, int(m["after"] or 1), m["job"])
+        points.setdefault(m["name"], []).append(_Point(action, arg, int(m["after"] or 1), m["job"]))
     return points
 
 
@@ -65,9 +68,11 @@ def hit(name: str, jobs: Callable[[], Iterable[str]] | None = None) -> None:
 
     `jobs` (called only when the point is armed with a job filter) returns the ids of the
     jobs this hit concerns."""
-    p = _points.get(name)
-    if p is None:
-        return
+    for p in _points.get(name, ()):
+        _fire(name, p, jobs)
+
+
+def _fire(name: str, p: _Point, jobs: Callable[[], Iterable[str]] | None) -> None:
     if p.job_prefix is not None:
         if jobs is None or not any(j.startswith(p.job_prefix) for j in jobs()):
             return

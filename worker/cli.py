@@ -155,6 +155,11 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
 
     if args.cpus:
         torch.set_num_threads(len(cpus))
+    obs = None
+    if args.metrics_port:
+        # Listen before the model loads, so /healthz answers (and /readyz says why not) early.
+        from worker.observe import start_http
+        obs = start_http(args.metrics_port)
 
     try:
         engine = build_engine(cfg.model, cfg.device, cfg.dtype, cfg.token_budget, cfg.max_seq_len,
@@ -175,9 +180,8 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
                    connect_give_up_s=args.connect_give_up_s, step_timeout_s=args.step_timeout_s,
                    broker_give_up_s=args.broker_give_up_s, publish_give_up_s=args.publish_give_up_s)
     worker = Worker(cfg, opts, engine, _topology(cfg, args), _security(args))
-    if args.metrics_port:
-        from worker.observe import serve_http
-        serve_http(worker, args.metrics_port)
+    if obs is not None:
+        obs.attach(worker)
     code = asyncio.run(worker.run())
     if code == EXIT_FATAL:
         # Everything held is nak'd and flushed: leave now. A normal interpreter exit would

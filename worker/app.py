@@ -21,10 +21,13 @@ is the heartbeat. A thread watches the loop the same way (a blocked loop is a fa
 then nothing can be nak'd and the exit watchdog ends the process: the ack wait returns the
 jobs).
 
-Poison: a job delivered `solo_from_attempt` times or more runs in a batch of its own, and
-while it runs this worker fetches nothing new, so a job that kills the engine takes as
-few bystanders with it as possible; on its last allowed delivery ingress turns it into a
-dead letter instead of running it (see ingress.py).
+Poison: a job delivered `solo_from_attempt` times or more runs in a batch of its own;
+while it runs this worker fetches nothing new, and around suspects (and right after a
+start, when a crash's redeliveries lead the queue) it fetches one message at a time. So a
+job that kills the engine takes as few bystanders as possible with it: every message held
+in a crash counts a delivery, and a bystander that reached max_deliver would be
+dead-lettered too. On its last allowed delivery ingress turns a job into a dead letter
+instead of running it (see ingress.py).
 """
 
 from __future__ import annotations
@@ -111,6 +114,9 @@ class Worker:
         self.last_step_at = 0.0  # monotonic end of the last executor step (written by the executor)
         self._busy_since = 0.0  # monotonic time the executor last went from no work to some
         self.solo_inflight = 0  # suspected poison jobs admitted and not finished
+        # Fetch one message at a time: at start (a restart after a crash finds the suspects at
+        # the head of the redeliveries) and after a suspect, until one fetch brings a healthy job.
+        self.cautious = True
         self._refused: list[Msg] = []  # fetched while draining: nak'd by the teardown
         self._disconnected_since: float | None = None
 
@@ -214,11 +220,15 @@ class Worker:
         if self.draining or self.solo_inflight:
             return 0  # a suspected poison job runs with as little else held as possible
         free = self.cfg.token_budget - self.pending_tokens
-        return max(0, min(self.opts.fetch_batch, free // self.engine.block_size,
-                          self._held_cap - len(self.held)))
+        return max(0, min(1 if self.cautious else self.opts.fetch_batch,
+                          free // self.engine.block_size, self._held_cap - len(self.held)))
 
     def _hold(self, msg: Msg, attempt: int, job_id: str) -> None:
         self.held[id(msg)] = msg
+        if attempt >= self.opts.solo_from_attempt:
+            self.cautious = True
+        elif self.ingress.last_fetch_len == 1:
+            self.cautious = False
         if attempt > 1:
             self.stats.redelivered += 1
             log.info("job_redelivered", job=job_id, attempt=attempt)

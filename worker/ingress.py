@@ -178,6 +178,7 @@ class Ingress:
         self.room_changed = asyncio.Event()
         self.stopping = False
         self.fetched = 0
+        self.last_fetch_len = 0  # messages the latest fetch returned
         self.fetch_errors = 0
         self.requests_expire_at = 0.0  # monotonic time by which every pull request we made expired
 
@@ -208,6 +209,7 @@ class Ingress:
     def handle(self, msgs: list[Msg]) -> None:
         now = time.monotonic()
         self.fetched += len(msgs)
+        self.last_fetch_len = len(msgs)
         for m in msgs:
             item = self.validator.check(m, now)
             if isinstance(item, Ticket):

@@ -88,6 +88,8 @@ _REFUSED = (nats.errors.AuthorizationError, nats.errors.InvalidUserCredentialsEr
 
 
 def _refused(e: BaseException) -> bool:
+    if isinstance(e, ssl.SSLError) and not isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return True  # a handshake the server or we rejected: certificates, CA, protocol
     return isinstance(e, _REFUSED) or "authorization violation" in str(e).lower()
 
 

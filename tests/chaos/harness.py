@@ -172,6 +172,24 @@ async def consumer_state(url: str, stream: str, consumer: str):
         await nc.close()
 
 
+async def redelivered_now(url: str, stream: str, consumer: str, batch: int = 2000,
+                          timeout_s: float = 1.5) -> int:
+    """How many messages the durable hands out again right now (delivery count above 1).
+
+    A nak'd message stays "ack pending" in consumer info until it is redelivered, so the way
+    to tell "nak'd" from "waiting for the ack wait" is to ask for it: nak'd ones come at once."""
+    nc = await nats.connect(url)
+    try:
+        sub = await nc.jetstream().pull_subscribe_bind(consumer, stream=stream)
+        try:
+            msgs = await sub.fetch(batch, timeout=timeout_s)
+        except (asyncio.TimeoutError, nats.errors.TimeoutError):
+            return 0
+        return sum(1 for m in msgs if m.metadata.num_delivered > 1)
+    finally:
+        await nc.close()
+
+
 async def delete_streams(url: str, *names: str) -> None:
     nc = await nats.connect(url, max_reconnect_attempts=0)
     try:
@@ -229,4 +247,4 @@ def small_jobs(run_id: str, n: int, seed: int, reply_to: str, max_prompt: int = 
 
 __all__ = ["ENGINE", "Fleet", "consumer_state", "count_results", "dead_letters", "delete_streams",
            "engine_toml", "iso_to_unix", "log_events", "provision", "publish", "read_stream",
-           "reference_tokens", "results", "small_jobs", "wait_results"]
+           "redelivered_now", "reference_tokens", "results", "small_jobs", "wait_results"]

@@ -1,12 +1,17 @@
 """`fabric-loadgen`: publish a seeded workload and report what came back.
 
 Rule: the exit status is the verdict -- 0 only if every job got an ok Result, 1 if
-any did not, 2 if the run could not happen -- so scripts and CI can gate on it. `demo` owns everything it starts (broker, worker) and
-stops all of it on the way out, whether the run succeeded, failed, raised or was
-interrupted with Ctrl-C.
+any did not, 2 if the run could not happen (bad flags, unreadable trace, broker
+unreachable) -- so scripts and CI can gate on it. `demo` owns everything it starts
+(broker, worker) and stops all of it on the way out, whether the run succeeded, failed,
+raised or was interrupted with Ctrl-C.
 
     fabric-loadgen run --nats-url nats://host:4222 --jobs 1000 --json out.json
+    fabric-loadgen run --nats-url nats://host:4222 --workload bimodal --rate 20 \
+        --metrics-url http://host:9400/metrics
     fabric-loadgen demo --jobs 300
+
+docs/loadgen.md has every option of `run` and what each report field means.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import secrets
 import signal
 import shutil
+import ssl
 import sys
 import tempfile
 from pathlib import Path
@@ -23,11 +29,14 @@ from typing import Any
 
 import nats.errors
 
+from loadgen.arrivals import Arrival, Burst, Closed, poisson, replay
 from loadgen.broker import EmbeddedNats
-from loadgen.client import run_jobs
+from loadgen.client import RESULT_PREFIX, run_jobs
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml
 from loadgen.report import build_report, format_report, write_report
-from loadgen.workload import WorkloadSpec, generate
+from loadgen.scrape import Scraper
+from loadgen.trace import TraceError, load_trace
+from loadgen.workload import Bimodal, LogNormal, Uniform, WorkloadSpec, generate
 
 __all__ = ["DEMO_ENGINE", "main"]
 
@@ -51,6 +60,11 @@ _STOP_WORKER_S = 10.0
 # reports a SIGINT death).
 _EXIT_FAILED = 2
 _EXIT_INTERRUPTED = 130
+_RUN_JOBS = 1000  # `run --jobs` when not given and not replaying a trace
+
+
+class UsageError(Exception):
+    """Flags that do not make a run: said in one line, exit 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,11 +80,46 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", type=Path, help="also write the report here as JSON")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    run = sub.add_parser("run", help="publish a workload against an existing deployment")
+    run = sub.add_parser("run", help="publish a workload against an existing deployment",
+                         description="Publish a seeded workload to any deployment and report "
+                         "throughput, latency, errors, padding and budget occupancy. "
+                         "See docs/loadgen.md.")
     run.add_argument("--nats-url", required=True)
-    run.add_argument("--subject-prefix", default="fabric.jobs.")
+    run.add_argument("--subject-prefix", default="fabric.jobs.",
+                     help="jobs go to <prefix><run-id>; the stream must capture it")
+    run.add_argument("--result-prefix", default=RESULT_PREFIX,
+                     help="Results come back on <prefix><run-id>; the worker's --result-prefix")
     run.add_argument("--run-id", help="default: run-<random hex>")
-    common(run, jobs=1000)
+    common(run, jobs=None)
+    w = run.add_argument_group("workload (job shapes)")
+    w.add_argument("--workload", choices=["lognormal", "uniform", "bimodal", "trace"],
+                   default="lognormal")
+    w.add_argument("--prompt-median", type=float, default=90.0, help="lognormal: median tokens")
+    w.add_argument("--prompt-sigma", type=float, default=0.8, help="lognormal: sigma of log")
+    w.add_argument("--prompt-min", type=int, default=4, help="lognormal, uniform: shortest")
+    w.add_argument("--prompt-max", type=int, default=1024, help="lognormal, uniform: longest")
+    w.add_argument("--min-new-tokens", type=int, default=1, help="lognormal, uniform")
+    w.add_argument("--max-new-tokens", type=int, default=64, help="lognormal, uniform")
+    w.add_argument("--doc-share", type=float, default=0.2,
+                   help="bimodal: share of 600-1000 token documents")
+    w.add_argument("--trace", type=Path, help="trace: file of arrival_s,prompt_tokens,"
+                   "max_new_tokens (CSV or JSON Lines)")
+    a = run.add_argument_group("arrivals (when jobs are published)")
+    a.add_argument("--arrival", choices=["burst", "closed", "open", "trace"],
+                   help="default: closed with --concurrency, open with --rate, trace for "
+                   "--workload trace, else burst")
+    a.add_argument("--concurrency", type=int, help="closed: jobs kept outstanding")
+    a.add_argument("--rate", type=float, help="open: Poisson arrivals, jobs/s")
+    a.add_argument("--speed", type=float, help="trace: replay this many times faster (1)")
+    m = run.add_argument_group("worker metrics")
+    m.add_argument("--metrics-url", action="append", default=[], metavar="URL[,URL...]",
+                   help="the workers' Prometheus endpoints, scraped during the run")
+    m.add_argument("--metrics-period-s", type=float, default=0.25)
+    c = run.add_argument_group("broker security (or user:password@ in --nats-url)")
+    c.add_argument("--creds", help="NATS credentials file")
+    c.add_argument("--tls-ca", help="CA bundle to verify the server")
+    c.add_argument("--tls-cert", help="client certificate")
+    c.add_argument("--tls-key", help="client key")
 
     demo = sub.add_parser("demo", help="broker + one CPU worker + a workload, on this host")
     demo.add_argument("--work-dir", type=Path,
@@ -103,14 +152,112 @@ def _workload(args: argparse.Namespace, run_id: str) -> WorkloadSpec:
     return WorkloadSpec(num_jobs=args.jobs, seed=args.seed, run_id=run_id, text=args.text)
 
 
+def _run_workload(args: argparse.Namespace, run_id: str) -> tuple[WorkloadSpec, Arrival]:
+    """`run`'s flags as a workload and an arrival process; UsageError if they clash."""
+    trace = None
+    if args.workload == "trace":
+        if args.trace is None:
+            raise UsageError("--workload trace needs --trace FILE")
+        try:
+            trace = load_trace(args.trace)
+        except TraceError as e:
+            raise UsageError(str(e)) from None
+    elif args.trace is not None:
+        raise UsageError("--trace is for --workload trace")
+    jobs = args.jobs if args.jobs is not None else (len(trace.rows) if trace else _RUN_JOBS)
+    if trace is not None and jobs > len(trace.rows):
+        raise UsageError(f"{args.trace} has {len(trace.rows)} rows; --jobs {jobs} is more")
+    try:
+        spec = WorkloadSpec(
+            num_jobs=jobs, seed=args.seed, run_id=run_id, text=args.text,
+            min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens,
+            prompt_lengths=(Uniform(args.prompt_min, args.prompt_max)
+                            if args.workload == "uniform" else
+                            LogNormal(args.prompt_median, args.prompt_sigma, args.prompt_min,
+                                      args.prompt_max)),
+            shape=(Bimodal(doc_share=args.doc_share) if args.workload == "bimodal" else trace))
+        if not 0 <= spec.min_new_tokens <= spec.max_new_tokens or jobs < 0:
+            raise ValueError("need --jobs >= 0 and 0 <= --min-new-tokens <= --max-new-tokens")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    implied = [n for n, flag in (("closed", args.concurrency), ("open", args.rate),
+                                 ("trace", args.speed)) if flag is not None]
+    if len(implied) > 1:
+        raise UsageError(f"--concurrency, --rate and --speed are for different arrivals "
+                         f"({', '.join(implied)}); give one")
+    arrival = args.arrival or (implied[0] if implied else
+                               "trace" if trace is not None else "burst")
+    if implied and implied[0] != arrival:
+        flag = {"closed": "--concurrency", "open": "--rate", "trace": "--speed"}[implied[0]]
+        raise UsageError(f"{flag} is for --arrival {implied[0]}, not --arrival {arrival}")
+    try:
+        if arrival == "closed":
+            if args.concurrency is None:
+                raise UsageError("--arrival closed needs --concurrency N")
+            return spec, Closed(args.concurrency)
+        if arrival == "open":
+            if args.rate is None:
+                raise UsageError("--arrival open needs --rate R (jobs/s)")
+            return spec, poisson(jobs, args.rate, args.seed)
+        if arrival == "trace":
+            if trace is None:
+                raise UsageError("--arrival trace replays a trace's times: needs --workload "
+                                 "trace --trace FILE")
+            return spec, replay(trace.arrivals_s[:jobs], args.speed or 1.0)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return spec, Burst()
+
+
+def _connect_options(args: argparse.Namespace) -> dict[str, Any]:
+    """nats.connect keywords for `run`'s security flags (none given: none)."""
+    opts: dict[str, Any] = {}
+    if args.creds:
+        opts["user_credentials"] = args.creds
+    if args.tls_ca or args.tls_cert:
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise UsageError("--tls-cert and --tls-key go together")
+        try:
+            ctx = ssl.create_default_context(cafile=args.tls_ca)
+            if args.tls_cert:
+                ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError(f"TLS files: {e}") from None
+        opts["tls"] = ctx
+    return opts
+
+
+def _metrics_urls(values: list[str]) -> list[str]:
+    urls = [u.strip() for v in values for u in v.split(",") if u.strip()]
+    for u in urls:
+        if not u.startswith(("http://", "https://")):
+            raise UsageError(f"--metrics-url {u!r}: expected http(s)://host:port/metrics")
+    return urls
+
+
 def _publish_and_report(args: argparse.Namespace, nats_url: str, run_id: str,
-                        subject_prefix: str = "fabric.jobs.") -> dict[str, Any]:
-    jobs = generate(_workload(args, run_id))
-    stats = asyncio.run(run_jobs(
-        nats_url, jobs, run_id=run_id, subject_prefix=subject_prefix,
-        timeout_s=args.timeout_s, progress=not args.no_progress,
-    ))
-    report = build_report(stats)
+                        subject_prefix: str = "fabric.jobs.", *,
+                        spec: WorkloadSpec | None = None, arrival: Arrival = Burst(),
+                        metrics_urls: list[str] | None = None,
+                        **client_options: Any) -> dict[str, Any]:
+    jobs = generate(spec or _workload(args, run_id))
+    scraper = None
+    if metrics_urls:
+        scraper = Scraper(metrics_urls, period_s=args.metrics_period_s).start()
+        for url, why in scraper.last_error.items():
+            print(f"warning: cannot scrape {url} ({why}); will keep trying", file=sys.stderr,
+                  flush=True)
+    try:
+        stats = asyncio.run(run_jobs(
+            nats_url, jobs, run_id=run_id, subject_prefix=subject_prefix,
+            timeout_s=args.timeout_s, progress=not args.no_progress, arrival=arrival,
+            **client_options,
+        ))
+    finally:
+        if scraper is not None:
+            scraper.stop()
+    report = build_report(stats, scraper.summary() if scraper is not None else None)
     print(format_report(report), flush=True)
     if args.json is not None:
         print(f"report written to {write_report(report, args.json)}", flush=True)
@@ -123,7 +270,13 @@ def _verdict(report: dict[str, Any]) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     run_id = args.run_id or f"run-{secrets.token_hex(4)}"
-    return _verdict(_publish_and_report(args, args.nats_url, run_id, args.subject_prefix))
+    spec, arrival = _run_workload(args, run_id)
+    if args.metrics_period_s <= 0:
+        raise UsageError("--metrics-period-s must be > 0")
+    return _verdict(_publish_and_report(
+        args, args.nats_url, run_id, args.subject_prefix, spec=spec, arrival=arrival,
+        metrics_urls=_metrics_urls(args.metrics_url), result_prefix=args.result_prefix,
+        connect_options=_connect_options(args)))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -190,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return command(args)
+    except UsageError as exc:
+        print(f"fabric-loadgen {args.command}: {exc}", file=sys.stderr)
+        return _EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return _EXIT_INTERRUPTED

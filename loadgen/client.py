@@ -1,4 +1,5 @@
-"""The producer side of a run: publish every job, collect every Result.
+"""The producer side of a run: publish every job when its arrival process says, collect
+every Result.
 
 Rule: listen before speaking. The run's reply subject is subscribed (and the
 subscription flushed to the server) before the first job goes out, so no Result can
@@ -8,6 +9,12 @@ thousands of jobs go out in a second or two, few enough that a slow broker pushe
 on us rather than on its own memory. A publish that fails is retried -- safe, because
 the stream's duplicate window drops a second copy with the same Msg-Id.
 
+When a job goes out is the arrival process's call (`loadgen.arrivals`): all at once
+(burst), at fixed offsets from the start (open-loop Poisson, trace replay), or when a
+slot frees (closed loop: a slot frees when the job holding it is answered, ok or error,
+or its publish fails for good). A scheduled job that goes out late records its lag, so
+a report can tell a slow producer from a slow service.
+
 The run ends when every job JetStream accepted has a Result or `timeout_s` (counted
 from the start of publishing) passes; either way the RunStats says what happened.
 """
@@ -16,13 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from tqdm import tqdm
 
+from loadgen.arrivals import Arrival, Burst, Closed, Schedule, describe
 from loadgen.ledger import Outcome, RunStats
 from loadgen.workload import JobSpec
 from schemas import DecodeError, Result, decode_result, encode
@@ -36,8 +45,8 @@ RESULT_PREFIX = "fabric.results."
 _POSTFIX_EVERY_S = 0.5
 
 
-def reply_subject(run_id: str) -> str:
-    return f"{RESULT_PREFIX}{run_id}"
+def reply_subject(run_id: str, result_prefix: str = RESULT_PREFIX) -> str:
+    return f"{result_prefix}{run_id}"
 
 
 def outcome_of(result: Result) -> Outcome:
@@ -57,13 +66,15 @@ def outcome_of(result: Result) -> Outcome:
     )
 
 
-async def connect(nats_url: str, *, name: str, connect_timeout_s: float = 10.0) -> NATS:
+async def connect(nats_url: str, *, name: str, connect_timeout_s: float = 10.0,
+                  **options: Any) -> NATS:
     """A connection that reconnects forever once up (a broker restart mid-run is a
     chaos test, not a failure) but gives up on the first connect after a bound.
 
     nats-py retries even the first connect for as long as reconnects are allowed,
     so the bound is a wall-clock one around it; its per-attempt errors are kept
-    quietly and the last one explains a failure.
+    quietly and the last one explains a failure. `options` go to `nats.connect` as they
+    are (credentials, TLS).
     """
     last_error: list[BaseException] = []
 
@@ -79,6 +90,7 @@ async def connect(nats_url: str, *, name: str, connect_timeout_s: float = 10.0) 
                 connect_timeout=2,
                 reconnect_time_wait=0.5,
                 max_reconnect_attempts=-1,
+                **options,
             ),
             timeout=connect_timeout_s,
         )
@@ -98,23 +110,39 @@ async def run_jobs(
     window: int = 256,
     publish_timeout_s: float = 5.0,
     publish_attempts: int = 3,
+    arrival: Arrival = Burst(),
+    result_prefix: str = RESULT_PREFIX,
+    connect_options: Mapping[str, Any] | None = None,
 ) -> RunStats:
-    """Publish `jobs` to `<subject_prefix><run_id>` and collect their Results."""
+    """Publish `jobs` to `<subject_prefix><run_id>` as `arrival` says; collect their Results
+    on `<result_prefix><run_id>`."""
     stats = RunStats(run_id=run_id, job_ids=[j.id for j in jobs])
     if len(set(stats.job_ids)) != len(stats.job_ids):
         raise ValueError("job ids must be unique within a run")
-    reply_to = reply_subject(run_id)
+    if isinstance(arrival, Schedule) and len(arrival.offsets_s) < len(jobs):
+        raise ValueError(f"the schedule has {len(arrival.offsets_s)} arrivals for {len(jobs)} jobs")
+    stats.arrival = describe(arrival, len(jobs))
+    reply_to = reply_subject(run_id, result_prefix)
     subject = f"{subject_prefix}{run_id}"
     all_done = asyncio.Event()
     # Ids JetStream accepted that have not answered yet; known only once publishing
     # ends (a Result can beat its own PubAck). A job that never got in never answers,
     # so the run waits on these, not on every job.
     unanswered: set[str] | None = None
+    # Sent and neither answered nor failed for good: what "in flight" means here.
+    outstanding: set[str] = set()
+    slots = asyncio.Semaphore(arrival.concurrency) if isinstance(arrival, Closed) else None
     useful_tokens = 0
-    last_postfix_s = 0.0
+
+    def settle(job_id: str) -> None:
+        """The job no longer holds a closed-loop slot: answered, or never will be."""
+        if job_id in outstanding:
+            outstanding.discard(job_id)
+            if slots is not None:
+                slots.release()
 
     async def on_result(msg: Msg) -> None:
-        nonlocal useful_tokens, last_postfix_s
+        nonlocal useful_tokens
         # Arrival is stamped before decoding, so latency does not include our own work.
         now = time.monotonic()
         try:
@@ -125,20 +153,75 @@ async def run_jobs(
         outcome = outcome_of(result)
         if not stats.record_outcome(outcome, now):
             return
+        settle(outcome.id)
         if outcome.ok:
             useful_tokens += outcome.prompt_tokens + outcome.completion_tokens
         bar.update(1)
-        if now - last_postfix_s >= _POSTFIX_EVERY_S and stats.first_sent_s is not None:
-            elapsed = max(now - stats.first_sent_s, 1e-9)
-            bar.set_postfix(tok_s=f"{useful_tokens / elapsed:,.0f}", refresh=False)
-            last_postfix_s = now
         if unanswered is not None:
             unanswered.discard(outcome.id)
             if not unanswered:
                 all_done.set()
 
-    nc = await connect(nats_url, name=f"fabric-loadgen-{run_id}")
+    def postfix(refresh: bool) -> None:
+        first = stats.first_sent_s
+        elapsed_s = (stats.last_arrived_s or time.monotonic()) - first if first else 0.0
+        bar.set_postfix(in_flight=len(outstanding), refresh=refresh,
+                        tok_s=f"{useful_tokens / elapsed_s:,.0f}" if elapsed_s > 0 else "-")
+
+    async def show_progress() -> None:
+        # A postfix per Result is not cheap; twice a second is enough for a person.
+        while True:
+            await asyncio.sleep(_POSTFIX_EVERY_S)
+            postfix(refresh=True)
+
+    async def publish(js: Any, job: JobSpec, scheduled_s: float | None) -> None:
+        payload = encode(job.to_job(reply_to))
+        headers = {"Nats-Msg-Id": job.id}
+        async with gate:
+            now = time.monotonic()
+            stats.record_sent(job.id, now)
+            if scheduled_s is not None:
+                stats.lag_s.append(max(now - scheduled_s, 0.0))
+            outstanding.add(job.id)
+            stats.max_in_flight = max(stats.max_in_flight, len(outstanding))
+            for _ in range(publish_attempts):
+                try:
+                    await js.publish(subject, payload, timeout=publish_timeout_s, headers=headers)
+                except nats.errors.Error as exc:  # timeouts and JetStream API errors
+                    stats.publish_errors[job.id] = f"{type(exc).__name__}: {exc}"
+                    continue
+                stats.acked.add(job.id)
+                stats.publish_errors.pop(job.id, None)
+                return
+            settle(job.id)
+
+    async def feed(js: Any) -> None:
+        """Start each job's publish when its arrival process says; wait for them all."""
+        tasks: list[asyncio.Task] = []
+        t0 = time.monotonic()
+        try:
+            for n, job in enumerate(jobs):
+                scheduled_s = None
+                if slots is not None:
+                    await slots.acquire()
+                elif isinstance(arrival, Schedule):
+                    # Against the absolute schedule, so one late job does not delay the rest.
+                    scheduled_s = t0 + arrival.offsets_s[n]
+                    delay_s = scheduled_s - time.monotonic()
+                    if delay_s > 0:
+                        await asyncio.sleep(delay_s)
+                tasks.append(asyncio.create_task(publish(js, job, scheduled_s)))
+            await asyncio.gather(*tasks)
+        finally:
+            # The deadline passed mid-run: publishes still waiting on the gate never start.
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    nc = await connect(nats_url, name=f"fabric-loadgen-{run_id}", **(connect_options or {}))
     bar = tqdm(total=len(jobs), unit="job", disable=not progress, dynamic_ncols=True)
+    ticker = asyncio.create_task(show_progress()) if progress else None
+    gate = asyncio.Semaphore(window)
     try:
         # Results for thousands of jobs can land in a burst; the default pending limit
         # would mark us a slow consumer and drop some, which would read as "missing".
@@ -146,30 +229,13 @@ async def run_jobs(
             reply_to, cb=on_result, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
         await nc.flush()
-        js = nc.jetstream()
         deadline_s = time.monotonic() + timeout_s
-        gate = asyncio.Semaphore(window)
-
-        async def publish(job: JobSpec) -> None:
-            payload = encode(job.to_job(reply_to))
-            headers = {"Nats-Msg-Id": job.id}
-            async with gate:
-                stats.record_sent(job.id, time.monotonic())
-                for _ in range(publish_attempts):
-                    try:
-                        await js.publish(
-                            subject, payload, timeout=publish_timeout_s, headers=headers
-                        )
-                    except nats.errors.Error as exc:  # timeouts and JetStream API errors
-                        stats.publish_errors[job.id] = f"{type(exc).__name__}: {exc}"
-                        continue
-                    stats.acked.add(job.id)
-                    stats.publish_errors.pop(job.id, None)
-                    return
-
-        await asyncio.gather(*(publish(j) for j in jobs))
+        try:
+            await asyncio.wait_for(feed(nc.jetstream()), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            stats.timed_out = True
         unanswered = stats.acked - stats.outcomes.keys()
-        if unanswered:
+        if unanswered and not stats.timed_out:
             remaining_s = max(deadline_s - time.monotonic(), 0.0)
             try:
                 await asyncio.wait_for(all_done.wait(), timeout=remaining_s)
@@ -177,6 +243,9 @@ async def run_jobs(
                 stats.timed_out = True
         await sub.unsubscribe()
     finally:
+        if ticker is not None:
+            ticker.cancel()
+            postfix(refresh=False)
         bar.close()
         await nc.close()
     return stats

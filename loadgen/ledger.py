@@ -10,6 +10,7 @@ models, so the report can be computed and tested without NATS or the schemas.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["Outcome", "RunStats"]
 
@@ -46,6 +47,9 @@ class RunStats:
     strays: int = 0  # Results for ids not in this run
     undecodable: int = 0  # reply messages that failed to decode
     timed_out: bool = False  # the run's deadline passed before every job answered
+    arrival: dict[str, Any] = field(default_factory=dict)  # arrivals.describe() of the run
+    lag_s: list[float] = field(default_factory=list)  # publish start minus scheduled time
+    max_in_flight: int = 0  # most jobs sent and not yet answered (or failed) at once
     _known: set[str] = field(init=False, repr=False)  # set(job_ids), for O(1) lookup
 
     def __post_init__(self) -> None:

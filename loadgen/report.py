@@ -6,6 +6,11 @@ duplicates). Useful tokens are real prompt plus generated tokens; padding the wo
 paid for shows up only in `padding_fraction`. Wall time runs from the first publish
 to the last Result, so it includes the broker and the queueing a producer sees.
 
+Budget occupancy and the worker's own padding figures are not in the Results: they come
+from the worker's Prometheus endpoint (`loadgen.scrape`), passed in as `worker_metrics`,
+and are None when nobody scraped. `padding_fraction` here is the Results' own
+(usage.padded_tokens), which every run has.
+
 Percentiles interpolate linearly between order statistics (numpy's default), so
 p50 of [1, 2, 3, 4] is 2.5; an empty sample gives None rather than a made-up zero.
 """
@@ -44,8 +49,9 @@ def percentiles(values: Sequence[float]) -> dict[str, float | None]:
     return {name: percentile(values, q) for name, q in _QUANTILES.items()}
 
 
-def build_report(stats: RunStats) -> dict[str, Any]:
-    """A JSON-ready dict; keys are stable, tests and dashboards read them."""
+def build_report(stats: RunStats, worker_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON-ready dict; keys are stable, tests and dashboards read them.
+    `worker_metrics` is `loadgen.scrape.summarize()`'s block, when the run was scraped."""
     ok = [o for o in stats.outcomes.values() if o.ok]
     failed = [o for o in stats.outcomes.values() if not o.ok]
 
@@ -70,9 +76,12 @@ def build_report(stats: RunStats) -> dict[str, Any]:
     def per_s(x: float) -> float:
         return x / wall_s if wall_s > 0 else 0.0
 
+    lag_ms = [x * 1e3 for x in stats.lag_s]
     return {
         "run_id": stats.run_id,
+        "arrival": dict(stats.arrival),
         "jobs_total": len(stats.job_ids),
+        "jobs_sent": len(stats.sent_s),
         "jobs_published": len(stats.acked),
         "publish_errors": len(stats.publish_errors),
         # One message is enough to tell "no stream" from "broker overloaded".
@@ -96,6 +105,12 @@ def build_report(stats: RunStats) -> dict[str, Any]:
         "worker_latency_ms": percentiles(worker_ms),
         "ttft_ms": percentiles(ttft_ms),
         "workers": dict(sorted(Counter(o.worker for o in ok).items())),
+        "max_in_flight": stats.max_in_flight,
+        # Scheduled arrivals only: how late the producer itself published.
+        "arrival_lag_ms": ({**percentiles(lag_ms), "max": max(lag_ms)} if lag_ms else None),
+        "budget_occupancy_while_queued": (
+            worker_metrics["budget_occupancy_while_queued"] if worker_metrics else None),
+        "worker_metrics": worker_metrics,
     }
 
 
@@ -118,6 +133,7 @@ def format_report(report: dict[str, Any]) -> str:
 
     rows = [
         ("run", report["run_id"]),
+        ("arrival", _arrival(report.get("arrival") or {})),
         ("jobs", f"{report['jobs_ok']} ok / {report['jobs_error']} error / "
                  f"{report['jobs_missing']} missing of {report['jobs_total']} "
                  f"({report['jobs_published']} published)"),
@@ -128,11 +144,17 @@ def format_report(report: dict[str, Any]) -> str:
         ("jobs/s", num(report["jobs_per_s"], ".2f")),
         ("useful tokens/s", num(report["useful_tokens_per_s"])),
         ("tokens", f"{report['prompt_tokens']} prompt + {report['completion_tokens']} completion"),
-        ("padding fraction", num(report["padding_fraction"], ".3f")),
+        ("padding fraction", f"{num(report['padding_fraction'], '.3f')} (Results)"),
         ("latency ms (e2e)", pcts(report["latency_ms"])),
         ("latency ms (worker)", pcts(report["worker_latency_ms"])),
         ("ttft ms (worker)", pcts(report["ttft_ms"])),
+        ("in flight (max)", str(report.get("max_in_flight", "-"))),
     ]
+    if report.get("arrival_lag_ms"):
+        rows.append(("arrival lag ms", pcts(report["arrival_lag_ms"])))
+    wm = report.get("worker_metrics")
+    if wm:
+        rows += _worker_rows(wm, num)
     if report["publish_errors"] or report["strays"] or report["undecodable"]:
         rows.append(("anomalies", f"publish_errors={report['publish_errors']} "
                                   f"strays={report['strays']} undecodable={report['undecodable']}"))
@@ -142,3 +164,33 @@ def format_report(report: dict[str, Any]) -> str:
         rows.append(("timed out", "yes: the deadline passed before every job answered"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _arrival(a: dict[str, Any]) -> str:
+    process = a.get("process")
+    if process == "closed":
+        return f"closed loop, {a['concurrency']} outstanding"
+    if process in ("open", "trace"):
+        what = (f"open loop, Poisson {a['rate_per_s']:g} jobs/s (seed {a['seed']})"
+                if process == "open" else f"trace replay x{a['speed']:g}")
+        offered = a.get("offered_jobs_per_s")
+        return (f"{what}, {a['schedule_s']:.1f} s schedule"
+                + (f", {offered:.2f} jobs/s offered" if offered else ""))
+    return "burst (all at once)" if process == "burst" else "-"
+
+
+def _worker_rows(wm: dict[str, Any], num: Any) -> list[tuple[str, str]]:
+    def kinds(d: dict[str, float | None]) -> str:
+        return ", ".join(f"{k} {num(v, '.3f')}" for k, v in sorted(d.items())) or "-"
+
+    rows = [
+        ("budget occupancy", f"{num(wm['budget_occupancy_while_queued'], '.3f')} mean while "
+                             f"queued ({wm['samples_while_queued']} of {wm['samples']} samples; "
+                             f"{num(wm['budget_occupancy_mean'], '.3f')} over all)"),
+        ("padding (worker)", f"{kinds(wm['padding_fraction_during_run'])} this run; "
+                             f"{kinds(wm['padding_fraction_at_end'])} since start"),
+        ("scraped", ", ".join(wm["urls"])),
+    ]
+    if wm["scrape_errors"]:
+        rows.append(("scrape errors", f"{wm['scrape_errors']}: {wm['scrape_error_sample']}"))
+    return rows

@@ -1,16 +1,20 @@
 """Seeded, ragged workloads: the same seed gives the same jobs, byte for byte.
 
 Rule: everything random is drawn from one `random.Random(seed)` in a fixed order (per
-job: prompt length, max_new_tokens, then the prompt body), so a workload is a pure
-function of its `WorkloadSpec`. Nothing here touches NATS; `JobSpec.to_job()` is the
-only door to the wire schema.
+job: its shape -- prompt length, then max_new_tokens -- then the prompt body), so a
+workload is a pure function of its `WorkloadSpec`. Nothing here touches NATS;
+`JobSpec.to_job()` is the only door to the wire schema.
 
-Shape for growth: a prompt-length law is any object with `sample(rng) -> int`
-(`LogNormal`, `Uniform` today; bimodal or trace replay later). Arrival timing is not a
-property of a job: today every job is published at once (a burst, which is what the
-benchmark ladder wants); open- and closed-loop arrival schedules belong in a separate
-`arrivals` module that the client consults, so a workload can be replayed under
-either.
+A job's shape comes from a `ShapeLaw`: `Independent` (a prompt-length law such as
+`LogNormal` or `Uniform`, and max_new_tokens uniform in a range -- what
+`WorkloadSpec(prompt_lengths=...)` has always meant), `Bimodal` (chat plus documents,
+where the generation length depends on which kind of prompt it is), or `Trace` (a
+recorded file replayed row by row). Arrival timing is not a property of a job: it lives
+in `loadgen.arrivals`, so one workload can be published as a burst, a closed loop, an
+open loop, or at a trace's own times.
+
+The trace file format and its parser live in `loadgen.trace`; docs/loadgen.md has
+the details.
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from loadgen.trace import Trace
+
 if TYPE_CHECKING:
     from schemas import Job
 
 __all__ = [
+    "Bimodal",
+    "Independent",
     "JobSpec",
     "LengthLaw",
     "LogNormal",
+    "ShapeLaw",
     "Uniform",
     "WorkloadSpec",
     "generate",
@@ -52,6 +61,12 @@ class LengthLaw(Protocol):
     def sample(self, rng: random.Random) -> int: ...
 
 
+class ShapeLaw(Protocol):
+    """A law over job n's shape: (prompt tokens, max_new_tokens)."""
+
+    def shape(self, n: int, rng: random.Random) -> tuple[int, int]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class LogNormal:
     """Log-normal lengths: most prompts short, a long tail, as in chat traffic.
@@ -67,6 +82,10 @@ class LogNormal:
     lo: int = MIN_PROMPT_TOKENS  # clip bounds, inclusive
     hi: int = MAX_PROMPT_TOKENS
 
+    def __post_init__(self) -> None:
+        if not (self.median > 0 and self.sigma >= 0 and 1 <= self.lo <= self.hi):
+            raise ValueError(f"LogNormal needs median > 0, sigma >= 0, 1 <= lo <= hi: {self}")
+
     def sample(self, rng: random.Random) -> int:
         n = round(rng.lognormvariate(math.log(self.median), self.sigma))
         return min(max(n, self.lo), self.hi)
@@ -79,8 +98,59 @@ class Uniform:
     lo: int = MIN_PROMPT_TOKENS
     hi: int = MAX_PROMPT_TOKENS
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.lo <= self.hi:
+            raise ValueError(f"Uniform needs 0 <= lo <= hi: {self}")
+
     def sample(self, rng: random.Random) -> int:
         return rng.randint(self.lo, self.hi)
+
+
+@dataclass(frozen=True, slots=True)
+class Independent:
+    """Prompt length from a length law, then max_new_tokens uniform in [min_new, max_new]:
+    the two drawn independently (the original workload, byte for byte)."""
+
+    prompt: LengthLaw
+    min_new: int
+    max_new: int
+
+    def shape(self, n: int, rng: random.Random) -> tuple[int, int]:
+        return self.prompt.sample(rng), rng.randint(self.min_new, self.max_new)
+
+
+@dataclass(frozen=True, slots=True)
+class Bimodal:
+    """Chat plus documents: two populations whose generation length depends on the kind.
+
+    Default: 80 % chat -- log-normal prompts, median 60, sigma 0.6 (p99 near 240),
+    clipped to [4, 512], answers of 8 to 64 new tokens -- and 20 % documents -- 600 to
+    1000 prompt tokens, uniform, summarised in 24 to 40 new tokens (mean 32). Every job
+    fits the demo's max_seq_len (1088). Per job: one draw picks the kind, then the
+    kind's prompt length, then its max_new_tokens.
+
+    What it exercises: most work is short, but a fifth of the prompts are ten times
+    longer, so a batch padded to its longest prompt wastes most of its compute, and
+    long prefills land in the middle of short decodes.
+    """
+
+    doc_share: float = 0.2  # probability that a job is a document
+    chat: LengthLaw = LogNormal(median=60.0, sigma=0.6, lo=MIN_PROMPT_TOKENS, hi=512)
+    chat_new: tuple[int, int] = (8, 64)  # max_new_tokens for chat, uniform, inclusive
+    doc: LengthLaw = Uniform(600, 1000)
+    doc_new: tuple[int, int] = (24, 40)  # max_new_tokens for documents, uniform, inclusive
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.doc_share <= 1.0:
+            raise ValueError(f"doc_share must be in [0, 1], got {self.doc_share}")
+        for name, (lo, hi) in (("chat_new", self.chat_new), ("doc_new", self.doc_new)):
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must be (lo, hi) with 0 <= lo <= hi, got {(lo, hi)}")
+
+    def shape(self, n: int, rng: random.Random) -> tuple[int, int]:
+        if rng.random() < self.doc_share:
+            return self.doc.sample(rng), rng.randint(*self.doc_new)
+        return self.chat.sample(rng), rng.randint(*self.chat_new)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +164,9 @@ class WorkloadSpec:
     min_new_tokens: int = 1  # max_new_tokens is uniform in [min, max], inclusive
     max_new_tokens: int = 64
     text: bool = False  # text prompts (printable ASCII) instead of token ids
+    # When set, draws each job's (prompt length, max_new_tokens) instead of the three
+    # fields above (Bimodal, Trace).
+    shape: ShapeLaw | None = None
 
 
 @dataclass(slots=True)
@@ -123,11 +196,15 @@ def generate(spec: WorkloadSpec) -> list[JobSpec]:
         raise ValueError(f"num_jobs must be >= 0, got {spec.num_jobs}")
     if not 0 <= spec.min_new_tokens <= spec.max_new_tokens:
         raise ValueError("need 0 <= min_new_tokens <= max_new_tokens")
+    if isinstance(spec.shape, Trace) and spec.num_jobs > len(spec.shape.rows):
+        raise ValueError(f"trace {spec.shape.source} has {len(spec.shape.rows)} rows; "
+                         f"cannot replay {spec.num_jobs} jobs")
+    law = spec.shape or Independent(spec.prompt_lengths, spec.min_new_tokens,
+                                    spec.max_new_tokens)
     rng = random.Random(spec.seed)
     jobs: list[JobSpec] = []
     for n in range(spec.num_jobs):
-        prompt_len = spec.prompt_lengths.sample(rng)
-        max_new = rng.randint(spec.min_new_tokens, spec.max_new_tokens)
+        prompt_len, max_new = law.shape(n, rng)
         prompt: list[int] | str
         if spec.text:
             prompt = "".join(rng.choices(_PRINTABLE, k=prompt_len))

@@ -1,14 +1,18 @@
-"""Report arithmetic on a hand-built ledger: no NATS, no schemas, exact numbers."""
+"""Report arithmetic on a hand-built ledger and hand-written scrapes: no NATS, no schemas,
+no HTTP, exact numbers."""
 
 from __future__ import annotations
 
 import json
+import time
+import urllib.error
 from pathlib import Path
 
 import pytest
 
 from loadgen.ledger import Outcome, RunStats
 from loadgen.report import build_report, format_report, percentile, write_report
+from loadgen.scrape import Scraper, parse, summarize
 
 
 def outcome(
@@ -128,3 +132,184 @@ def test_write_report_round_trips_json(tmp_path: Path) -> None:
     assert json.loads(path.read_text()) == r
     table = format_report(r)
     assert "useful tokens/s" in table and "1 ok / 0 error / 0 missing of 1" in table
+
+
+# -- arrivals in the report ----------------------------------------------------------------
+
+
+def test_arrival_lag_in_flight_and_sent_are_reported() -> None:
+    stats = ledger(3)
+    stats.job_ids.append("r-3")  # never sent: the run ended first
+    stats.arrival = {"process": "open", "rate_per_s": 5.0, "seed": 0, "schedule_s": 0.4,
+                     "offered_jobs_per_s": 5.0}
+    stats.lag_s = [0.001, 0.002, 0.010]
+    stats.max_in_flight = 2
+    r = build_report(stats)
+    assert r["jobs_sent"] == 3 and r["max_in_flight"] == 2
+    assert r["arrival"]["process"] == "open"
+    assert r["arrival_lag_ms"]["p50"] == pytest.approx(2.0)
+    assert r["arrival_lag_ms"]["max"] == pytest.approx(10.0)
+    table = format_report(r)
+    assert "open loop, Poisson 5 jobs/s (seed 0), 0.4 s schedule, 5.00 jobs/s offered" in table
+    assert "arrival lag ms" in table
+
+
+@pytest.mark.parametrize("arrival, text", [
+    ({"process": "burst"}, "burst (all at once)"),
+    ({"process": "closed", "concurrency": 8}, "closed loop, 8 outstanding"),
+    ({"process": "trace", "speed": 2.0, "schedule_s": 15.0, "offered_jobs_per_s": 10.0},
+     "trace replay x2, 15.0 s schedule, 10.00 jobs/s offered"),
+    ({}, "\narrival              -\n"),  # a ledger no client filled in
+])
+def test_each_arrival_process_reads_in_the_table(arrival: dict, text: str) -> None:
+    stats = ledger(1)
+    stats.arrival = arrival
+    assert text in format_report(build_report(stats))
+
+
+def test_a_report_without_scraping_says_so() -> None:
+    r = build_report(ledger(1))
+    assert r["worker_metrics"] is None and r["budget_occupancy_while_queued"] is None
+    assert r["arrival_lag_ms"] is None
+    assert "budget occupancy" not in format_report(r)
+
+
+# -- the worker's metrics ------------------------------------------------------------------
+
+EXPOSITION = """\
+# HELP fabric_budget_occupancy In-flight padded tokens over the budget.
+# TYPE fabric_budget_occupancy gauge
+fabric_budget_occupancy {occ}
+# HELP fabric_budget_occupancy_while_queued Time-weighted.
+# TYPE fabric_budget_occupancy_while_queued gauge
+fabric_budget_occupancy_while_queued 0.5
+# HELP fabric_queue_depth Jobs waiting in each bounded stage.
+# TYPE fabric_queue_depth gauge
+fabric_queue_depth{{stage="pending"}} {pending}
+fabric_queue_depth{{stage="executor_waiting"}} 7.0
+# HELP fabric_useful_tokens_total Prompt + generated tokens of jobs answered ok.
+# TYPE fabric_useful_tokens_total counter
+fabric_useful_tokens_total {useful}
+# HELP fabric_computed_tokens_total Token rows, padding included.
+# TYPE fabric_computed_tokens_total counter
+fabric_computed_tokens_total {computed}
+# HELP fabric_attention_real_pairs_total Pairs needed.
+# TYPE fabric_attention_real_pairs_total counter
+fabric_attention_real_pairs_total 300.0
+# HELP fabric_attention_computed_pairs_total Pairs computed.
+# TYPE fabric_attention_computed_pairs_total counter
+fabric_attention_computed_pairs_total 400.0
+# HELP fabric_padding_fraction Share of computed work that was padding since start.
+# TYPE fabric_padding_fraction gauge
+fabric_padding_fraction{{kind="compute"}} {pad}
+fabric_padding_fraction{{kind="attention"}} 0.25
+# HELP fabric_step_seconds Wall time of one executor step, by phase.
+# TYPE fabric_step_seconds histogram
+fabric_step_seconds_bucket{{le="0.01",phase="decode"}} 3.0
+fabric_step_seconds_bucket{{le="+Inf",phase="decode"}} 4.0
+fabric_step_seconds_count{{phase="decode"}} 4.0
+fabric_step_seconds_sum{{phase="decode"}} 0.1
+"""
+
+
+def exposition(occ: float = 0.0, pending: int = 0, useful: float = 0.0,
+               computed: float = 0.0, pad: float = 0.0) -> str:
+    return EXPOSITION.format(occ=occ, pending=pending, useful=useful, computed=computed,
+                             pad=pad)
+
+
+def test_parse_takes_the_series_the_report_needs() -> None:
+    s = parse(exposition(occ=0.75, pending=3, useful=900, computed=1000, pad=0.1), at_s=5.0)
+    assert (s.at_s, s.occupancy, s.pending) == (5.0, 0.75, 3.0)
+    assert s.padding == {"compute": 0.1, "attention": 0.25}
+    assert s.counters == {
+        "fabric_useful_tokens_total": 900.0, "fabric_computed_tokens_total": 1000.0,
+        "fabric_attention_real_pairs_total": 300.0, "fabric_attention_computed_pairs_total": 400.0}
+    empty = parse("# nothing here\n")
+    assert empty.occupancy is None and empty.pending is None and not empty.counters
+
+
+def test_occupancy_is_the_mean_over_samples_while_jobs_were_pending() -> None:
+    run = [parse(exposition(occ=0.1, pending=0, useful=500, computed=1000)),  # baseline
+           parse(exposition(occ=0.9, pending=4, useful=600, computed=1100)),
+           parse(exposition(occ=0.7, pending=1, useful=800, computed=1400)),
+           parse(exposition(occ=0.3, pending=0, useful=900, computed=1500))]  # the end
+    m = summarize({"http://w0/metrics": run})
+    assert (m["samples"], m["samples_while_queued"]) == (4, 2)
+    assert m["budget_occupancy_while_queued"] == pytest.approx(0.8)
+    assert m["budget_occupancy_mean"] == pytest.approx(0.5)
+    # This run's padding: 400 useful of 500 computed since the baseline, not the 900 of
+    # 1500 since the worker started (which the gauge at the end reports).
+    assert m["padding_fraction_during_run"]["compute"] == pytest.approx(0.2)
+    assert m["padding_fraction_during_run"]["attention"] is None  # no attention work ran
+    assert m["padding_fraction_at_end"] == {"compute": 0.0, "attention": 0.25}
+    assert m["per_worker"]["http://w0/metrics"]["samples_while_queued"] == 2
+
+
+def test_no_queued_samples_means_no_occupancy_verdict() -> None:
+    m = summarize({"u": [parse(exposition(occ=0.2)), parse(exposition(occ=0.4))]})
+    assert m["budget_occupancy_while_queued"] is None
+    assert m["budget_occupancy_mean"] == pytest.approx(0.3)
+
+
+def test_a_restarted_worker_counts_from_zero() -> None:
+    m = summarize({"u": [parse(exposition(useful=5000, computed=9000)),
+                         parse(exposition(useful=80, computed=100))]})
+    assert m["padding_fraction_during_run"]["compute"] == pytest.approx(0.2)
+
+
+def test_several_workers_pool_their_samples_and_counters() -> None:
+    m = summarize({
+        "a": [parse(exposition(useful=0, computed=0)),
+              parse(exposition(occ=1.0, pending=1, useful=100, computed=100))],
+        "b": [parse(exposition(useful=0, computed=0)),
+              parse(exposition(occ=0.5, pending=2, useful=100, computed=300)),
+              parse(exposition(occ=0.0, pending=0, useful=100, computed=300))],
+        "c": [],  # never answered
+    }, errors={"c": 3}, last_error={"c": "URLError: refused"})
+    assert m["samples_while_queued"] == 2
+    assert m["budget_occupancy_while_queued"] == pytest.approx(0.75)
+    assert m["padding_fraction_during_run"]["compute"] == pytest.approx(1 - 200 / 400)
+    assert m["scrape_errors"] == 3 and m["scrape_error_sample"] == "URLError: refused"
+    assert m["per_worker"]["c"]["budget_occupancy_while_queued"] is None
+
+
+def test_scraper_takes_a_baseline_samples_and_a_last_scrape() -> None:
+    bodies = iter([exposition(occ=x / 10, pending=1) for x in range(1000)])
+    fails = {"n": 0}
+
+    def fetch(url: str, timeout_s: float) -> str:
+        if url.endswith("down"):
+            fails["n"] += 1
+            raise urllib.error.URLError("connection refused")
+        return next(bodies)
+
+    scraper = Scraper(["http://w/metrics", "http://w/down", "http://w/metrics"],
+                      period_s=0.01, fetch=fetch)
+    assert scraper.urls == ["http://w/metrics", "http://w/down"]  # each once
+    with scraper:
+        assert len(scraper.scrapes["http://w/metrics"]) == 1  # the baseline, at start
+        time.sleep(0.2)
+    got = scraper.scrapes["http://w/metrics"]
+    assert 5 <= len(got) <= 30
+    assert [s.occupancy for s in got] == pytest.approx([x / 10 for x in range(len(got))])
+    summary = scraper.summary()
+    assert summary["scrape_errors"] == fails["n"] == len(got)
+    assert "connection refused" in summary["scrape_error_sample"]
+    with pytest.raises(ValueError):
+        Scraper(["u"], period_s=0)
+
+
+def test_worker_metrics_in_the_report_and_the_table() -> None:
+    wm = summarize({"http://w0:9400/metrics": [
+        parse(exposition(useful=0, computed=0)),
+        parse(exposition(occ=0.9, pending=2, useful=90, computed=100, pad=0.1))]})
+    stats = ledger(1)
+    stats.record_outcome(outcome("r-0"), 101.0)
+    r = build_report(stats, wm)
+    assert r["budget_occupancy_while_queued"] == pytest.approx(0.9)
+    assert r["worker_metrics"]["padding_fraction_during_run"]["compute"] == pytest.approx(0.1)
+    json.dumps(r)  # JSON-ready
+    table = format_report(r)
+    assert "0.900 mean while queued (1 of 2 samples; 0.450 over all)" in table
+    assert "compute 0.100 this run" in table and "http://w0:9400/metrics" in table

@@ -1,16 +1,23 @@
-"""Workload generation: deterministic for a seed, inside its bounds, shaped as documented."""
+"""Workloads and arrivals: deterministic for a seed, inside their bounds, shaped as
+documented; trace files parsed, or refused with the file, line and reason."""
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 
+from loadgen.arrivals import Burst, Closed, Schedule, describe, poisson, replay
+from loadgen.trace import SAMPLE_TRACE, TraceError, TraceRow, load_trace, parse_trace
 from loadgen.workload import (
     MAX_PROMPT_TOKENS,
     MIN_PROMPT_TOKENS,
     VOCAB_SIZE,
+    Bimodal,
+    Independent,
     LogNormal,
     Uniform,
     WorkloadSpec,
@@ -102,3 +109,190 @@ def test_to_job_builds_a_valid_wire_job() -> None:
     assert isinstance(job, schemas.Job)
     assert (job.id, job.prompt, job.max_new_tokens) == (spec.id, spec.prompt, spec.max_new_tokens)
     assert schemas.decode_job(schemas.encode(job)) == job
+
+
+# -- shapes: bimodal ---------------------------------------------------------------------
+
+
+def test_default_spec_is_the_independent_law() -> None:
+    # The original draw order, byte for byte: existing seeds keep their workloads.
+    a = generate(WorkloadSpec(num_jobs=100, seed=21))
+    b = generate(WorkloadSpec(num_jobs=100, seed=21, shape=Independent(LogNormal(), 1, 64)))
+    assert a == b
+
+
+def test_bimodal_is_deterministic_and_shaped_as_documented() -> None:
+    spec = WorkloadSpec(num_jobs=200, seed=5, shape=Bimodal())
+    assert generate(spec) == generate(spec)
+    # The law itself, without prompt bodies, for a large sample.
+    rng = random.Random(5)
+    shapes = [Bimodal().shape(n, rng) for n in range(20_000)]
+    docs = [(p, m) for p, m in shapes if p >= 600]
+    chat = [(p, m) for p, m in shapes if p < 600]
+    # 20 % documents: the binomial std is 0.3 %, so +-1.5 % is five of them.
+    assert 0.185 <= len(docs) / len(shapes) <= 0.215
+    assert all(600 <= p <= 1000 and 24 <= m <= 40 for p, m in docs)
+    assert 31 <= statistics.mean(m for _, m in docs) <= 33
+    assert 55 <= statistics.median(p for p, _ in chat) <= 65
+    assert all(4 <= p <= 512 and 8 <= m <= 64 for p, m in chat)
+    # Every job fits the demo's max_seq_len.
+    assert max(p + m for p, m in shapes) <= 1088
+
+
+def test_bimodal_share_is_a_parameter_and_checked() -> None:
+    jobs = generate(WorkloadSpec(num_jobs=500, seed=1, shape=Bimodal(doc_share=1.0)))
+    assert all(j.prompt_len >= 600 for j in jobs)
+    jobs = generate(WorkloadSpec(num_jobs=500, seed=1, shape=Bimodal(doc_share=0.0)))
+    assert all(j.prompt_len <= 512 for j in jobs)
+    with pytest.raises(ValueError, match="doc_share"):
+        Bimodal(doc_share=1.5)
+    with pytest.raises(ValueError, match="chat_new"):
+        Bimodal(chat_new=(10, 5))
+
+
+def test_length_laws_refuse_impossible_bounds() -> None:
+    with pytest.raises(ValueError):
+        Uniform(10, 5)
+    with pytest.raises(ValueError):
+        LogNormal(median=0)
+    with pytest.raises(ValueError):
+        LogNormal(lo=0)
+
+
+# -- traces ------------------------------------------------------------------------------
+
+
+def test_trace_csv_with_header_comments_and_any_column_order() -> None:
+    text = ("# recorded 2024-05-01\n"
+            "\n"
+            "max_new_tokens,arrival_s,prompt_tokens,user\n"
+            "16,1714550400.5,120,alice\n"
+            "0,1714550400.0,7,bob\n")
+    trace = parse_trace(text, "t.csv")
+    # Sorted by arrival, and arrival offsets are relative to the first row.
+    assert trace.rows == (TraceRow(1714550400.0, 7, 0), TraceRow(1714550400.5, 120, 16))
+    assert trace.arrivals_s == [0.0, 0.5]
+    assert trace.duration_s == 0.5
+
+
+def test_trace_csv_without_header_and_jsonl_agree() -> None:
+    csv_text = "0,10,4\n0.25,20,8\n2.0,30,0\n"
+    jsonl = "\n".join(json.dumps({"arrival_s": a, "prompt_tokens": p, "max_new_tokens": m,
+                                  "extra": "ignored"})
+                      for a, p, m in ((0, 10, 4), (0.25, 20, 8), (2.0, 30, 0)))
+    assert parse_trace(csv_text).rows == parse_trace(jsonl).rows
+    assert [r.prompt_tokens for r in parse_trace(csv_text).rows] == [10, 20, 30]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no rows"),
+    ("# only a comment\n\n", "no rows"),
+    ("arrival_s,prompt_tokens,max_new_tokens\n", "a header but no rows"),
+    ("arrival_s,prompt_tokens\n0,1\n", "t:1: header lacks max_new_tokens"),
+    ("0,10,4\n1,20\n", "t:2: expected 3 comma-separated fields"),
+    ("0,10,4\n1,20,4,9\n", "t:2: expected 3 comma-separated fields"),
+    ("0,10,4\nsoon,20,4\n", "t:2: arrival_s is not a number: 'soon'"),
+    ("0,10.5,4\n", "t:1: prompt_tokens must be a whole number"),
+    ("0,10,nan\n", "t:1: max_new_tokens is not a finite number"),
+    ("-1,10,4\n", "t:1: arrival_s must be >= 0"),
+    ("0,0,4\n", "t:1: prompt_tokens must be >= 1"),
+    ("0,10,-4\n", "t:1: max_new_tokens must be >= 0"),
+    ("0,,4\n", "t:1: missing prompt_tokens"),
+    ('{"arrival_s": 0, "prompt_tokens": 5, "max_new_tokens": 1}\n{"arrival_s": 1,\n',
+     "t:2: not valid JSON"),
+    ('{"arrival_s": 0, "prompt_tokens": 5}\n', "t:1: missing max_new_tokens"),
+    ('{"arrival_s": 0, "prompt_tokens": true, "max_new_tokens": 1}\n',
+     "t:1: prompt_tokens is not a finite number"),
+    ('{"arrival_s": 0, "prompt_tokens": 5, "max_new_tokens": 1}\n[1, 2, 3]\n',
+     "t:2: expected a JSON object"),
+])
+def test_trace_errors_name_the_line_and_the_problem(text: str, message: str) -> None:
+    with pytest.raises(TraceError) as e:
+        parse_trace(text, "t")
+    assert message in str(e.value)
+
+
+def test_load_trace_names_an_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="nope.csv: cannot read trace"):
+        load_trace(tmp_path / "nope.csv")
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(TraceError, match="not a UTF-8 text file"):
+        load_trace(binary)
+
+
+def test_a_trace_replays_its_shapes_with_seeded_bodies() -> None:
+    trace = parse_trace("0,5,1\n0.1,1000,0\n0.2,3000,7\n")
+    jobs = generate(WorkloadSpec(num_jobs=3, seed=4, shape=trace))
+    # As recorded, unclipped: a 3000-token prompt is the worker's to refuse.
+    assert [(j.prompt_len, j.max_new_tokens) for j in jobs] == [(5, 1), (1000, 0), (3000, 7)]
+    assert [len(j.prompt) for j in jobs] == [5, 1000, 3000]
+    assert jobs == generate(WorkloadSpec(num_jobs=3, seed=4, shape=trace))
+    assert jobs != generate(WorkloadSpec(num_jobs=3, seed=5, shape=trace))
+    assert len(generate(WorkloadSpec(num_jobs=2, shape=trace))) == 2
+    with pytest.raises(ValueError, match="has 3 rows; cannot replay 4 jobs"):
+        generate(WorkloadSpec(num_jobs=4, shape=trace))
+
+
+def test_the_sample_trace_is_well_formed() -> None:
+    trace = load_trace(SAMPLE_TRACE)
+    assert 100 <= len(trace.rows) <= 300 and 20 <= trace.duration_s <= 40
+    assert all(r.prompt_tokens + r.max_new_tokens <= 1088 for r in trace.rows)
+
+
+# -- arrivals ----------------------------------------------------------------------------
+
+
+def test_poisson_is_seeded_and_starts_at_zero() -> None:
+    a = poisson(500, 20.0, seed=3)
+    assert a == poisson(500, 20.0, seed=3)
+    assert a.offsets_s != poisson(500, 20.0, seed=4).offsets_s
+    assert a.offsets_s[0] == 0.0 and len(a.offsets_s) == 500
+    assert list(a.offsets_s) == sorted(a.offsets_s)
+    assert poisson(0, 5.0).offsets_s == ()
+
+
+def test_poisson_rate_and_dispersion_within_statistical_bounds() -> None:
+    rate, n = 50.0, 20_000
+    offsets = poisson(n, rate, seed=11).offsets_s
+    gaps = [b - a for a, b in zip(offsets, offsets[1:])]
+    # Exponential gaps: mean 1/rate (std error 0.7 % here) and coefficient of variation 1.
+    assert statistics.mean(gaps) == pytest.approx(1 / rate, rel=0.03)
+    assert statistics.stdev(gaps) / statistics.mean(gaps) == pytest.approx(1.0, abs=0.05)
+    # Counts per one-second window: Poisson, so variance over mean near 1 (a fixed-gap
+    # schedule would give 0, a bursty one well above 1).
+    counts = [0] * (int(offsets[-1]) + 1)
+    for t in offsets:
+        counts[int(t)] += 1
+    counts = counts[:-1]  # the last window is partial
+    assert statistics.mean(counts) == pytest.approx(rate, rel=0.03)
+    assert 0.8 <= statistics.variance(counts) / statistics.mean(counts) <= 1.2
+    assert describe(poisson(n, rate, seed=11), n)["offered_jobs_per_s"] == pytest.approx(
+        rate, rel=0.03)
+
+
+def test_arrival_parameters_are_checked() -> None:
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="rate"):
+            poisson(10, bad)
+        with pytest.raises(ValueError, match="speed"):
+            replay([0.0, 1.0], bad)
+    with pytest.raises(ValueError, match="concurrency"):
+        Closed(0)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        Schedule((0.0, 2.0, 1.0), "trace")
+
+
+def test_replay_is_relative_to_the_first_arrival_and_scaled() -> None:
+    s = replay([100.0, 100.5, 102.0], speed=2.0)
+    assert s.offsets_s == (0.0, 0.25, 1.0) and s.duration_s == 1.0
+    assert replay([]).offsets_s == ()
+
+
+def test_describe_states_each_process() -> None:
+    assert describe(Burst(), 10) == {"process": "burst"}
+    assert describe(Closed(8), 10) == {"process": "closed", "concurrency": 8}
+    trace = describe(replay([0.0, 1.0, 4.0], speed=2.0), 3)
+    assert trace == {"process": "trace", "speed": 2.0, "schedule_s": 2.0,
+                     "offered_jobs_per_s": 1.0}
+    assert describe(poisson(1, 5.0), 1)["offered_jobs_per_s"] is None

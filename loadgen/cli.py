@@ -143,6 +143,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="run rung 0 on the first N jobs only (0 = all)")
     bench.add_argument("--null-jobs", type=int, default=20000,
                        help="jobs for the null-model broker-path run (0 = skip)")
+    soak = sub.add_parser("soak", help="one worker at saturation, resident memory over time")
+    soak.add_argument("--out", type=Path, required=True)
+    soak.add_argument("--duration", type=float, default=1800.0, help="seconds")
+    soak.add_argument("--warmup-s", type=float, default=120.0)
+    soak.add_argument("--model", default="builtin:small")
+    soak.add_argument("--token-budget", type=int, default=8192)
+    soak.add_argument("--low-water", type=int, default=4096)
     bench.add_argument("--fleet-jobs", type=int, default=0,
                        help="jobs for one vs two one-core workers on one consumer (0 = skip)")
     return p
@@ -321,6 +328,20 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from loadgen.bench import BenchConfig
+    from loadgen.soak import run_soak
+
+    cfg = BenchConfig(model=args.model, token_budget=args.token_budget, low_water=args.low_water)
+    r = run_soak(cfg, args.duration, args.out, warmup_s=args.warmup_s,
+                 log=lambda m: print(m, file=sys.stderr, flush=True))
+    g = r["rss"]
+    print(f"soak {args.duration:.0f} s: {r['jobs_ok']} jobs ok, {r['jobs_error']} errors, "
+          f"{r['useful_tokens_per_s']:.0f} useful tok/s; worker RSS {g['baseline_rss_mib']:.1f} "
+          f"-> {g['final_rss_mib']:.1f} MiB after warm-up ({100 * g['growth_fraction']:+.2f}%)")
+    return 0 if r["jobs_error"] == 0 and r["duplicates"] == 0 else 1
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from loadgen.bench import BenchConfig, run_bench
 
@@ -337,7 +358,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"run": _cmd_run, "demo": _cmd_demo, "bench": _cmd_bench}[args.command]
+    command = {"run": _cmd_run, "demo": _cmd_demo, "bench": _cmd_bench,
+               "soak": _cmd_soak}[args.command]
     # SIGTERM (docker stop, kill, a CI timeout) takes the Ctrl-C path, so the demo's
     # finally blocks stop the worker and broker instead of orphaning them.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -1,0 +1,98 @@
+"""Soak: one worker at saturation for a long time, its resident memory sampled throughout.
+
+Rule: the worker must not grow. The KV pool and the model are allocated at start-up and
+every queue is bounded, so after warm-up the resident set should be flat; a leak (a map
+that is never pruned, a tensor kept per job) shows up here as a slope. The load is a closed
+loop with more jobs outstanding than the budget admits, so jobs always wait for admission
+and the worker never idles. Growth is the median RSS of the last window over the median of
+the first window after warm-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from loadgen.arrivals import Closed
+from loadgen.bench import BenchConfig, _summary, machine
+from loadgen.broker import EmbeddedNats
+from loadgen.client import run_jobs
+from loadgen.fleet import WorkerProcess, provision, write_engine_toml
+from loadgen.report import build_report
+from loadgen.workload import WorkloadSpec, generate
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int, every_s: float):
+        super().__init__(daemon=True, name="rss-sampler")
+        self.proc = psutil.Process(pid)
+        self.every_s = every_s
+        self.samples: list[tuple[float, int]] = []  # (seconds since start, RSS bytes)
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        while not self._halt.wait(self.every_s):
+            try:
+                self.samples.append((time.monotonic() - t0, self.proc.memory_info().rss))
+            except psutil.Error:
+                return
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+
+def growth(samples: list[tuple[float, int]], warmup_s: float, window_s: float) -> dict[str, Any]:
+    after = [(t, r) for t, r in samples if t >= warmup_s]
+    if not after:
+        return {"growth_fraction": None}
+    first = [r for t, r in after if t < warmup_s + window_s]
+    last_t = after[-1][0]
+    last = [r for t, r in after if t > last_t - window_s]
+    base, end = statistics.median(first), statistics.median(last)
+    return {"baseline_rss_mib": base / 2**20, "final_rss_mib": end / 2**20,
+            "max_rss_mib": max(r for _, r in after) / 2**20,
+            "growth_fraction": (end - base) / base}
+
+
+def run_soak(cfg: BenchConfig, duration_s: float, out: Path, warmup_s: float = 120.0,
+             window_s: float = 120.0, sample_every_s: float = 5.0, log=print) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    with EmbeddedNats() as broker:
+        conf = write_engine_toml(out / "soak.toml", cfg.engine_fields(broker.url, "SOAK"))
+        provision(conf)
+        w = WorkerProcess(conf, worker_id="soak", log_path=out / "soak-worker.log")
+        w.start()
+        try:
+            w.wait_ready(300)
+            sampler = RssSampler(w.pid, sample_every_s)
+            sampler.start()
+            # Enough jobs for the whole run at any plausible rate; the run stops at duration.
+            jobs = generate(WorkloadSpec(num_jobs=max(1000, int(duration_s * 200)), seed=cfg.seed,
+                                         run_id="soak"))
+            # Twice what the budget admits at once: jobs always wait, the worker never idles.
+            outstanding = max(64, 2 * cfg.token_budget // 160)
+            log(f"soak: {duration_s:.0f} s at {outstanding} outstanding ...")
+            stats = asyncio.run(run_jobs(broker.url, jobs, run_id="soak", timeout_s=duration_s,
+                                         progress=False, arrival=Closed(outstanding)))
+            sampler.stop()
+        finally:
+            w.terminate(grace_s=30)
+    rep = build_report(stats)
+    result = {
+        "machine": machine(), "duration_s": duration_s, "warmup_s": warmup_s,
+        "jobs_ok": rep["jobs_ok"], "jobs_error": rep["jobs_error"],
+        "useful_tokens_per_s": rep["useful_tokens_per_s"], "duplicates": rep["duplicates"],
+        "rss": growth(sampler.samples, warmup_s, window_s),
+        "rss_samples": sampler.samples, "worker_summary": _summary(out / "soak-worker.log"),
+    }
+    (out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

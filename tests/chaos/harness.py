@@ -86,10 +86,16 @@ def iso_to_unix(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
+async def _connect(url: str):
+    """A test client; `url` may list several servers (a cluster), comma-separated."""
+    return await asyncio.wait_for(nats.connect(url.split(","), connect_timeout=2,
+                                               reconnect_time_wait=0.2, max_reconnect_attempts=5), 20)
+
+
 async def publish(url: str, jobs: list[Job], subject: str, window: int = 512,
                   raw: list[bytes] | None = None) -> None:
     """Publish jobs (and raw payloads) to JetStream, `window` acks outstanding at most."""
-    nc = await nats.connect(url)
+    nc = await _connect(url)
     try:
         js = nc.jetstream()
         gate = asyncio.Semaphore(window)
@@ -106,7 +112,7 @@ async def publish(url: str, jobs: list[Job], subject: str, window: int = 512,
 
 
 async def count_results(url: str, subject: str) -> int:
-    nc = await nats.connect(url, max_reconnect_attempts=0)
+    nc = await _connect(url)
     try:
         info = await nc.jetstream().stream_info(RESULTS_STREAM, subjects_filter=subject)
         return (info.state.subjects or {}).get(subject, 0)
@@ -122,7 +128,7 @@ async def wait_results(url: str, subject: str, n: int, timeout_s: float,
     while time.monotonic() - t0 < timeout_s:
         try:
             got = await count_results(url, subject)
-        except (OSError, nats.errors.Error):
+        except (OSError, asyncio.TimeoutError, nats.errors.Error):
             got = -1  # the broker is restarting under us
         if got >= n:
             return time.monotonic() - t0
@@ -131,20 +137,38 @@ async def wait_results(url: str, subject: str, n: int, timeout_s: float,
     raise AssertionError(f"{got}/{n} results on {subject} after {timeout_s}s\n{tails}")
 
 
-async def read_stream(url: str, stream: str, subject: str) -> list[tuple[dict, bytes]]:
-    """Every message on `subject` in `stream`, as (headers, data), without disturbing anyone."""
-    nc = await nats.connect(url)
+async def read_stream(url: str, stream: str, subject: str, attempts: int = 5) -> list[tuple[dict, bytes]]:
+    """Every message on `subject` in `stream`, as (headers, data), without disturbing anyone.
+
+    Retried whole: right after a cluster node is lost, creating the reader's consumer can
+    time out while the stream's replicas elect a new leader."""
+    for attempt in range(attempts):
+        try:
+            return await _read_stream(url, stream, subject)
+        except (asyncio.TimeoutError, nats.errors.Error):
+            if attempt + 1 == attempts:
+                raise
+            await asyncio.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
+async def _read_stream(url: str, stream: str, subject: str) -> list[tuple[dict, bytes]]:
+    nc = await _connect(url)
     out: list[tuple[dict, bytes]] = []
     try:
         js = nc.jetstream()
+        info = await js.stream_info(stream, subjects_filter=subject)
+        expected = (info.state.subjects or {}).get(subject, 0)
         cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
                              filter_subject=subject, inactive_threshold=30.0)
         sub = await js.pull_subscribe(subject, stream=stream, config=cfg)
-        while True:
+        idle = 0
+        while len(out) < expected and idle < 3:
             try:
                 msgs = await sub.fetch(1000, timeout=1.0)
             except (asyncio.TimeoutError, nats.errors.TimeoutError):
-                break
+                idle += 1
+                continue
             out.extend((dict(m.headers or {}), m.data) for m in msgs)
         await sub.unsubscribe()
     finally:
@@ -165,7 +189,7 @@ async def dead_letters(url: str, stream: str) -> list[tuple[dict, bytes]]:
 
 
 async def consumer_state(url: str, stream: str, consumer: str):
-    nc = await nats.connect(url)
+    nc = await _connect(url)
     try:
         return await nc.jetstream().consumer_info(stream, consumer)
     finally:
@@ -178,7 +202,7 @@ async def redelivered_now(url: str, stream: str, consumer: str, batch: int = 200
 
     A nak'd message stays "ack pending" in consumer info until it is redelivered, so the way
     to tell "nak'd" from "waiting for the ack wait" is to ask for it: nak'd ones come at once."""
-    nc = await nats.connect(url)
+    nc = await _connect(url)
     try:
         sub = await nc.jetstream().pull_subscribe_bind(consumer, stream=stream)
         try:
@@ -191,7 +215,7 @@ async def redelivered_now(url: str, stream: str, consumer: str, batch: int = 200
 
 
 async def delete_streams(url: str, *names: str) -> None:
-    nc = await nats.connect(url, max_reconnect_attempts=0)
+    nc = await _connect(url)
     try:
         js = nc.jetstream()
         for name in names:

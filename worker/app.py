@@ -434,8 +434,10 @@ class Worker:
     async def _watch(self) -> None:
         """The loop's eye on what cannot report its own failure: a stuck executor, a lost broker."""
         last_sweep = time.monotonic()
-        while not self._stop.done():
+        while True:
             await asyncio.sleep(_TICK_S)
+            if self._stop.done():
+                return  # the way out has begun: a stopped executor is expected now
             now = self._loop_tick = time.monotonic()
             if not self.executor.alive:
                 self.stop("fatal: the executor thread is gone")
@@ -459,8 +461,10 @@ class Worker:
 
     def _watch_loop(self) -> None:
         """A thread's eye on the loop itself: a blocked event loop can watch nothing else."""
-        while self.fault is None and not (self._stop is not None and self._stop.done()):
+        while True:
             time.sleep(1.0)
+            if self.fault is not None or (self._stop is not None and self._stop.done()):
+                return
             stalled_s = time.monotonic() - self._loop_tick
             if stalled_s > self.opts.step_timeout_s:
                 self.declare_fault(f"fatal: event loop stalled for {stalled_s:.1f}s")

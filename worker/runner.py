@@ -53,7 +53,6 @@ class _Builder:
         starts = self.rows + np.concatenate(([0], np.cumsum(rows)[:-1]))  # [B]
         ar = np.arange(width, dtype=np.int64)  # [W]
         valid = ar[None, :] < rows[:, None]  # [B, W] rows that exist in the packed tensor
-        real = ar[None, :] < lens[:, None]  # [B, W] rows that are prompt tokens
         q_rows = np.where(valid, starts[:, None] + ar[None, :], 0)  # [B, W]
         kv_slots = np.full((len(seqs), width), SCRATCH_SLOT, dtype=np.int64)  # [B, W]
         for i, s in enumerate(seqs):
@@ -64,16 +63,13 @@ class _Builder:
                                                np.zeros(pad, dtype=np.int64))))
             self.positions.append(ar[:w])
             self.slots.append(np.concatenate((s.slots[:n], np.full(pad, SCRATCH_SLOT))))
-        # Causal within a sequence over its real keys; padding rows see the real keys too,
-        # so no row is all-masked (their output is computed, as padding is, and unused).
-        mask = (ar[None, None, :] <= ar[None, :, None]) & real[:, None, :]  # [B, W, W]
         out_sel = np.flatnonzero(valid)
-        self.groups.append(dict(kv_slots=kv_slots, mask=mask[:, None], q_rows=q_rows,
+        self.groups.append(dict(kv_slots=kv_slots, mask=None, q_rows=q_rows,
                                 out_rows=q_rows.reshape(-1)[out_sel], out_sel=out_sel))
         self.logit_rows.extend((starts + lens - 1).tolist())
         self.rows += int(rows.sum())
         self.attn_real += int((lens * (lens + 1) // 2).sum())
-        self.attn_padded += len(seqs) * width * width
+        self.attn_padded += len(seqs) * width * (width + 1) // 2  # causal: the lower triangle
 
     def decode(self, seqs: list[Sequence]) -> None:
         """One row per sequence. Reorders `seqs` in place so that each attention group is
@@ -129,7 +125,8 @@ class Runner:
             tokens=self._t(np.concatenate(b.tokens)),
             positions=self._t(np.concatenate(b.positions)),
             write_slots=self._t(np.concatenate(b.slots)),
-            groups=[AttnGroup(**{k: v if k == "rows" else self._t(np.ascontiguousarray(v))
+            groups=[AttnGroup(**{k: v if k == "rows" or v is None
+                                 else self._t(np.ascontiguousarray(v))
                                  for k, v in g.items()}) for g in b.groups],
             logit_rows=self._t(np.array(b.logit_rows, dtype=np.int64)),
         )

@@ -192,6 +192,7 @@ class Drain:
                 await d.msg.nak()
                 self.naked += 1
         except Exception as e:  # noqa: BLE001 - the broker will redeliver after ack_wait
-            log.warning("settle_failed", job=d.result.id, attempt=d.result.attempt, settle=settle.value, error=repr(e))
+            log.warning("settle_failed", job=d.result.id, attempt=d.result.attempt,
+                        settle=settle.value, error=repr(e))
         if d.on_done:
             d.on_done(settle is d.settle)

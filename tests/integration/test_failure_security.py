@@ -150,7 +150,9 @@ async def test_tls_and_auth_worker_serves_with_credentials_and_refuses_without(
         await asyncio.wait_for(done.wait(), 60)
         assert all(r.ok for r in got.values())
         # The producer may not pull jobs: least privilege holds for it too.
-        with pytest.raises(Exception):
+        import nats.errors
+        import nats.js.errors
+        with pytest.raises((nats.errors.TimeoutError, nats.js.errors.APIError)):
             sub = await js.pull_subscribe_bind("fabric-workers", stream="FABRIC_JOBS")
             await sub.fetch(1, timeout=2)
         await nc.close()

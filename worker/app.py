@@ -98,6 +98,10 @@ class Worker:
         self.admission = Admission(cfg.token_budget, cfg.low_water)
         self.pending: deque[Ticket] = deque()
         self.pending_tokens = 0
+        # The pending queue holds one admission group: what admission lets in at once when
+        # it reopens at low water (and never less than one longest job).
+        self.pending_cap_tokens = max(cfg.token_budget - cfg.low_water, cfg.max_seq_len)
+        self._job_tokens_ewma = float(min(cfg.max_seq_len, 256))  # until jobs say otherwise
         self.inflight: dict[int, Ticket] = {}
         self.held: dict[int, Msg] = {}  # id(msg) -> msg for every message not yet settled
         self.stats = WorkerStats()
@@ -219,9 +223,15 @@ class Worker:
     def _room(self) -> int:
         if self.draining or self.solo_inflight:
             return 0  # a suspected poison job runs with as little else held as possible
-        free = self.cfg.token_budget - self.pending_tokens
-        return max(0, min(1 if self.cautious else self.opts.fetch_batch,
-                          free // self.engine.block_size, self._held_cap - len(self.held)))
+        # Pull only what the next admission group can take: a worker that hoards a backlog
+        # starves its neighbours on the same consumer. A job's size is known only once it
+        # is decoded, so the pull is sized by the recent mean (the estimate errs by a batch).
+        free = self.pending_cap_tokens - self.pending_tokens
+        if free <= 0:
+            return 0
+        by_tokens = max(1, int(free / self._job_tokens_ewma))
+        return max(0, min(1 if self.cautious else self.opts.fetch_batch, by_tokens,
+                          self._held_cap - len(self.held)))
 
     def _hold(self, msg: Msg, attempt: int, job_id: str) -> None:
         self.held[id(msg)] = msg
@@ -240,6 +250,7 @@ class Worker:
             return
         self.pending.append(t)
         self.pending_tokens += t.reserved_tokens
+        self._job_tokens_ewma += 0.05 * (t.reserved_tokens - self._job_tokens_ewma)
         self._admit()
 
     def _admit(self) -> None:

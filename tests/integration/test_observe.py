@@ -210,7 +210,12 @@ async def test_health_while_the_broker_is_unreachable(tmp_engine_toml, start_wor
     # Nothing listens on port 1: the worker keeps retrying its first connect.
     cfg = tmp_engine_toml(nats_url="nats://127.0.0.1:1")
     w, port = start_worker(cfg)
-    code, reason, live = poll(lambda: _health(port), 120, "the port to answer")
+    # The port answers from before the model loads ("loading model"), then connecting.
+    first = poll(lambda: _health(port), 120, "the port to answer")
+    assert first[0] == 503 and first[2] == 200
+    assert first[1] in ("loading model", "connecting to the broker")
+    code, reason, live = poll(lambda: (h := _health(port)) and h[1] != "loading model" and h,
+                              120, "the model to load")
     assert (code, reason, live) == (503, "connecting to the broker", 200)
     assert w.returncode is None
 

@@ -49,7 +49,7 @@ DEMO_ENGINE: dict[str, Any] = {
     "device": "cpu",
     "dtype": "float32",
     "token_budget": 8192,
-    "low_water": 4096,
+    "low_water": 6144,
     "max_seq_len": 1088,
 }
 # The worker's own drain period sits inside our bound on waiting for it, so an
@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--token-budget", type=int, default=8192)
-    bench.add_argument("--low-water", type=int, default=4096)
+    bench.add_argument("--low-water", type=int, default=6144)
     bench.add_argument("--max-seq-len", type=int, default=1088)
     bench.add_argument("--rungs", default="0,1,2,3,4", help="comma-separated rung numbers")
     bench.add_argument("--serial-jobs", type=int, default=0,
@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     soak.add_argument("--warmup-s", type=float, default=120.0)
     soak.add_argument("--model", default="builtin:small")
     soak.add_argument("--token-budget", type=int, default=8192)
-    soak.add_argument("--low-water", type=int, default=4096)
+    soak.add_argument("--low-water", type=int, default=6144)
     bench.add_argument("--fleet-jobs", type=int, default=0,
                        help="jobs for one vs two one-core workers on one consumer (0 = skip)")
     return p

@@ -30,14 +30,12 @@ import os
 import platform
 import subprocess
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nats
 
-from loadgen.broker import EmbeddedNats
+from loadgen.broker import EmbeddedNats, delete_streams
 from loadgen.client import run_jobs
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml
 from loadgen.report import build_report
@@ -153,17 +151,6 @@ def kernel_ceiling(cfg: BenchConfig, jobs: list[JobSpec], completions: dict[str,
             "useful_tokens_per_s": useful / wall}
 
 
-async def _fresh_stream(url: str, stream: str) -> None:
-    nc = await nats.connect(url)
-    try:
-        try:
-            await nc.jetstream().delete_stream(stream)
-        except nats.js.errors.NotFoundError:
-            pass
-    finally:
-        await nc.close()
-
-
 def _summary(log_path: Path) -> dict[str, Any]:
     for line in reversed(log_path.read_text().splitlines()):
         if '"worker_summary"' in line:
@@ -176,7 +163,7 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
              cpus: tuple[str, ...] = ("",)) -> dict[str, Any]:
     """One worker per entry of `cpus` ("" = unpinned) on one consumer, the workload at once."""
     stream = f"BENCH_{name.upper()}"
-    asyncio.run(_fresh_stream(broker.url, stream))
+    asyncio.run(delete_streams(broker.url, stream))
     conf = write_engine_toml(work / f"{name}.toml", cfg.engine_fields(broker.url, stream, model))
     provision(conf)
     log = work / f"{name}.log"
@@ -193,7 +180,7 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
     finally:
         for w in workers:
             w.terminate(grace_s=30)
-    asyncio.run(_fresh_stream(broker.url, stream))
+    asyncio.run(delete_streams(broker.url, stream))
     rep = build_report(stats)
     log = work / f"{name}-0.log"
     s = _summary(log)

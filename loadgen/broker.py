@@ -263,3 +263,24 @@ class EmbeddedNats:
             return self.log_path.read_bytes()[-num_bytes:].decode(errors="replace")
         except FileNotFoundError:
             return "(no log)"
+
+
+async def delete_streams(url: str, *names: str) -> None:
+    """Delete JetStream streams by name; one that does not exist is skipped.
+
+    Every jobs stream captures `fabric.jobs.>` and JetStream refuses two streams with
+    overlapping subjects, so whoever makes one for a run deletes it afterwards.
+    """
+    import nats
+    import nats.js.errors
+
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        for name in names:
+            try:
+                await js.delete_stream(name)
+            except nats.js.errors.NotFoundError:
+                pass
+    finally:
+        await nc.close()

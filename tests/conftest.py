@@ -15,10 +15,9 @@ import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import nats
 import pytest
 
-from loadgen.broker import EmbeddedNats
+from loadgen.broker import EmbeddedNats, delete_streams
 from loadgen.fleet import write_engine_toml
 
 # Small enough for CPU tests; max_seq_len is 1024 prompt + 64 new, like the demo.
@@ -44,19 +43,6 @@ def nats_url(nats_server: EmbeddedNats) -> str:
     if not nats_server.is_running():
         nats_server.restart()
     return nats_server.url
-
-
-async def _delete_streams(url: str, names: list[str]) -> None:
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
-    try:
-        js = nc.jetstream()
-        for name in names:
-            try:
-                await js.delete_stream(name)
-            except nats.js.errors.NotFoundError:
-                pass  # the test never provisioned it, or deleted it itself
-    finally:
-        await nc.close()
 
 
 @pytest.fixture
@@ -88,4 +74,4 @@ def tmp_engine_toml(
     yield make
     if streams and nats_server.is_running():
         # A sync teardown runs outside the session loop, so a private loop is safe here.
-        asyncio.run(_delete_streams(nats_server.url, streams))
+        asyncio.run(delete_streams(nats_server.url, *streams))

@@ -22,6 +22,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from loadgen.broker import delete_streams
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml
 from schemas import Job, Result, decode_result, encode
 from worker.engine import build_engine
@@ -210,19 +211,6 @@ async def redelivered_now(url: str, stream: str, consumer: str, batch: int = 200
         except (asyncio.TimeoutError, nats.errors.TimeoutError):
             return 0
         return sum(1 for m in msgs if m.metadata.num_delivered > 1)
-    finally:
-        await nc.close()
-
-
-async def delete_streams(url: str, *names: str) -> None:
-    nc = await _connect(url)
-    try:
-        js = nc.jetstream()
-        for name in names:
-            try:
-                await js.delete_stream(name)
-            except nats.js.errors.NotFoundError:
-                pass
     finally:
         await nc.close()
 

@@ -26,7 +26,8 @@ from loadgen.client import run_jobs
 from loadgen.fleet import WorkerProcess, provision, worker_env, write_engine_toml
 from loadgen.workload import Uniform, WorkloadSpec, generate
 from schemas import FinishReason, Result, Usage, decode_job, encode
-from tests.conftest import ENGINE_DEFAULTS, _delete_streams
+from loadgen.broker import delete_streams
+from tests.conftest import ENGINE_DEFAULTS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -157,7 +158,7 @@ def deployment(nats_server: EmbeddedNats, tmp_path_factory) -> Iterator[tuple[st
     finally:
         worker.terminate(grace_s=10)
         if nats_server.is_running():
-            asyncio.run(_delete_streams(nats_server.url, [stream]))
+            asyncio.run(delete_streams(nats_server.url, stream))
 
 
 def loadgen_run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:

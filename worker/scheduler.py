@@ -86,10 +86,6 @@ class Scheduler:
         else:
             self.lanes.setdefault(seq.lane, deque()).append(seq)
 
-    @property
-    def num_waiting(self) -> int:
-        return sum(len(q) for q in self.lanes.values()) + len(self.solo)
-
     def has_work(self) -> bool:
         return bool(self.running or self.solo or self.lanes)
 

@@ -60,6 +60,7 @@ class BenchConfig:
     serial_jobs: int = 0  # rung 0 on a subset (it is slow); 0 = the whole workload
     null_jobs: int = 20000
     fleet_jobs: int = 0  # jobs for the fleet-scaling run (one vs two one-core workers); 0 = skip
+    ceiling_runs: int = 3  # the ceiling reported is the median of these
     timeout_s: float = 1800.0
 
     def engine_fields(self, url: str, stream: str, model: str | None = None) -> dict[str, Any]:
@@ -238,10 +239,16 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
             f["ratio"] = f["two"]["jobs_per_s"] / f["one"]["jobs_per_s"]
     jobs = generate(WorkloadSpec(num_jobs=cfg.jobs, seed=cfg.seed, run_id="r4"))
     top = result["rungs"].get("4", {}).get("completions", {})
-    log("kernel-only ceiling ...")
-    ceiling = kernel_ceiling(cfg, jobs, {f"r4-{k}": v for k, v in top.items()})
+    log(f"kernel-only ceiling ({cfg.ceiling_runs} runs, median) ...")
+    # One run swings by 10-30 % with whatever else the machine does; the median of a few
+    # is what the rungs are compared with, and every run is kept in the JSON.
+    runs = sorted((kernel_ceiling(cfg, jobs, {f"r4-{k}": v for k, v in top.items()})
+                   for _ in range(cfg.ceiling_runs)), key=lambda c: c["useful_tokens_per_s"])
+    ceiling = dict(runs[len(runs) // 2])
+    ceiling["runs_useful_tokens_per_s"] = [c["useful_tokens_per_s"] for c in runs]
     result["ceiling"] = ceiling
-    log(f"  {ceiling['useful_tokens_per_s']:.0f} useful tok/s")
+    log(f"  {ceiling['useful_tokens_per_s']:.0f} useful tok/s "
+        f"(runs: {', '.join(f'{c:.0f}' for c in ceiling['runs_useful_tokens_per_s'])})")
     for r in result["rungs"].values():
         r.pop("completions", None)
     (out / "ladder.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -266,7 +273,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {k} | {r['policy']} | {tps:,.0f} | {x} | {100 * tps / ceil:.1f}% | "
             f"{100 * r['padding_fraction']:.1f}% | {'-' if occ is None else f'{100 * occ:.1f}%'} | "
             f"{r['latency_ms']['p50']:,.0f} / {r['latency_ms']['p99']:,.0f} |")
-    lines.append(f"| - | kernel-only ceiling | {ceil:,.0f} | | 100% | 0.0% | | |")
+    runs = ", ".join(f"{c:,.0f}" for c in result["ceiling"].get("runs_useful_tokens_per_s", []))
+    lines.append(f"| - | kernel-only ceiling (median of {runs}) | {ceil:,.0f} | | 100% | 0.0% | | |")
     if "fleet" in result:
         f = result["fleet"]
         lines += ["", f"Fleet: two one-core workers on one consumer {f['two']['jobs_per_s']:.1f} "

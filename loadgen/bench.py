@@ -100,14 +100,10 @@ def kernel_ceiling(cfg: BenchConfig, jobs: list[JobSpec], completions: dict[str,
     same budget; the ladder's rungs are measured against it.
     """
     from worker.engine import build_engine
-    from worker.kv import padded_tokens
     from worker.scheduler import StepPlan
     from worker.sequence import Request
 
-    reqs = [Request(key=k, prompt=list(j.prompt), max_new_tokens=j.max_new_tokens,
-                    reserved_tokens=padded_tokens(len(j.prompt) + j.max_new_tokens, 16),
-                    temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_ids=frozenset())
-            for k, j in enumerate(jobs)]
+    reqs = [Request.greedy(k, list(j.prompt), j.max_new_tokens) for k, j in enumerate(jobs)]
     total = sum(r.reserved_tokens for r in reqs)
     eng = build_engine(cfg.model, cfg.device, cfg.dtype, total, cfg.max_seq_len)
     sched, runner = eng.scheduler(), eng.runner()
@@ -141,11 +137,9 @@ def kernel_ceiling(cfg: BenchConfig, jobs: list[JobSpec], completions: dict[str,
         live = [s for s in live if s.req.key not in finished]
     t_end = time.perf_counter()
     useful = sum(len(r.prompt) + finished[r.key] for r in reqs)
-    for j in jobs:
-        if completions and j.id in completions:
-            k = jobs.index(j)
-            if completions[j.id] != finished[k]:
-                raise AssertionError(f"ceiling and worker disagree on {j.id}")
+    for k, j in enumerate(jobs):
+        if j.id in completions and completions[j.id] != finished[k]:
+            raise AssertionError(f"ceiling and worker disagree on {j.id}")
     wall = t_end - t_prefill
     return {"wall_s": wall, "prefill_s": t_decode - t_prefill, "decode_s": t_end - t_decode,
             "decode_batch": concurrency, "useful_tokens": useful,

@@ -24,6 +24,16 @@ class Request:
     stop_ids: frozenset[int]
     solo: bool = False  # run in a batch of its own (suspected poison job)
 
+    @classmethod
+    def greedy(cls, key: int, prompt: list[int], max_new_tokens: int, seed: int = 0,
+               block_size: int = 16) -> Request:
+        """Temperature 0, no stop ids, KV reserved for the whole job: benchmarks and tests."""
+        from worker.kv import padded_tokens
+
+        return cls(key=key, prompt=prompt, max_new_tokens=max_new_tokens,
+                   reserved_tokens=padded_tokens(len(prompt) + max_new_tokens, block_size),
+                   temperature=0.0, top_k=0, top_p=1.0, seed=seed, stop_ids=frozenset())
+
 
 @dataclass(slots=True)
 class Completion:

@@ -238,9 +238,7 @@ def reference_tokens(jobs: list[Job]) -> dict[str, list[int]]:
         if used + res > 32768:
             run()
             chunk, used = [], 0
-        chunk.append(Request(key=i, prompt=prompt, max_new_tokens=j.max_new_tokens,
-                             reserved_tokens=res, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-                             stop_ids=frozenset()))
+        chunk.append(Request.greedy(i, prompt, j.max_new_tokens))
         ids[i] = j.id
         used += res
     if chunk:

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from worker.engine import build_engine, generate
-from worker.kv import padded_tokens
 from worker.sequence import Request
 
 pytestmark = [pytest.mark.gpu,
@@ -24,9 +23,7 @@ def ragged(n: int, seed: int) -> list[Request]:
     for k in range(n):
         plen = max(4, min(900, int(rng.lognormvariate(4.5, 0.8))))
         new = rng.randint(1, 64)
-        out.append(Request(key=k, prompt=[rng.randrange(256) for _ in range(plen)],
-                           max_new_tokens=new, reserved_tokens=padded_tokens(plen + new, 16),
-                           temperature=0.0, top_k=0, top_p=1.0, seed=k, stop_ids=frozenset()))
+        out.append(Request.greedy(k, [rng.randrange(256) for _ in range(plen)], new, seed=k))
     return out
 
 

@@ -20,7 +20,6 @@ from loadgen.workload import WorkloadSpec, generate
 from schemas import Job, Sampling, decode_result, encode
 from worker.engine import build_engine
 from worker.engine import generate as engine_generate
-from worker.kv import padded_tokens
 from worker.sequence import Request
 
 pytestmark = pytest.mark.timeout(240)
@@ -32,10 +31,7 @@ def reference_engine():
 
 
 def reference_tokens(engine, job: Job) -> list[int]:
-    prompt = list(job.prompt)
-    r = Request(key=1, prompt=prompt, max_new_tokens=job.max_new_tokens,
-                reserved_tokens=padded_tokens(len(prompt) + job.max_new_tokens, 16),
-                temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_ids=frozenset())
+    r = Request.greedy(1, list(job.prompt), job.max_new_tokens)
     return engine_generate(engine, [r])[0].tokens
 
 

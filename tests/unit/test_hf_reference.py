@@ -21,7 +21,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from worker.engine import Engine, build_engine, generate  # noqa: E402
-from worker.kv import padded_tokens  # noqa: E402
 from worker.sequence import Request  # noqa: E402
 
 VOCAB = 300
@@ -68,9 +67,7 @@ def prompts(seed: int) -> list[list[int]]:
 
 
 def req(key: int, prompt: list[int]) -> Request:
-    return Request(key=key, prompt=prompt, max_new_tokens=NEW_TOKENS,
-                   reserved_tokens=padded_tokens(len(prompt) + NEW_TOKENS, 16),
-                   temperature=0.0, top_k=0, top_p=1.0, seed=key, stop_ids=frozenset())
+    return Request.greedy(key, prompt, NEW_TOKENS, seed=key)
 
 
 def new_engine(path: Path, dtype: str = "float32") -> Engine:

@@ -5,7 +5,7 @@ only DecodeError. JSON Schema files for producers in other languages are generat
 the models (`python -m schemas.export`) and a test fails when they drift.
 """
 
-from schemas.codec import DecodeError, decode_job, decode_result, encode
+from schemas.codec import DecodeError, decode_job, decode_result, encode, encode_completion
 from schemas.models import (
     ErrorCode,
     ErrorInfo,
@@ -30,4 +30,5 @@ __all__ = [
     "decode_job",
     "decode_result",
     "encode",
+    "encode_completion",
 ]

@@ -20,6 +20,7 @@ from schemas.models import (
     PATTERN_HINTS,
     PROMPT_TAGS,
     ErrorCode,
+    FinishReason,
     Job,
     Result,
     is_subject,
@@ -65,6 +66,43 @@ class DecodeError(Exception):
 def encode(model: BaseModel) -> bytes:
     """Serialize any wire model as a msgpack map; enums travel as their string values."""
     return msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)
+
+
+def encode_completion(
+    *,
+    id: str,
+    tokens: list[int],
+    text: str | None,
+    finish_reason: FinishReason,
+    prompt_tokens: int,
+    completion_tokens: int,
+    padded_tokens: int,
+    queued_ms: float,
+    first_token_ms: float | None,
+    total_ms: float,
+    worker: str,
+    attempt: int,
+) -> bytes:
+    """An ok Result's bytes, exactly what `encode(Result(ok=True, ...))` writes, without
+    building and dumping the model.
+
+    The worker's hot path: one per executed job, at thousands a second, where validating
+    values the worker made itself bought nothing and cost a tenth of the event loop. Keys
+    and nesting follow `Result`'s fields in order; a unit test holds the two byte-equal
+    over generated values, so a change to the model that is not made here fails it."""
+    return msgpack.packb(
+        {
+            "id": id, "ok": True, "tokens": tokens, "text": text,
+            "finish_reason": finish_reason.value, "error": None,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "padded_tokens": padded_tokens},
+            "timing": {"queued_ms": float(queued_ms),
+                       "first_token_ms": None if first_token_ms is None else float(first_token_ms),
+                       "total_ms": float(total_ms)},
+            "worker": worker, "attempt": attempt,
+        },
+        use_bin_type=True,
+    )
 
 
 def decode_job(data: bytes) -> Job:

@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import structlog
 from nats.aio.msg import Msg
 
-from schemas import ErrorCode, ErrorInfo, FinishReason, Result, Timing, Usage
+from schemas import (ErrorCode, ErrorInfo, FinishReason, Result, Timing, Usage, encode,
+                     encode_completion)
 from worker import failpoints
 from worker.admission import Admission
 from worker.config import EngineConfig
@@ -138,7 +139,6 @@ class Worker:
                  max_deliver=self.verified.max_deliver, solo_from_attempt=self.opts.solo_from_attempt,
                  dead_letters=self.topo.dlq_subject, security=self.security.describe(),
                  failpoints=failpoints.armed() or None)
-        sub = await self.js.pull_subscribe_bind(durable=self.topo.consumer, stream=self.topo.jobs_stream)
         self.executor = Executor(
             self.engine,
             on_complete=lambda c: loop.call_soon_threadsafe(self._on_completions, c),
@@ -149,12 +149,15 @@ class Worker:
         )
         in_flight_jobs = self.cfg.token_budget // self.engine.block_size
         self._held_cap = 2 * in_flight_jobs + 2 * self.opts.fetch_batch
-        self.drain = Drain(self.js, maxsize=self._held_cap + 1024,
+        self.drain = Drain(self.nc, self.js, maxsize=self._held_cap + 1024,
                            publish_give_up_s=self.opts.publish_give_up_s,
                            results_captured=self.verified.results_captured)
-        self.ingress = Ingress(sub, Validator(self.limits, self.engine.loaded.tokenizer),
+        await self.drain.start()
+        self.ingress = Ingress(self.nc, self.topo.jobs_stream, self.topo.consumer,
+                               Validator(self.limits, self.engine.loaded.tokenizer),
                                self._room, self._on_ticket, self._on_outcome,
                                fetch_timeout_s=FETCH_TIMEOUT_S)
+        await self.ingress.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig.name)
         self.executor.start()
@@ -329,7 +332,8 @@ class Worker:
             log.info("job_rejected" if not ok else "job_answered_at_edge", job=o.job_id,
                      attempt=o.attempt, code=o.error.code.value if o.error else None,
                      reason=o.error.message if o.error else None)
-        self._deliver(o.msg, res, o.reply_to, Settle.TERM if o.terminate else Settle.ACK, dead)
+        self._deliver(o.msg, o.job_id, o.attempt, encode(res), o.reply_to,
+                      Settle.TERM if o.terminate else Settle.ACK, dead)
 
     def _dead_letter(self, o: Outcome) -> DeadLetter:
         md = o.msg.metadata
@@ -385,19 +389,20 @@ class Worker:
                 log.warning("job_failed", job=t.job.id, attempt=t.attempt, error=c.error)
                 self._nak(t.msg)
                 continue
-            res = Result(
-                id=t.job.id, ok=True, tokens=c.tokens, text=tok.decode(c.tokens),
-                finish_reason=FinishReason(c.finish_reason),
-                usage=Usage(prompt_tokens=len(t.prompt), completion_tokens=len(c.tokens),
-                            padded_tokens=c.computed_tokens),
-                timing=Timing(queued_ms=(t.admitted_at - t.arrived_at) * 1e3,
-                              first_token_ms=(c.first_token_at - t.arrived_at) * 1e3,
-                              total_ms=(now - t.arrived_at) * 1e3),
-                worker=self.opts.worker_id, attempt=t.attempt,
-            )
-            self._count(res)
-            self.stats.on_result(res)
-            self._deliver(t.msg, res, t.job.reply_to, Settle.ACK)
+            queued_ms = (t.admitted_at - t.arrived_at) * 1e3
+            first_ms = (c.first_token_at - t.arrived_at) * 1e3
+            total_ms = (now - t.arrived_at) * 1e3
+            payload = encode_completion(
+                id=t.job.id, tokens=c.tokens, text=tok.decode(c.tokens),
+                finish_reason=FinishReason(c.finish_reason), prompt_tokens=len(t.prompt),
+                completion_tokens=len(c.tokens), padded_tokens=c.computed_tokens,
+                queued_ms=queued_ms, first_token_ms=first_ms, total_ms=total_ms,
+                worker=self.opts.worker_id, attempt=t.attempt)
+            self.stats.jobs_ok += 1
+            self.stats.on_result(ok=True, prompt_tokens=len(t.prompt),
+                                 completion_tokens=len(c.tokens), padded_tokens=c.computed_tokens,
+                                 queued_ms=queued_ms, first_token_ms=first_ms, total_ms=total_ms)
+            self._deliver(t.msg, t.job.id, t.attempt, payload, t.job.reply_to, Settle.ACK)
         self._admit()
         self.ingress.room_changed.set()
 
@@ -408,8 +413,8 @@ class Worker:
             self.stats.jobs_error += 1
             self.stats.errors_by_code[res.error.code.value] += 1
 
-    def _deliver(self, msg: Msg, res: Result, reply_to: str | None, settle: Settle,
-                 dead: DeadLetter | None = None) -> None:
+    def _deliver(self, msg: Msg, job_id: str, attempt: int, payload: bytes, reply_to: str | None,
+                 settle: Settle, dead: DeadLetter | None = None) -> None:
         if self.drain.aborted:
             self._refused.append(msg)  # the fatal teardown naks it with the rest
             return
@@ -417,7 +422,8 @@ class Worker:
         def done(_as_asked: bool) -> None:
             self.held.pop(id(msg), None)
             self.ingress.room_changed.set()
-        self.drain.put(Delivery(msg, res, reply_to, settle, on_done=done, dead_letter=dead))
+        self.drain.put(Delivery(msg, job_id, attempt, payload, reply_to, settle, on_done=done,
+                                dead_letter=dead))
 
     def _nak(self, msg: Msg) -> None:
         self.held.pop(id(msg), None)
@@ -509,12 +515,9 @@ class Worker:
         if wait_s > 0:
             await asyncio.sleep(wait_s)
         await self._flush(max(0.1, min(1.0, until - time.monotonic())))
-        late = self.ingress.take_buffered()
-        if late:
-            log.info("late_deliveries", count=len(late))
-            for m in late:
-                self.held[id(m)] = m
-            self._refused.extend(late)
+        await self.ingress.settle_deliveries(max(0.05, until - time.monotonic()))
+        if self._refused:
+            log.info("late_deliveries", count=len(self._refused))
 
     def _unadmitted(self) -> list[Msg]:
         """Take every message fetched and never admitted: pending, and refused while stopping."""

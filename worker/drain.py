@@ -14,14 +14,15 @@ is known to capture every allowed reply subject, "no stream answered" means JetS
 not ready yet (a restart recovering its store), so it is retried too; otherwise it means a
 core-NATS-only reply subject and the publish is done.
 
-Deliveries run concurrently, at most `max_concurrent` at once; the queue in front is
-bounded by what admission lets into flight. `abort` is the fatal path: deliveries already
-publishing get a short grace, the rest are left to the caller to nak.
+The fast path has no task, future or timer per Result (see `Drain`); the queue in front
+is bounded by what admission lets into flight. `abort` is the fatal path: Results already
+published get a short grace for their PubAcks, the rest are left to the caller to nak.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,11 +31,11 @@ from enum import Enum
 import nats.errors
 import nats.js.errors
 import structlog
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from schemas import Result, encode
 from worker import failpoints
 
 log = structlog.get_logger("drain")
@@ -58,7 +59,9 @@ class DeadLetter:
 @dataclass(slots=True)
 class Delivery:
     msg: Msg
-    result: Result
+    job_id: str
+    attempt: int  # the job's delivery count, for the log
+    payload: bytes  # the Result, encoded
     reply_to: str | None  # None: nothing to publish (forbidden or unreadable reply subject)
     settle: Settle
     on_done: Callable[[bool], None] | None = None  # called with True when settled as asked
@@ -66,13 +69,28 @@ class Delivery:
 
 
 class Drain:
-    def __init__(self, js: JetStreamContext, maxsize: int, max_concurrent: int = 256,
+    """Publishes Results and settles their jobs; see the module docstring for the order.
+
+    The fast path costs one publish and one PubAck callback per Result: every Result is
+    published with a reply subject under one private inbox (`<inbox>.<token>`), the PubAck
+    comes back to a single subscription, and its callback settles the job. No task, future
+    or timer per Result. Anything unusual -- a publish that raises, an error PubAck, no
+    PubAck within `publish_timeout_s`, a dead letter to publish first -- moves that one
+    delivery to the slow path: a task that publishes with retries (tenacity) as long as
+    `publish_give_up_s` allows, and settles it. Republishing is safe: the Result carries
+    `Nats-Msg-Id`, so the results stream keeps one copy.
+    """
+
+    def __init__(self, nc: NATS, js: JetStreamContext, maxsize: int,
                  publish_timeout_s: float = 5.0, publish_give_up_s: float = 60.0,
                  results_captured: bool = True):
+        self.nc = nc
         self.js = js
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=maxsize)
-        self._slots = asyncio.Semaphore(max_concurrent)
-        self._tasks: set[asyncio.Task] = set()
+        self._awaiting: dict[str, tuple[Delivery, float]] = {}  # token -> (delivery, sent at)
+        self._tokens = itertools.count()
+        self._inbox = ""
+        self._slow: set[asyncio.Task] = set()
         self.publish_timeout_s = publish_timeout_s
         self.publish_give_up_s = publish_give_up_s
         self.results_captured = results_captured
@@ -83,22 +101,88 @@ class Drain:
         self.termed = 0
         self.naked = 0
 
+    async def start(self) -> None:
+        """Subscribe the PubAck inbox (before the first publish can need it)."""
+        self._inbox = self.nc.new_inbox() + "."
+        await self.nc.subscribe(self._inbox + "*", cb=self._on_puback,
+                                pending_msgs_limit=-1, pending_bytes_limit=-1)
+
     def put(self, d: Delivery) -> None:
         # Admission bounds in-flight jobs and the queue is sized for them: a full queue is a bug.
         self.queue.put_nowait(d)
 
-    async def run(self) -> None:
-        while not self.aborted:
-            d = await self.queue.get()
-            await self._slots.acquire()
-            t = asyncio.create_task(self._deliver(d))
-            self._tasks.add(t)
-            t.add_done_callback(self._done)
+    @property
+    def awaiting(self) -> int:
+        """Results published and waiting for their PubAck (fast path) or being retried."""
+        return len(self._awaiting) + len(self._slow)
 
-    def _done(self, t: asyncio.Task) -> None:
-        self._tasks.discard(t)
-        self._slots.release()
-        self.queue.task_done()
+    async def run(self) -> None:
+        sweep = asyncio.ensure_future(self._sweep())
+        try:
+            while not self.aborted:
+                d = await self.queue.get()
+                await self._send(d)
+                while not self.aborted and not self.queue.empty():
+                    await self._send(self.queue.get_nowait())
+        finally:
+            sweep.cancel()
+
+    async def _send(self, d: Delivery) -> None:
+        if d.dead_letter is not None:
+            self._to_slow(d)  # rare: the dead letter goes first, with retries
+            return
+        if d.reply_to is None:
+            await self._settle(d, d.settle)  # nobody to answer: settle only
+            return
+        try:
+            failpoints.hit("drain.publish", jobs=lambda: (d.job_id,))
+        except Exception as e:  # noqa: BLE001 - a raise failpoint: the publish failed
+            log.warning("publish_failed", job=d.job_id, attempt=d.attempt, error=repr(e),
+                        dead_letter=False)
+            await self._settle(d, Settle.NAK)
+            return
+        token = str(next(self._tokens))
+        self._awaiting[token] = (d, time.monotonic())
+        try:
+            await self.nc.publish(d.reply_to, d.payload, reply=self._inbox + token,
+                                  headers={"Nats-Msg-Id": d.job_id})
+        except Exception:  # noqa: BLE001 - disconnected, buffer full: the slow path retries
+            if self._awaiting.pop(token, None) is not None:
+                self._to_slow(d)
+
+    async def _on_puback(self, msg: Msg) -> None:
+        entry = self._awaiting.pop(msg.subject[len(self._inbox):], None)
+        if entry is None:
+            return  # late: timed out and handed to the slow path, or aborted
+        d = entry[0]
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is not None or b'"error"' in msg.data:
+            if status == "503" and not self.results_captured:
+                # No stream captures this subject: its core subscribers got it, done.
+                self.published += 1
+                await self._settle(d, d.settle)
+                return
+            self._to_slow(d)  # an error PubAck or no stream: retried or given up there
+            return
+        self.published += 1
+        await self._settle(d, d.settle)
+
+    async def _sweep(self) -> None:
+        """Hand every Result whose PubAck is overdue to the slow path (oldest first)."""
+        while True:
+            await asyncio.sleep(min(0.25, self.publish_timeout_s / 4))
+            overdue = time.monotonic() - self.publish_timeout_s
+            while self._awaiting:
+                token, (d, sent_at) = next(iter(self._awaiting.items()))
+                if sent_at > overdue:
+                    break
+                del self._awaiting[token]
+                self._to_slow(d)
+
+    def _to_slow(self, d: Delivery) -> None:
+        t = asyncio.ensure_future(self._deliver(d))
+        self._slow.add(t)
+        t.add_done_callback(self._slow.discard)
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until everything queued is settled; False if the time ran out."""
@@ -109,14 +193,20 @@ class Drain:
             return False
 
     async def abort(self, grace_s: float) -> None:
-        """Stop taking deliveries; give those already under way `grace_s`, then cancel them.
+        """Stop taking deliveries; give those already under way `grace_s`, then drop them.
 
         Whatever was not settled stays with the caller (the worker naks every message it
-        still holds). A cancelled publish may still have reached the results stream: the
-        redelivered job's Result then carries the same Nats-Msg-Id and is dropped there."""
+        still holds). A Result published and not confirmed may still reach the results
+        stream: the redelivered job's Result then carries the same Nats-Msg-Id and is
+        dropped there."""
         self.aborted = True
-        if self._tasks:
-            _, late = await asyncio.wait(set(self._tasks), timeout=grace_s)
+        deadline = time.monotonic() + grace_s
+        while self._awaiting and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self._awaiting.clear()  # a PubAck from now on settles nothing
+        if self._slow:
+            _, late = await asyncio.wait(set(self._slow),
+                                         timeout=max(0.0, deadline - time.monotonic()))
             for t in late:
                 t.cancel()
 
@@ -145,8 +235,8 @@ class Drain:
             raise asyncio.TimeoutError("too many publishes awaiting their PubAck") from None
 
     async def _publish(self, subject: str, data: bytes, headers: dict[str, str],
-                       res: Result) -> None:
-        failpoints.hit("drain.publish", jobs=lambda: (res.id,))
+                       d: Delivery) -> None:
+        failpoints.hit("drain.publish", jobs=lambda: (d.job_id,))
         try:
             # The fast path: one try, no retry machinery (tenacity costs more than a publish).
             return await self._publish_once(subject, data, headers)
@@ -162,7 +252,7 @@ class Drain:
         ):
             with attempt:
                 await self._publish_once(subject, data, headers)
-        log.info("publish_recovered", job=res.id, attempt=res.attempt,
+        log.info("publish_recovered", job=d.job_id, attempt=d.attempt,
                  tries=attempt.retry_state.attempt_number + 1,
                  waited_s=round(time.monotonic() - started, 3))
 
@@ -171,16 +261,18 @@ class Drain:
         try:
             if d.dead_letter is not None:
                 dl = d.dead_letter
-                await self._publish(dl.subject, dl.data, dl.headers, d.result)
+                await self._publish(dl.subject, dl.data, dl.headers, d)
                 self.dead_lettered += 1
             if d.reply_to is not None:
-                await self._publish(d.reply_to, encode(d.result), {"Nats-Msg-Id": d.result.id},
-                                    d.result)
+                await self._publish(d.reply_to, d.payload, {"Nats-Msg-Id": d.job_id}, d)
                 self.published += 1
         except Exception as e:  # noqa: BLE001 - any publish failure means: not answered, redeliver
-            log.warning("publish_failed", job=d.result.id, attempt=d.result.attempt, error=repr(e),
+            log.warning("publish_failed", job=d.job_id, attempt=d.attempt, error=repr(e),
                         dead_letter=d.dead_letter is not None)
             settle = Settle.NAK
+        await self._settle(d, settle)
+
+    async def _settle(self, d: Delivery, settle: Settle) -> None:
         try:
             if settle is Settle.ACK:
                 await d.msg.ack()
@@ -192,7 +284,8 @@ class Drain:
                 await d.msg.nak()
                 self.naked += 1
         except Exception as e:  # noqa: BLE001 - the broker will redeliver after ack_wait
-            log.warning("settle_failed", job=d.result.id, attempt=d.result.attempt,
+            log.warning("settle_failed", job=d.job_id, attempt=d.attempt,
                         settle=settle.value, error=repr(e))
         if d.on_done:
             d.on_done(settle is d.settle)
+        self.queue.task_done()

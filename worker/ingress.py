@@ -12,16 +12,18 @@ been handed out that many times without an answer -- every worker that took it d
 failed. It is not run again: it becomes a dead letter before anything else is done with
 it, even decoding (decoding may be what kills us).
 
-Stopping is the subtle part. A pull request outlives the `fetch` call that made it (until
-its `expires`), and messages the server delivers to it meanwhile wait in the
-subscription's buffer for the next fetch. A worker that stops fetching must collect those
-(`take_buffered`, after the last request expired) and nak them, or they sit out the whole
-ack wait in a dead process.
+Stopping is the subtle part. A pull request outlives the moment we stop asking (until its
+`expires`), and the server may deliver to it meanwhile. Those deliveries still reach our
+callback, which hands them on as usual; the worker, draining, naks them. So the worker
+stops the loop, waits out the last request's expiry and a round trip, lets the
+subscription's buffer empty (`settle_deliveries`), and only then naks -- or they would sit
+out the whole ack wait in a dead process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +31,6 @@ from dataclasses import dataclass, field
 import nats.errors
 import structlog
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from schemas import DecodeError, ErrorCode, ErrorInfo, FinishReason, Job, decode_job
 from worker import failpoints
@@ -157,6 +158,15 @@ class Validator:
 
 
 def _attempt(msg: Msg) -> int:
+    # The delivery count is a token of the ack subject: `$JS.ACK.<stream>.<consumer>.<n>...`
+    # (9 tokens), or with a domain and account hash in front (12 or more). Read it directly;
+    # nats-py's `metadata` parses every token into a dataclass.
+    reply = getattr(msg, "reply", None)
+    if reply:
+        parts = reply.split(".")
+        if len(parts) == 9 or len(parts) >= 12:
+            with contextlib.suppress(ValueError):
+                return int(parts[4 if len(parts) == 9 else 6])
     try:
         return msg.metadata.num_delivered
     except Exception:  # noqa: BLE001 - a non-JetStream message has no metadata
@@ -164,72 +174,106 @@ def _attempt(msg: Msg) -> int:
 
 
 class Ingress:
-    """The fetch loop. `room()` says how many messages may be pulled now."""
+    """The pull loop. `room()` says how many messages may be pulled now.
 
-    def __init__(self, sub, validator: Validator, room: Callable[[], int],
-                 on_ticket: Callable[[Ticket], None], on_outcome: Callable[[Outcome], None],
-                 fetch_timeout_s: float = 1.0):
-        self.sub = sub
+    A pull consumer without nats-py's `fetch`: that call costs a task, a timer and a uuid
+    per message. Here one private inbox subscription receives every delivery and hands each
+    to the validator from its callback; the loop keeps exactly one pull request open at a
+    time (`{"batch": room, "expires": fetch_timeout_s}` to the consumer's next-message
+    subject), so every delivery and status on the inbox belongs to it. A request is over
+    when its batch has all arrived or a status (408 expired, 409 refused) says so; the next
+    one is sized by the room then.
+    """
+
+    def __init__(self, nc, stream: str, consumer: str, validator: Validator,
+                 room: Callable[[], int], on_ticket: Callable[[Ticket], None],
+                 on_outcome: Callable[[Outcome], None], fetch_timeout_s: float = 1.0,
+                 api_prefix: str = "$JS.API"):
+        self.nc = nc
+        self.next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.validator = validator
         self.room = room
         self.on_ticket = on_ticket
         self.on_outcome = on_outcome
         self.fetch_timeout_s = fetch_timeout_s
         self.room_changed = asyncio.Event()
+        self._request_over = asyncio.Event()
+        self._credit = 0  # deliveries the open request may still bring
+        self._inbox = ""
+        self._sub = None
         self.stopping = False
         self.fetched = 0
-        self.last_fetch_len = 0  # messages the latest fetch returned
+        self.last_fetch_len = 0  # the batch the latest pull request asked for
         self.fetch_errors = 0
         self.requests_expire_at = 0.0  # monotonic time by which every pull request we made expired
 
+    async def start(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg,
+                                            pending_msgs_limit=-1, pending_bytes_limit=-1)
+
     async def run(self) -> None:
+        expires_ns = int(self.fetch_timeout_s * 1e9)
         while not self.stopping:
             n = self.room()
             if n <= 0:
                 self.room_changed.clear()
                 await self.room_changed.wait()
                 continue
+            self._credit = self.last_fetch_len = n
+            self._request_over.clear()
             self.requests_expire_at = time.monotonic() + self.fetch_timeout_s
             try:
-                msgs = await self.sub.fetch(batch=n, timeout=self.fetch_timeout_s)
-            except (asyncio.TimeoutError, nats.errors.TimeoutError):
-                continue
+                await self.nc.publish(self.next_subject,
+                                      b'{"batch":%d,"expires":%d}' % (n, expires_ns),
+                                      reply=self._inbox)
+                # A status lost with a broken connection must not wedge us: ask again after.
+                await asyncio.wait_for(self._request_over.wait(), self.fetch_timeout_s + 0.5)
+            except asyncio.TimeoutError:
+                pass
             except nats.errors.Error as e:
-                # Disconnected, reconnecting, a cluster leader change (409), JetStream not ready
-                # (503): wait and ask again. A broker that stays away is the worker's watchdog's
-                # call, not ours.
-                self.fetch_errors += 1
-                if self.fetch_errors == 1 or self.fetch_errors % 20 == 0:
-                    log.warning("fetch_failed", error=repr(e), count=self.fetch_errors)
+                # Disconnected, reconnecting: wait and ask again. A broker that stays away is
+                # the worker's watchdog's call, not ours.
+                self._fetch_failed(repr(e))
                 await asyncio.sleep(0.5)
                 continue
             failpoints.hit("ingress.fetch")
-            self.handle(msgs)
 
-    def handle(self, msgs: list[Msg]) -> None:
-        now = time.monotonic()
-        self.fetched += len(msgs)
-        self.last_fetch_len = len(msgs)
-        for m in msgs:
-            item = self.validator.check(m, now)
-            if isinstance(item, Ticket):
-                self.on_ticket(item)
-            else:
-                self.on_outcome(item)
+    def _fetch_failed(self, why: str) -> None:
+        self.fetch_errors += 1
+        if self.fetch_errors == 1 or self.fetch_errors % 20 == 0:
+            log.warning("fetch_failed", error=why, count=self.fetch_errors)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if not msg.reply:
+            # A status, not a job (deliveries carry an ack subject): 408 the request expired,
+            # 409 the server refused or ended it (leader change, consumer deleted...), 100 an
+            # idle heartbeat. Either way this request brings nothing more.
+            status = msg.headers.get("Status") if msg.headers else None
+            if status == "100":
+                return
+            if status not in ("404", "408"):
+                self._fetch_failed(f"pull request ended: {status} "
+                                   f"{msg.headers.get('Description', '') if msg.headers else ''}")
+            self._request_over.set()
+            return
+        self._credit -= 1
+        if self._credit <= 0:
+            self._request_over.set()
+        self.fetched += 1
+        item = self.validator.check(msg, time.monotonic())
+        if isinstance(item, Ticket):
+            self.on_ticket(item)
+        else:
+            self.on_outcome(item)
 
     def stop(self) -> None:
         self.stopping = True
         self.room_changed.set()
+        self._request_over.set()
 
-    def take_buffered(self) -> list[Msg]:
-        """Messages delivered to our pull requests that no fetch has returned (see the top).
-
-        nats-py keeps them in the subscription's pending queue and has no public call that
-        takes them without asking the server for more, so this reads that queue directly."""
-        queue = getattr(getattr(self.sub, "_sub", None), "_pending_queue", None)
-        out: list[Msg] = []
-        while queue is not None and not queue.empty():
-            m = queue.get_nowait()
-            if not JetStreamContext.is_status_msg(m):  # a 408/409/heartbeat is not a delivery
-                out.append(m)
-        return out
+    async def settle_deliveries(self, timeout_s: float) -> None:
+        """Let every delivery that reached us be handed on (see the top); bounded wait."""
+        deadline = time.monotonic() + timeout_s
+        while self._sub is not None and self._sub.pending_msgs and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)

@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from schemas import Result
 from worker.executor import StepReport
 from worker.metrics import Distributions, padding_fraction
 
@@ -60,12 +59,14 @@ class WorkerStats:
         self.idle_while_queued_s += r.idle_while_queued_s
         self.dist.on_step(r.prefill_seqs, r.decode_seqs, r.rows, r.step_s)
 
-    def on_result(self, res: Result) -> None:
+    def on_result(self, *, ok: bool, prompt_tokens: int, completion_tokens: int,
+                  padded_tokens: int, queued_ms: float, first_token_ms: float | None,
+                  total_ms: float) -> None:
         """A Result for a job the executor ran (edge answers are counted by the worker)."""
-        if res.ok:
-            self.useful_tokens += res.usage.prompt_tokens + res.usage.completion_tokens
-            self.computed_tokens += res.usage.padded_tokens
-        self.dist.on_result(res)
+        if ok:
+            self.useful_tokens += prompt_tokens + completion_tokens
+            self.computed_tokens += padded_tokens
+        self.dist.on_result(ok, queued_ms, first_token_ms, total_ms)
 
     def occupancy(self, value: float, queued: bool) -> None:
         """Record the budget occupancy from now on, and whether jobs are waiting."""

@@ -21,7 +21,9 @@ def test_ladder_smoke(tmp_path) -> None:
     assert rungs["1"]["padding_fraction"] > 0.05
     assert rungs["3"]["padding_fraction"] < rungs["1"]["padding_fraction"]
     assert rungs["0"]["padding_fraction"] == 0.0 and rungs["4"]["padding_fraction"] == 0.0
-    assert result["null_model"]["jobs_ok"] == 300
+    null = result["null_model"]
+    assert (null["unique"], null["ok"], null["missing"]) == (300, 300, 0)
+    assert null["results"] == 300 and null["jobs_per_s"] > 0  # exactly once, timed
     assert result["ceiling"]["useful_tokens_per_s"] > 0
     on_disk = json.loads((tmp_path / "ladder.json").read_text())
     assert on_disk["machine"]["cores"] and on_disk["rungs"].keys() == rungs.keys()

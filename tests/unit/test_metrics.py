@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import worker
-from schemas import ErrorCode, ErrorInfo, FinishReason, Result, Timing, Usage
+from schemas import ErrorCode
 from worker.admission import Admission
 from worker.config import EngineConfig, config_hash
 from worker.executor import StepReport
@@ -75,14 +75,11 @@ def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
 
 
 def result(ok: bool = True, prompt: int = 10, completion: int = 5, padded: int = 15,
-           first_ms: float | None = 20.0, total_ms: float = 50.0) -> Result:
-    return Result(id="j", ok=ok, tokens=[1] * completion,
-                  finish_reason=FinishReason.LENGTH if ok else FinishReason.ERROR,
-                  error=None if ok else ErrorInfo(code=ErrorCode.INTERNAL, message="boom"),
-                  usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
-                              padded_tokens=padded),
-                  timing=Timing(queued_ms=5.0, first_token_ms=first_ms, total_ms=total_ms),
-                  worker="w-test", attempt=1)
+           first_ms: float | None = 20.0, total_ms: float = 50.0) -> dict:
+    """WorkerStats.on_result's arguments for one executed job."""
+    return {"ok": ok, "prompt_tokens": prompt, "completion_tokens": completion,
+            "padded_tokens": padded, "queued_ms": 5.0, "first_token_ms": first_ms,
+            "total_ms": total_ms}
 
 
 def step(prefill: int, decode: int, rows: int = 64, real: int = 60, padded: int = 80) -> StepReport:
@@ -125,12 +122,12 @@ def test_stats_count_steps_and_results_and_summarise() -> None:
     s.on_step(step(4, 0))
     s.on_step(step(1, 9))
     s.on_step(step(0, 10))
-    s.on_result(result(prompt=10, completion=5, padded=15))
-    s.on_result(result(prompt=6, completion=2, padded=10))
-    s.on_result(result(ok=False, first_ms=None))
+    s.on_result(**result(prompt=10, completion=5, padded=15))
+    s.on_result(**result(prompt=6, completion=2, padded=10))
+    s.on_result(**result(ok=False, first_ms=None))
     assert (s.useful_tokens, s.computed_tokens) == (23, 25)
     d = s.dist
-    assert [d.step_s[p]._sum.get() > 0 for p in ("prefill", "decode", "mixed")] == [True] * 3
+    assert [d.step_s[p].sum > 0 for p in ("prefill", "decode", "mixed")] == [True] * 3
     reg = CollectorRegistry()
     for c in d.collectors():
         reg.register(c)
@@ -189,7 +186,7 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     w.stats.errors_by_code.update({"too_long": 2})
     w.stats.redelivered, w.stats.naked, w.stats.engine_failures = 1, 3, 1
     w.stats.on_step(step(2, 3))
-    w.stats.on_result(result())
+    w.stats.on_result(**result())
     w.pending.extend(["a", "b"])
     w.pending_tokens = 96
     w.inflight.update({1: "x", 2: "y", 3: "z"})

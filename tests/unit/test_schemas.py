@@ -27,6 +27,7 @@ from schemas import (
     decode_job,
     decode_result,
     encode,
+    encode_completion,
     export,
 )
 from schemas.models import is_subject
@@ -63,8 +64,39 @@ def decode_error(data: bytes) -> DecodeError:
 def test_exports() -> None:
     assert set(schemas.__all__) == {
         "Job", "Result", "Sampling", "ErrorInfo", "ErrorCode", "Usage", "Timing",
-        "FinishReason", "encode", "decode_job", "decode_result", "DecodeError",
+        "FinishReason", "encode", "encode_completion", "decode_job", "decode_result",
+        "DecodeError",
     }  # fmt: skip
+
+
+def test_encode_completion_writes_the_bytes_the_model_writes() -> None:
+    """The worker's hot-path encoder against the model: byte-equal over generated values
+    (a field added to Result and not to encode_completion fails here)."""
+    rng = random.Random(7)
+    for i in range(300):
+        n = rng.randint(0, 40)
+        tokens = [rng.randrange(2**17) for _ in range(n)]
+        fields = dict(
+            id=f"job-{i}" if i % 7 else "x" * 128, tokens=tokens,
+            text=None if i % 5 == 0 else "".join(chr(rng.randrange(32, 0x3000)) for _ in range(n)),
+            finish_reason=rng.choice([FinishReason.LENGTH, FinishReason.STOP]),
+            prompt_tokens=rng.randrange(1, 5000), completion_tokens=n,
+            padded_tokens=rng.randrange(0, 10**6),
+            queued_ms=rng.choice([0, 0.0, rng.random() * 1e4]),
+            first_token_ms=None if i % 3 == 0 else rng.random() * 1e4,
+            total_ms=rng.choice([0, rng.random() * 1e5]), worker=f"w-{i % 4}", attempt=rng.randint(1, 9),
+        )
+        model = Result(id=fields["id"], ok=True, tokens=tokens, text=fields["text"],
+                       finish_reason=fields["finish_reason"],
+                       usage=Usage(prompt_tokens=fields["prompt_tokens"], completion_tokens=n,
+                                   padded_tokens=fields["padded_tokens"]),
+                       timing=Timing(queued_ms=fields["queued_ms"],
+                                     first_token_ms=fields["first_token_ms"],
+                                     total_ms=fields["total_ms"]),
+                       worker=fields["worker"], attempt=fields["attempt"])
+        fast = encode_completion(**fields)
+        assert fast == encode(model), fields
+        assert decode_result(fast) == model
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,7 @@ class Worker:
         self.cautious = True
         self._refused: list[Msg] = []  # fetched while draining: nak'd by the teardown
         self._disconnected_since: float | None = None
+        self._admit_soon = False  # an _admit is scheduled for this loop pass
 
     # -- wiring ----------------------------------------------------------------------
 
@@ -254,9 +255,14 @@ class Worker:
         self.pending.append(t)
         self.pending_tokens += t.reserved_tokens
         self._job_tokens_ewma += 0.05 * (t.reserved_tokens - self._job_tokens_ewma)
-        self._admit()
+        if not self._admit_soon:
+            # Once per loop pass, not per message: a pull brings its deliveries in one read,
+            # and they go to the executor as one submission (one wake-up, one bigger step).
+            self._admit_soon = True
+            self._loop.call_soon(self._admit)
 
     def _admit(self) -> None:
+        self._admit_soon = False
         any_admitted = False
         while admitted := self.admission.admit(self.pending, lambda t: t.reserved_tokens):
             any_admitted = True

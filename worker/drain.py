@@ -221,18 +221,15 @@ class Drain:
                               nats.errors.OutboundBufferLimitError))
 
     async def _publish_once(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
-        # publish_async shares one reply subscription across all publishes: about twice the
-        # rate of js.publish (a request each), and the PubAck is still awaited, per message.
+        # The slow path: a request per publish, so an error PubAck raises here as its APIError
+        # (nats-py's publish_async raises it inside its reply callback instead, and the
+        # future never resolves: an error looked like a timeout).
         try:
-            fut = await self.js.publish_async(subject, data, headers=headers,
-                                              wait_stall=self.publish_timeout_s)
-            await asyncio.wait_for(fut, self.publish_timeout_s)
+            await self.js.publish(subject, data, timeout=self.publish_timeout_s, headers=headers)
         except nats.js.errors.NoStreamResponseError:
             if self.results_captured:
                 raise
             # No stream captures this subject: core subscribers got it, done.
-        except nats.js.errors.TooManyStalledMsgsError:
-            raise asyncio.TimeoutError("too many publishes awaiting their PubAck") from None
 
     async def _publish(self, subject: str, data: bytes, headers: dict[str, str],
                        d: Delivery) -> None:

@@ -151,7 +151,7 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     import torch
 
     from worker.app import Options, Worker
-    from worker.engine import EngineError, build_engine
+    from worker.engine import EngineError, build_engine_off_main
 
     if args.cpus:
         torch.set_num_threads(len(cpus))
@@ -162,8 +162,9 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
         obs = start_http(args.metrics_port)
 
     try:
-        engine = build_engine(cfg.model, cfg.device, cfg.dtype, cfg.token_budget, cfg.max_seq_len,
-                              max_step_tokens=args.max_step_tokens, policy=args.policy)
+        engine = build_engine_off_main(cfg.model, cfg.device, cfg.dtype, cfg.token_budget,
+                                       cfg.max_seq_len, max_step_tokens=args.max_step_tokens,
+                                       policy=args.policy)
     except EngineError as e:
         print(f"fabric-worker: engine config {args.config}: {e}", file=sys.stderr)
         return EXIT_CONFIG

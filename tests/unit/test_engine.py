@@ -7,12 +7,15 @@ the tokens of the same job run alone, exactly.
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from worker.engine import Engine, build_engine, generate
+from worker.engine import Engine, EngineError, build_engine, build_engine_off_main, generate
 from worker.kv import padded_tokens
 from worker.sequence import Request
 
@@ -153,3 +156,32 @@ def test_model_refuses_unknown_builtin() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(EngineError, match="device"):
             build_engine("builtin:tiny", "cuda:0", "float32", 4096, 1088)
+
+
+_TEAM_PROBE = """
+import os, sys, torch
+from worker.engine import build_engine, build_engine_off_main
+torch.set_num_threads(2)
+base = len(os.listdir("/proc/self/task"))
+(build_engine_off_main if sys.argv[1] == "off" else build_engine)("builtin:tiny", "cpu",
+                                                                   "float32", 4096, 1088)
+print(len(os.listdir("/proc/self/task")) - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_loading_off_main_leaves_no_openmp_team_behind() -> None:
+    """The worker loads its model off the main thread (see build_engine_off_main): the
+    loader's OpenMP worker threads leave with it. Loading on the main thread keeps them:
+    the probe itself must see that, or it proves nothing."""
+    def extra_threads(where: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _TEAM_PROBE, where], capture_output=True,
+                             text=True, timeout=120, check=True)
+        return int(out.stdout.strip())
+    assert extra_threads("main") >= 1
+    assert extra_threads("off") == 0
+
+
+def test_loading_off_main_raises_the_loader_error() -> None:
+    with pytest.raises(EngineError, match="max_seq_len"):
+        build_engine_off_main("builtin:tiny", "cpu", "float32", 4096, 10**9)

@@ -191,6 +191,11 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
         "attn_padding_fraction": s.get("attn_padding_fraction"),
         "mean_batch_rows": s.get("mean_batch_rows"),
         "idle_while_queued_s": s.get("idle_while_queued_s"),
+        # Time in executor steps over the run's wall time: how saturated the executor was
+        # (on a GPU each step ends in its one sync, so this bounds device busy from above;
+        # fabric_gpu_utilization on /metrics is NVML's own figure).
+        "executor_busy_fraction": (s["busy_s"] / rep["wall_s"]
+                                   if s.get("busy_s") is not None and rep["wall_s"] else None),
         "completions": {o.id.split("-", 1)[1]: o.completion_tokens
                         for o in stats.outcomes.values()},
     }
@@ -284,17 +289,20 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}, torch "
              f"{m['torch']}, commit {m['commit']}", "",
              "| rung | policy | useful tok/s | x window | % of ceiling | padding | occupancy "
-             "while queued | p50 / p99 latency ms |", "|---|---|---|---|---|---|---|---|"]
+             "while queued | executor busy | p50 / p99 latency ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for k, r in sorted(result["rungs"].items()):
         tps = r["useful_tokens_per_s"]
         occ = r["budget_occupancy_while_queued"]
+        busy = r.get("executor_busy_fraction")
         x = f"{tps / base:.2f}" if base else "-"
         lines.append(
             f"| {k} | {r['policy']} | {tps:,.0f} | {x} | {100 * tps / ceil:.1f}% | "
             f"{100 * r['padding_fraction']:.1f}% | {'-' if occ is None else f'{100 * occ:.1f}%'} | "
+            f"{'-' if busy is None else f'{100 * busy:.1f}%'} | "
             f"{r['latency_ms']['p50']:,.0f} / {r['latency_ms']['p99']:,.0f} |")
     runs = ", ".join(f"{c:,.0f}" for c in result["ceiling"].get("runs_useful_tokens_per_s", []))
-    lines.append(f"| - | kernel-only ceiling (median of {runs}) | {ceil:,.0f} | | 100% | 0.0% | | |")
+    lines.append(f"| - | kernel-only ceiling (median of {runs}) | {ceil:,.0f} | | 100% | 0.0% | | | |")
     if "fleet" in result:
         f = result["fleet"]
         lines += ["", f"Fleet: two one-core workers on one consumer {f['two']['jobs_per_s']:.1f} "

@@ -21,6 +21,7 @@ def test_ladder_smoke(tmp_path) -> None:
     assert rungs["1"]["padding_fraction"] > 0.05
     assert rungs["3"]["padding_fraction"] < rungs["1"]["padding_fraction"]
     assert rungs["0"]["padding_fraction"] == 0.0 and rungs["4"]["padding_fraction"] == 0.0
+    assert all(0 < r["executor_busy_fraction"] <= 1 for r in rungs.values())
     null = result["null_model"]
     assert (null["unique"], null["ok"], null["missing"]) == (300, 300, 0)
     assert null["results"] == 300 and null["jobs_per_s"] > 0  # exactly once, timed

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ from worker.sequence import Request
 from worker.tokenizer import Tokenizer
 
 log = structlog.get_logger("ingress")
+
+# The 409 a pull request gets when it asks for more than the consumer's max_batch.
+_MAX_BATCH = re.compile(r"MaxRequestBatch of (\d+)")
 
 
 @dataclass(slots=True)
@@ -199,6 +203,8 @@ class Ingress:
         self.room_changed = asyncio.Event()
         self._request_over = asyncio.Event()
         self._credit = 0  # deliveries the open request may still bring
+        self._refused = False  # the server ended the last request with an error status
+        self.max_batch = 1 << 30  # lowered if the consumer says it caps a pull's batch
         self._inbox = ""
         self._sub = None
         self.stopping = False
@@ -215,12 +221,13 @@ class Ingress:
     async def run(self) -> None:
         expires_ns = int(self.fetch_timeout_s * 1e9)
         while not self.stopping:
-            n = self.room()
+            n = min(self.room(), self.max_batch)
             if n <= 0:
                 self.room_changed.clear()
                 await self.room_changed.wait()
                 continue
             self._credit = self.last_fetch_len = n
+            self._refused = False
             self._request_over.clear()
             self.requests_expire_at = time.monotonic() + self.fetch_timeout_s
             try:
@@ -237,6 +244,8 @@ class Ingress:
                 self._fetch_failed(repr(e))
                 await asyncio.sleep(0.5)
                 continue
+            if self._refused:
+                await asyncio.sleep(0.5)  # a 409 again at once would be a tight loop
             failpoints.hit("ingress.fetch")
 
     def _fetch_failed(self, why: str) -> None:
@@ -253,8 +262,13 @@ class Ingress:
             if status == "100":
                 return
             if status not in ("404", "408"):
-                self._fetch_failed(f"pull request ended: {status} "
-                                   f"{msg.headers.get('Description', '') if msg.headers else ''}")
+                why = msg.headers.get("Description", "") if msg.headers else ""
+                m = _MAX_BATCH.search(why)
+                if m:
+                    # The consumer caps a pull's batch (max_batch): ask for that much from now on.
+                    self.max_batch = max(1, int(m[1]))
+                self._refused = True
+                self._fetch_failed(f"pull request ended: {status} {why}")
             self._request_over.set()
             return
         self._credit -= 1

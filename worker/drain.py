@@ -156,7 +156,7 @@ class Drain:
             return  # late: timed out and handed to the slow path, or aborted
         d = entry[0]
         status = msg.headers.get("Status") if msg.headers else None
-        if status is not None or b'"error"' in msg.data:
+        if status is not None or b'"error":{' in msg.data:
             if status == "503" and not self.results_captured:
                 # No stream captures this subject: its core subscribers got it, done.
                 self.published += 1

@@ -261,7 +261,8 @@ class WorkerCollector(Collector):
             ("pending", len(w.pending), self._max_jobs),
             ("executor_waiting", max(0, inflight_jobs - running), self._max_jobs),
             ("executor_running", running, self._max_jobs),
-            ("drain", drain.queue.qsize() if drain is not None else 0,
+            # Results waiting to be published, and published awaiting their PubAck.
+            ("drain", drain.queue.qsize() + drain.awaiting if drain is not None else 0,
              drain.queue.maxsize if drain is not None else 0),
         ):
             depth.add_metric([stage], n)

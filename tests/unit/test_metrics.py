@@ -60,7 +60,7 @@ def fake_worker(*, connected: bool = True, started: bool = True) -> SimpleNamesp
     if started:
         w.nc = SimpleNamespace(is_connected=connected)
         w.executor = SimpleNamespace(alive=True, scheduler=SimpleNamespace(running=[]))
-        w.drain = SimpleNamespace(queue=queue.Queue(maxsize=1792), acked=0, termed=0, naked=0,
+        w.drain = SimpleNamespace(queue=queue.Queue(maxsize=1792), awaiting=0, acked=0, termed=0, naked=0,
                                   published=0)
         w.ingress = SimpleNamespace(fetched=0)
         w.ready = True

@@ -204,6 +204,7 @@ class Ingress:
         self._request_over = asyncio.Event()
         self._credit = 0  # deliveries the open request may still bring
         self._refused = False  # the server ended the last request with an error status
+        self._failure: BaseException | None = None  # raised from a delivery's hand-on
         self.max_batch = 1 << 30  # lowered if the consumer says it caps a pull's batch
         self._inbox = ""
         self._sub = None
@@ -221,6 +222,8 @@ class Ingress:
     async def run(self) -> None:
         expires_ns = int(self.fetch_timeout_s * 1e9)
         while not self.stopping:
+            if self._failure is not None:
+                raise self._failure
             n = min(self.room(), self.max_batch)
             if n <= 0:
                 self.room_changed.clear()
@@ -275,11 +278,18 @@ class Ingress:
         if self._credit <= 0:
             self._request_over.set()
         self.fetched += 1
-        item = self.validator.check(msg, time.monotonic())
-        if isinstance(item, Ticket):
-            self.on_ticket(item)
-        else:
-            self.on_outcome(item)
+        try:
+            item = self.validator.check(msg, time.monotonic())
+            if isinstance(item, Ticket):
+                self.on_ticket(item)
+            else:
+                self.on_outcome(item)
+        except Exception as e:  # noqa: BLE001 - a bug here must stop the worker, not vanish
+            # nats-py would only log an exception from a callback; the pull loop raises it
+            # instead, and a stage that fails takes the worker down (fatal: all nak'd).
+            self._failure = self._failure or e
+            self._request_over.set()
+            self.room_changed.set()
 
     def stop(self) -> None:
         self.stopping = True

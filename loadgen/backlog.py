@@ -16,12 +16,13 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from loadgen.workload import JobSpec
-from schemas import decode_result, encode
+from schemas import Result, decode_result, encode
 
 _PUBLISH_WINDOW = 2000  # publishes awaiting their PubAck at once
 
@@ -56,12 +57,35 @@ async def publish_backlog(url: str, jobs: Sequence[JobSpec], subject: str, reply
         await nc.close()
 
 
+async def read_results(url: str, subject: str,
+                       results_stream: str = "FABRIC_RESULTS") -> list[tuple[Result, datetime]]:
+    """Every Result the results stream holds on `subject`, with the time the stream stored it."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(
+            subject, stream=results_stream,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0))
+        out: list[tuple[Result, datetime]] = []
+        while True:
+            try:
+                msgs = await sub.fetch(1000, timeout=1.0)
+            except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                break
+            for m in msgs:
+                out.append((decode_result(m.data), m.metadata.timestamp))
+                await m.ack()
+        await sub.unsubscribe()
+        return out
+    finally:
+        await nc.close()
+
+
 async def collect(url: str, results_stream: str, reply_to: str, jobs: Sequence[JobSpec],
                   timeout_s: float) -> BacklogRun:
     """Wait until the results stream holds a Result per job (or the time runs out), then
     read them all back."""
     nc = await nats.connect(url)
-    run = BacklogRun()
     try:
         js = nc.jetstream()
         deadline = time.monotonic() + timeout_s
@@ -70,30 +94,14 @@ async def collect(url: str, results_stream: str, reply_to: str, jobs: Sequence[J
             if (info.state.subjects or {}).get(reply_to, 0) >= len(jobs):
                 break
             await asyncio.sleep(0.2)
-        sub = await js.pull_subscribe(
-            reply_to, stream=results_stream,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0))
-        ids: set[str] = set()
-        first = last = None
-        while True:
-            try:
-                msgs = await sub.fetch(1000, timeout=1.0)
-            except (asyncio.TimeoutError, nats.errors.TimeoutError):
-                break
-            for m in msgs:
-                res = decode_result(m.data)
-                run.results += 1
-                run.ok += res.ok
-                ids.add(res.id)
-                ts = m.metadata.timestamp
-                first = ts if first is None or ts < first else first
-                last = ts if last is None or ts > last else last
-                await m.ack()
-        await sub.unsubscribe()
-        run.unique = len(ids)
-        run.missing = sorted({j.id for j in jobs} - ids)
-        if first is not None and last is not None:
-            run.span_s = (last - first).total_seconds()
     finally:
         await nc.close()
+    results = await read_results(url, reply_to, results_stream)
+    ids = {res.id for res, _ in results}
+    run = BacklogRun(results=len(results), unique=len(ids),
+                     ok=sum(res.ok for res, _ in results),
+                     missing=sorted({j.id for j in jobs} - ids))
+    if results:
+        stamps = [ts for _, ts in results]
+        run.span_s = (max(stamps) - min(stamps)).total_seconds()
     return run

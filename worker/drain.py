@@ -156,12 +156,9 @@ class Drain:
             return  # late: timed out and handed to the slow path, or aborted
         d = entry[0]
         status = msg.headers.get("Status") if msg.headers else None
-        if status is not None or b'"error":{' in msg.data:
-            if status == "503" and not self.results_captured:
-                # No stream captures this subject: its core subscribers got it, done.
-                self.published += 1
-                await self._settle(d, d.settle)
-                return
+        # A 503 when no stream captures reply subjects: its core subscribers got it, done.
+        core_only = status == "503" and not self.results_captured
+        if (status is not None or b'"error":{' in msg.data) and not core_only:
             self._to_slow(d)  # an error PubAck or no stream: retried or given up there
             return
         self.published += 1

@@ -93,6 +93,8 @@ class Hist(Collector):
     def __init__(self, name: str, doc: str, buckets: tuple[float, ...],
                  labelnames: tuple[str, ...] = ()) -> None:
         self.name, self.doc, self.bounds = name, doc, tuple(float(b) for b in buckets)
+        # The `le` labels, as prometheus-client's own Histogram writes them, +Inf last.
+        self._les = [floatToGoString(b) for b in (*self.bounds, float("inf"))]
         self.labelnames = labelnames
         self._series: dict[tuple[str, ...], _Series] = {} if labelnames else {(): _Series(self.bounds)}
 
@@ -107,15 +109,11 @@ class Hist(Collector):
         for values, series in list(self._series.items()):
             counts, total = list(series.counts), series.sum
             cumulative, buckets = 0, []
-            for bound, n in zip((*self.bounds, float("inf")), counts):
+            for le, n in zip(self._les, counts):
                 cumulative += n
-                buckets.append((_le(bound), cumulative))
+                buckets.append((le, cumulative))
             fam.add_metric(list(values), buckets, total)
         yield fam
-
-
-def _le(bound: float) -> str:
-    return floatToGoString(bound)  # what prometheus-client's own Histogram writes
 
 
 class Distributions:

@@ -8,12 +8,14 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import msgpack
 import nats
 import pytest
 
+from loadgen.backlog import read_results
 from loadgen.client import run_jobs
 from loadgen.fleet import WorkerProcess, provision, worker_env
 from loadgen.workload import WorkloadSpec, generate
@@ -59,23 +61,7 @@ def summary_of(log_path: Path) -> dict:
 
 async def results_in_stream(url: str, subject: str) -> dict[str, int]:
     """Count Results per job id held by the results stream on `subject`."""
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        sub = await js.pull_subscribe(subject, stream="FABRIC_RESULTS")
-        counts: dict[str, int] = {}
-        while True:
-            try:
-                msgs = await sub.fetch(500, timeout=1.0)
-            except (asyncio.TimeoutError, nats.errors.TimeoutError):
-                break
-            for m in msgs:
-                rid = decode_result(m.data).id
-                counts[rid] = counts.get(rid, 0) + 1
-                await m.ack()
-        return counts
-    finally:
-        await nc.close()
+    return dict(Counter(res.id for res, _ in await read_results(url, subject)))
 
 
 async def test_ragged_jobs_answered_exactly_once(tmp_engine_toml, workers, nats_url,

@@ -85,9 +85,7 @@ class Executor:
         try:
             reqs = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
             while True:
-                now = time.monotonic()
-                for r in reqs:
-                    self.scheduler.add(r, now)
+                self.scheduler.add_all(reqs, time.monotonic())
                 reqs = self._inbox.get_nowait()
         except queue.Empty:
             pass

@@ -7,6 +7,7 @@ is the sampled token ids, which the scheduler needs to decide who finished.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,30 +47,41 @@ class _Builder:
         self.attn_padded = 0
 
     def prefill(self, seqs: list[Sequence], pad_to: int) -> None:
-        """Whole prompts; with `pad_to`, each is padded to that many rows (static batching)."""
-        lens = np.array([len(s.req.prompt) for s in seqs], dtype=np.int64)  # [B]
-        rows = np.maximum(lens, pad_to)  # [B] rows each sequence occupies
+        """Whole prompts; with `pad_to`, each is padded to that many rows (static batching).
+
+        Vectorized over the lane: the per-sequence Python is a length, a chain over the
+        prompt ids and one slice of KV slots each (host time per step is device idle time)."""
+        b = len(seqs)
+        lens = np.fromiter((len(s.req.prompt) for s in seqs), np.int64, b)  # [B]
+        rows = np.maximum(lens, pad_to) if pad_to else lens  # [B] rows each sequence occupies
         width = int(rows.max())
-        starts = self.rows + np.concatenate(([0], np.cumsum(rows)[:-1]))  # [B]
+        ends = np.cumsum(rows)
+        starts = self.rows + ends - rows  # [B]
         ar = np.arange(width, dtype=np.int64)  # [W]
         valid = ar[None, :] < rows[:, None]  # [B, W] rows that exist in the packed tensor
+        real = ar[None, :] < lens[:, None] if pad_to else valid  # [B, W] prompt tokens
+        total = int(lens.sum())
+        # Row-major boolean assignment fills each sequence's row in order: exactly the
+        # concatenation of the prompts (and of their first len(prompt) KV slots).
+        kv_slots = np.full((b, width), SCRATCH_SLOT, dtype=np.int64)  # [B, W]
+        kv_slots[real] = np.concatenate([s.slots[:n] for s, n in zip(seqs, lens.tolist())])
+        tokens = np.fromiter(itertools.chain.from_iterable(s.req.prompt for s in seqs),
+                             np.int64, total)
+        if pad_to:
+            padded = np.zeros((b, width), dtype=np.int64)
+            padded[real] = tokens
+            tokens = padded[valid]
+        self.tokens.append(tokens)
+        self.positions.append(np.broadcast_to(ar, (b, width))[valid])
+        self.slots.append(kv_slots[valid])  # padding rows write to scratch
         q_rows = np.where(valid, starts[:, None] + ar[None, :], 0)  # [B, W]
-        kv_slots = np.full((len(seqs), width), SCRATCH_SLOT, dtype=np.int64)  # [B, W]
-        for i, s in enumerate(seqs):
-            n, w = int(lens[i]), int(rows[i])
-            kv_slots[i, :n] = s.slots[:n]
-            pad = w - n
-            self.tokens.append(np.concatenate((np.asarray(s.req.prompt, dtype=np.int64),
-                                               np.zeros(pad, dtype=np.int64))))
-            self.positions.append(ar[:w])
-            self.slots.append(np.concatenate((s.slots[:n], np.full(pad, SCRATCH_SLOT))))
         out_sel = np.flatnonzero(valid)
         self.groups.append(dict(kv_slots=kv_slots, mask=None, q_rows=q_rows,
                                 out_rows=q_rows.reshape(-1)[out_sel], out_sel=out_sel))
         self.logit_rows.extend((starts + lens - 1).tolist())
-        self.rows += int(rows.sum())
+        self.rows += int(ends[-1])
         self.attn_real += int((lens * (lens + 1) // 2).sum())
-        self.attn_padded += len(seqs) * width * (width + 1) // 2  # causal: the lower triangle
+        self.attn_padded += b * width * (width + 1) // 2  # causal: the lower triangle
 
     def decode(self, seqs: list[Sequence]) -> None:
         """One row per sequence. Reorders `seqs` in place so that each attention group is
@@ -92,11 +104,11 @@ class _Builder:
             stop = start + len(g)
             lens = np.array(ctx[start - first: stop - first], dtype=np.int64)  # [G]
             width = int(lens[0])  # groups are sorted longest first
-            kv_slots = np.full((len(g), width), SCRATCH_SLOT, dtype=np.int64)  # [G, K]
-            for j in range(len(g)):
-                n = int(lens[j])
-                kv_slots[j, :n] = seqs[start - first + j].slots[:n]
             mask = np.arange(width)[None, :] < lens[:, None]  # [G, K]
+            kv_slots = np.full((len(g), width), SCRATCH_SLOT, dtype=np.int64)  # [G, K]
+            kv_slots[mask] = np.concatenate([seqs[i].slots[:n] for i, n in
+                                             zip(range(start - first, stop - first),
+                                                 ctx[start - first: stop - first])])
             self.groups.append(dict(kv_slots=kv_slots, mask=mask[:, None, None, :],
                                     rows=(start, stop)))
             self.attn_real += int(lens.sum())

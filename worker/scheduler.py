@@ -21,8 +21,10 @@ Pure Python on plain data: tested without a model or a device.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -74,17 +76,31 @@ class Scheduler:
 
     def add(self, req: Request, now: float) -> None:
         """Reserve the request's blocks and queue it in its lane. OutOfBlocks is a bug upstream."""
-        blocks = np.asarray(self.allocator.allocate(req.key, req.reserved_tokens // self.block_size),
-                            dtype=np.int64)
-        offs = np.arange(self.block_size, dtype=np.int64)
-        slots = (blocks[:, None] * self.block_size + offs[None, :]).reshape(-1)
+        self.add_all((req,), now)
+
+    def add_all(self, reqs: Iterable[Request], now: float) -> None:
+        """`add` for a submission at once: one numpy pass maps all their blocks to KV slots."""
+        reqs = list(reqs)
+        bs = self.block_size
+        blocks = [self.allocator.allocate(r.key, r.reserved_tokens // bs) for r in reqs]
+        flat = np.fromiter(itertools.chain.from_iterable(blocks), np.int64,
+                           sum(map(len, blocks)))
+        slots = (flat[:, None] * bs + np.arange(bs, dtype=np.int64)[None, :]).reshape(-1)
         # Static policies other than `lanes` ignore length: one lane, arrival order.
-        lane = lane_of(len(req.prompt)) if self.policy in ("continuous", "lanes") else 0
-        seq = Sequence(req=req, slots=slots, lane=lane, waiting_since=now)
-        if req.solo:
-            self.solo.append(seq)
-        else:
-            self.lanes.setdefault(seq.lane, deque()).append(seq)
+        by_length = self.policy in ("continuous", "lanes")
+        at = 0
+        for req, got in zip(reqs, blocks):
+            n = len(got) * bs
+            seq = Sequence(req=req, slots=slots[at:at + n],
+                           lane=lane_of(len(req.prompt)) if by_length else 0, waiting_since=now)
+            at += n
+            if req.solo:
+                self.solo.append(seq)
+            else:
+                q = self.lanes.get(seq.lane)
+                if q is None:
+                    q = self.lanes[seq.lane] = deque()
+                q.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.running or self.solo or self.lanes)

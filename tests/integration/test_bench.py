@@ -29,3 +29,15 @@ def test_ladder_smoke(tmp_path) -> None:
     on_disk = json.loads((tmp_path / "ladder.json").read_text())
     assert on_disk["machine"]["cores"] and on_disk["rungs"].keys() == rungs.keys()
     assert "| 4 | continuous |" in (tmp_path / "ladder.md").read_text()
+    # The null model runs with one intra-op thread (nothing to compute in parallel), and
+    # every worker with the 1 ms GIL switch interval.
+    null_ready = _event(tmp_path / "work" / "null-0.log", "engine_ready")
+    assert null_ready["intra_op_threads"] == 1 and null_ready["gil_switch_ms"] == 1.0
+    assert _event(tmp_path / "work" / "r4-0.log", "engine_ready")["gil_switch_ms"] == 1.0
+
+
+def _event(log_path, event: str) -> dict:
+    for line in log_path.read_text().splitlines():
+        if f'"{event}"' in line:
+            return json.loads(line)
+    raise AssertionError(f"no {event} in {log_path}")

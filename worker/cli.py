@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import socket
 import sys
@@ -151,6 +152,26 @@ async def _dlq(cfg: EngineConfig, args: argparse.Namespace) -> int:
         await nc.close()
 
 
+# Young-generation collections every this many net allocations (Python's default is 700).
+GC_GEN0 = 20_000
+
+
+def _settle_heap() -> None:
+    """Freeze what start-up made and collect young garbage in bigger, rarer passes.
+
+    Once the model is loaded the process holds about 200,000 tracked objects (torch,
+    pydantic's schemas, nats-py), nearly all of them for good, and a full collection walks
+    every one: 80 ms here, holding the GIL, so the event loop and the executor both stop.
+    At Python's thresholds a steady stream of jobs triggers one several times a second.
+    `gc.freeze()` moves everything alive now out of the collector's sight for good; the
+    bigger young generation makes the collections that remain rarer, over objects that
+    are mostly garbage already. Null model: 14.8k -> 18.5k jobs/s (means of three
+    interleaved runs, 2-core CPU). Reference cycles made later are still collected."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0, 50, 100)
+
+
 def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     if args.cpus:
         # Before torch starts its thread pool: every thread it makes inherits the mask.
@@ -196,11 +217,13 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
         cfg = cfg.model_copy(update={"low_water": cfg.token_budget - 1})
     if args.policy != "continuous":
         log.warning("bench_policy", policy=args.policy, low_water=cfg.low_water)
+    _settle_heap()
     log.info("engine_ready", model=engine.loaded.name, params=engine.loaded.args.num_params(),
              kv_pool_mib=round(engine.pool.nbytes / 2**20, 1), kv_blocks=engine.pool.num_blocks,
              block_size=engine.block_size, max_step_tokens=engine.max_step_tokens,
              intra_op_threads=torch.get_num_threads(),
-             gil_switch_ms=round(sys.getswitchinterval() * 1e3, 3))
+             gil_switch_ms=round(sys.getswitchinterval() * 1e3, 3), gc_frozen=gc.get_freeze_count(),
+             gc_thresholds=gc.get_threshold())
     opts = Options(worker_id=args.worker_id, grace_s=args.grace_s,
                    solo_from_attempt=args.solo_from_attempt, burst=args.burst,
                    connect_give_up_s=args.connect_give_up_s, step_timeout_s=args.step_timeout_s,

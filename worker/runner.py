@@ -123,9 +123,13 @@ class Runner:
         self.model = model
         self.kv = kv_pool
         self.device = device
+        self._on_cpu = device.type == "cpu"
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(self.device, non_blocking=True)
+        t = torch.from_numpy(a)
+        # On the CPU `.to` is a no-op that still drops and retakes the GIL (every torch call
+        # does), handing the event loop's thread a wait each time: skip it.
+        return t if self._on_cpu else t.to(self.device, non_blocking=True)
 
     def prepare(self, plan: StepPlan) -> tuple[StepInput, SamplingBatch, StepShape]:
         b = _Builder()

@@ -195,6 +195,49 @@ def test_scheduler_abort_returns_every_block() -> None:
     assert s.allocator.used_blocks == 0 and not s.has_work()
 
 
+def test_add_all_is_add_one_by_one() -> None:
+    reqs = [_req(1, 5, 3), _req(2, 40, 30), _req(3, 7, 1, solo=True), _req(4, 100, 60)]
+    one, many = _sched(), _sched()
+    for r in reqs:
+        one.add(r, 0.0)
+    many.add_all(reqs, 0.0)
+
+    def view(s: Scheduler) -> dict:
+        seqs = [x for q in s.lanes.values() for x in q] + list(s.solo)
+        return {x.req.key: (x.lane, x.slots.tolist()) for x in seqs}
+    assert view(one) == view(many)
+    assert [x.req.key for x in many.solo] == [3]
+    # Every reserved token has its own slot: block * 16 + offset, no slot shared.
+    slots = [t for _, sl in view(many).values() for t in sl]
+    assert len(slots) == len(set(slots)) == sum(r.reserved_tokens for r in reqs)
+
+
+def test_padded_prefill_rows() -> None:
+    from worker.runner import SCRATCH_SLOT, _Builder
+
+    s = _sched()
+    a = Request(key=1, prompt=[11, 12], max_new_tokens=1, reserved_tokens=16, temperature=0.0,
+                top_k=0, top_p=1.0, seed=0, stop_ids=frozenset())
+    b = Request(key=2, prompt=[21, 22, 23, 24], max_new_tokens=1, reserved_tokens=16,
+                temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_ids=frozenset())
+    s.add_all([a, b], 0.0)
+    seqs = [x for q in s.lanes.values() for x in q]
+    seqs.sort(key=lambda x: x.req.key)
+    bld = _Builder()
+    bld.prefill(seqs, pad_to=4)  # static batching: both padded to 4 rows
+    assert bld.tokens[0].tolist() == [11, 12, 0, 0, 21, 22, 23, 24]
+    assert bld.positions[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    sa, sb = seqs[0].slots.tolist(), seqs[1].slots.tolist()
+    assert bld.slots[0].tolist() == sa[:2] + [SCRATCH_SLOT] * 2 + sb[:4]
+    assert bld.logit_rows == [1, 7] and bld.rows == 8
+    g = bld.groups[0]
+    assert g["kv_slots"].tolist() == [sa[:2] + [SCRATCH_SLOT] * 2, sb[:4]]
+    bld2 = _Builder()
+    bld2.prefill(seqs, pad_to=0)  # packed: no padding rows at all
+    assert bld2.tokens[0].tolist() == [11, 12, 21, 22, 23, 24]
+    assert bld2.positions[0].tolist() == [0, 1, 0, 1, 2, 3] and bld2.logit_rows == [1, 5]
+
+
 def test_cli_policy_choices_match_the_scheduler() -> None:
     from worker import cli, scheduler
 

@@ -162,7 +162,8 @@ def _settle_heap() -> None:
     Once the model is loaded the process holds about 200,000 tracked objects (torch,
     pydantic's schemas, nats-py), nearly all of them for good, and a full collection walks
     every one: 80 ms here, holding the GIL, so the event loop and the executor both stop.
-    At Python's thresholds a steady stream of jobs triggers one several times a second.
+    A 30,000-job null-model run, start-up included, made 8 of them (0.63 s) at Python's
+    thresholds, and 4 (0.20 s, all during start-up) with this.
     `gc.freeze()` moves everything alive now out of the collector's sight for good; the
     bigger young generation makes the collections that remain rarer, over objects that
     are mostly garbage already. Null model: 14.8k -> 18.5k jobs/s (means of three

@@ -97,9 +97,11 @@ class EmbeddedNats:
         health_path: str = "/healthz",
         start_timeout_s: float = 15.0,
         binary: str | os.PathLike[str] | None = None,
+        js_domain: str | None = None,
     ) -> None:
         self._binary = Path(binary) if binary is not None else find_nats_server()
         self._extra_config = extra_config
+        self._js_domain = js_domain
         self._health_path = health_path
         self._start_timeout_s = start_timeout_s
         self._fixed_ports = port is not None or monitor_port is not None
@@ -215,8 +217,10 @@ class EmbeddedNats:
         return (
             f"listen: 127.0.0.1:{self._port}\n"
             f"http: 127.0.0.1:{self._monitor_port}\n"
-            f'jetstream {{\n  store_dir: "{store}"\n}}\n'
-            f"{self._extra_config}\n"
+            f'jetstream {{\n  store_dir: "{store}"\n'
+            + (f"  domain: {self._js_domain}\n" if self._js_domain else "")
+            + "}\n"
+            + f"{self._extra_config}\n"
         )
 
     def _launch(self) -> bool:

@@ -133,12 +133,13 @@ class Worker:
         self._stop = loop.create_future()
         self.nc = await connect(self.cfg.nats_url, self.opts.worker_id, self.security,
                                 self.opts.connect_give_up_s)
-        self.js = self.nc.jetstream()
+        self.js = self.nc.jetstream(domain=self.topo.js_domain)
         self.verified: Verified = await verify(self.js, self.topo)
         self.limits = dataclasses.replace(self.limits, max_deliver=self.verified.max_deliver)
         log.info("topology_verified", ack_wait_s=self.verified.ack_wait_s,
                  max_deliver=self.verified.max_deliver, solo_from_attempt=self.opts.solo_from_attempt,
-                 dead_letters=self.topo.dlq_subject, security=self.security.describe(),
+                 dead_letters=self.topo.dlq_subject, js_domain=self.topo.js_domain,
+                 security=self.security.describe(),
                  failpoints=failpoints.armed() or None)
         self.executor = Executor(
             self.engine,
@@ -157,7 +158,7 @@ class Worker:
         self.ingress = Ingress(self.nc, self.topo.jobs_stream, self.topo.consumer,
                                Validator(self.limits, self.engine.loaded.tokenizer),
                                self._room, self._on_ticket, self._on_outcome,
-                               fetch_timeout_s=FETCH_TIMEOUT_S)
+                               fetch_timeout_s=FETCH_TIMEOUT_S, api_prefix=self.topo.api_prefix)
         await self.ingress.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig.name)

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import gc
 import os
+import re
 import socket
 import sys
 
@@ -33,7 +34,15 @@ def _topology(cfg: EngineConfig, args: argparse.Namespace) -> Topology:
                     results_prefix=args.result_prefix, ack_wait_s=args.ack_wait_s,
                     replicas=getattr(args, "replicas", 1),
                     max_ack_pending=getattr(args, "max_ack_pending", 20000),
-                    max_deliver=getattr(args, "max_deliver", 5))
+                    max_deliver=getattr(args, "max_deliver", 5),
+                    js_domain=args.js_domain or None)
+
+
+def _domain_name(text: str) -> str:
+    if text and not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JetStream domain name "
+                                         "(letters, digits, '-' and '_')")
+    return text
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -44,6 +53,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-prefix", default="fabric.results.",
                    help="a job's reply_to must start with this")
     p.add_argument("--ack-wait-s", type=float, default=30.0)
+    p.add_argument("--js-domain", type=_domain_name, default=os.environ.get("FABRIC_JS_DOMAIN", ""),
+                   help="JetStream domain that holds the streams (or FABRIC_JS_DOMAIN), e.g. a "
+                        "hub's, when connecting through a leaf node; default: the server's own")
     p.add_argument("--connect-give-up-s", type=float,
                    default=float(os.environ.get("FABRIC_CONNECT_GIVE_UP_S", 30.0)),
                    help="first connect: retry this long, then exit 2 (a refusal exits at once)")
@@ -115,8 +127,9 @@ def _security(args: argparse.Namespace) -> Security:
 
 async def _provision(cfg: EngineConfig, args: argparse.Namespace) -> int:
     nc = await connect(cfg.nats_url, "fabric-provision", _security(args), args.connect_give_up_s)
+    topo = _topology(cfg, args)
     try:
-        for line in await provision(nc.jetstream(), _topology(cfg, args)):
+        for line in await provision(nc.jetstream(domain=topo.js_domain), topo):
             print(line)
     finally:
         await nc.close()
@@ -129,7 +142,7 @@ async def _dlq(cfg: EngineConfig, args: argparse.Namespace) -> int:
     topo = _topology(cfg, args)
     nc = await connect(cfg.nats_url, "fabric-dlq", _security(args), args.connect_give_up_s)
     try:
-        js = nc.jetstream()
+        js = nc.jetstream(domain=topo.js_domain)
         records = await list_dead_letters(js, topo)
         if args.action == "list":
             print(f"# {len(records)} dead letter(s) on {topo.dlq_stream} {topo.dlq_subject}")

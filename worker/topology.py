@@ -42,6 +42,14 @@ class Topology:
     max_ack_pending: int = 20000
     replicas: int = 1
     duplicate_window_s: float = 120.0  # results published again after a replay are dropped
+    # The JetStream domain that holds these streams, when it is not the one the server we
+    # connect to answers for (a leaf node with its own JetStream, a hub's domain): every
+    # API call and the pull requests go to `$JS.<domain>.API`. None: the local JetStream.
+    js_domain: str | None = None
+
+    @property
+    def api_prefix(self) -> str:
+        return f"$JS.{self.js_domain}.API" if self.js_domain else "$JS.API"
 
     @property
     def dlq_subject(self) -> str:

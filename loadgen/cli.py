@@ -337,8 +337,11 @@ def _cmd_soak(args: argparse.Namespace) -> int:
                  log=lambda m: print(m, file=sys.stderr, flush=True))
     g = r["rss"]
     print(f"soak {args.duration:.0f} s: {r['jobs_ok']} jobs ok, {r['jobs_error']} errors, "
-          f"{r['useful_tokens_per_s']:.0f} useful tok/s; worker RSS {g['baseline_rss_mib']:.1f} "
-          f"-> {g['final_rss_mib']:.1f} MiB after warm-up ({100 * g['growth_fraction']:+.2f}%)")
+          f"{r['useful_tokens_per_s']:.0f} useful tok/s; worker RSS after warm-up: median "
+          f"{g['baseline_rss_mib']:.1f} -> {g['final_rss_mib']:.1f} MiB "
+          f"({100 * g['growth_fraction']:+.2f}%), fitted trend {100 * g['trend_fraction']:+.2f}% "
+          f"over the run, peak {g['first_half_max_mib']:.1f} -> {g['second_half_max_mib']:.1f} MiB "
+          f"(first half, second half), range {g['min_rss_mib']:.1f}-{g['max_rss_mib']:.1f} MiB")
     return 0 if r["jobs_error"] == 0 and r["duplicates"] == 0 else 1
 
 

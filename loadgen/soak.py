@@ -4,8 +4,8 @@ Rule: the worker must not grow. The KV pool and the model are allocated at start
 every queue is bounded, so after warm-up the resident set should be flat; a leak (a map
 that is never pruned, a tensor kept per job) shows up here as a slope. The load is a closed
 loop with more jobs outstanding than the budget admits, so jobs always wait for admission
-and the worker never idles. Growth is the median RSS of the last window over the median of
-the first window after warm-up.
+and the worker never idles. Growth is read three ways (`growth`): last window's median over
+the first's, the fitted trend, and each half's peak.
 """
 
 from __future__ import annotations
@@ -51,16 +51,32 @@ class RssSampler(threading.Thread):
 
 
 def growth(samples: list[tuple[float, int]], warmup_s: float, window_s: float) -> dict[str, Any]:
+    """Three readings of the RSS after warm-up, for three kinds of memory behaviour.
+
+    - `growth_fraction`: the median of the last window over the median of the first. Right
+      for a flat resident set; when the allocator swings the RSS up and down (glibc giving
+      pages back and taking them again), it says whatever the two windows' phases say.
+    - `trend_fraction`: a least-squares line through every sample after warm-up, its rise
+      over the run relative to where it starts. A leak is a slope; a swing is not.
+    - the peak of each half: a leak raises the second half's high-water mark.
+    """
     after = [(t, r) for t, r in samples if t >= warmup_s]
-    if not after:
-        return {"growth_fraction": None}
+    if len(after) < 2:
+        return {"growth_fraction": None, "trend_fraction": None}
     first = [r for t, r in after if t < warmup_s + window_s]
     last_t = after[-1][0]
     last = [r for t, r in after if t > last_t - window_s]
     base, end = statistics.median(first), statistics.median(last)
+    ts, rs = [t for t, _ in after], [r for _, r in after]
+    slope, intercept = statistics.linear_regression(ts, rs)
+    fit_start = intercept + slope * ts[0]
+    half = len(rs) // 2
     return {"baseline_rss_mib": base / 2**20, "final_rss_mib": end / 2**20,
-            "max_rss_mib": max(r for _, r in after) / 2**20,
-            "growth_fraction": (end - base) / base}
+            "max_rss_mib": max(rs) / 2**20, "min_rss_mib": min(rs) / 2**20,
+            "growth_fraction": (end - base) / base,
+            "trend_fraction": slope * (ts[-1] - ts[0]) / fit_start,
+            "first_half_max_mib": max(rs[:half]) / 2**20,
+            "second_half_max_mib": max(rs[half:]) / 2**20}
 
 
 def run_soak(cfg: BenchConfig, duration_s: float, out: Path, warmup_s: float = 120.0,

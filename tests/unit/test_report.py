@@ -4,6 +4,7 @@ no HTTP, exact numbers."""
 from __future__ import annotations
 
 import json
+import math
 import time
 import urllib.error
 from pathlib import Path
@@ -313,3 +314,25 @@ def test_worker_metrics_in_the_report_and_the_table() -> None:
     table = format_report(r)
     assert "0.900 mean while queued (1 of 2 samples; 0.450 over all)" in table
     assert "compute 0.100 this run" in table and "http://w0:9400/metrics" in table
+
+
+def test_soak_growth_reads_a_leak_a_flat_line_and_a_swing() -> None:
+    from loadgen.soak import growth
+
+    mib = 2**20
+    flat = [(t, 400 * mib) for t in range(0, 1800, 5)]
+    g = growth(flat, 120, 120)
+    assert g["growth_fraction"] == 0 and abs(g["trend_fraction"]) < 1e-9
+    leak = [(t, int((400 + t / 60) * mib)) for t in range(0, 1800, 5)]  # +1 MiB a minute
+    g = growth(leak, 120, 120)
+    assert 0.06 < g["trend_fraction"] < 0.07 and 0.06 < g["growth_fraction"] < 0.07
+    assert g["second_half_max_mib"] > g["first_half_max_mib"]
+    # A swing of +-30 MiB around a flat 400 (the allocator giving pages back and taking
+    # them again) whose first window after warm-up is a trough and last one a crest: the
+    # window medians read +11 %, the fitted trend and the half peaks see no growth.
+    swing = [(t, int((400 - 30 * math.cos(2 * math.pi * (t - 120) / 480)) * mib))
+             for t in range(0, 1800, 5)]
+    g = growth(swing, 120, 120)
+    assert g["growth_fraction"] > 0.1
+    assert abs(g["trend_fraction"]) < 0.01
+    assert round(g["first_half_max_mib"]) == round(g["second_half_max_mib"]) == 430

@@ -54,8 +54,8 @@ def growth(samples: list[tuple[float, int]], warmup_s: float, window_s: float) -
     """Three readings of the RSS after warm-up, for three kinds of memory behaviour.
 
     - `growth_fraction`: the median of the last window over the median of the first. Right
-      for a flat resident set; when the allocator swings the RSS up and down (glibc giving
-      pages back and taking them again), it says whatever the two windows' phases say.
+      for a flat resident set; when the RSS swings up and down (the allocator returning
+      pages and taking them again), it says whatever the two windows' phases say.
     - `trend_fraction`: a least-squares line through every sample after warm-up, its rise
       over the run relative to where it starts. A leak is a slope; a swing is not.
     - the peak of each half: a leak raises the second half's high-water mark.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -79,6 +80,12 @@ async def read_results(url: str, subject: str,
         return out
     finally:
         await nc.close()
+
+
+async def result_counts(url: str, subject: str,
+                        results_stream: str = "FABRIC_RESULTS") -> dict[str, int]:
+    """How many Results the results stream holds per job id on `subject`."""
+    return dict(Counter(res.id for res, _ in await read_results(url, subject, results_stream)))
 
 
 async def collect(url: str, results_stream: str, reply_to: str, jobs: Sequence[JobSpec],

@@ -110,8 +110,7 @@ def kernel_ceiling(cfg: BenchConfig, jobs: list[JobSpec], completions: dict[str,
     total = sum(r.reserved_tokens for r in reqs)
     eng = build_engine(cfg.model, cfg.device, cfg.dtype, total, cfg.max_seq_len)
     sched, runner = eng.scheduler(), eng.runner()
-    for r in reqs:
-        sched.add(r, 0.0)
+    sched.add_all(reqs, 0.0)
     seqs = sorted((s for q in sched.lanes.values() for s in q), key=lambda s: s.lane)
     sched.lanes.clear()
     concurrency = max(1, round(cfg.token_budget / (total / len(reqs))))
@@ -149,9 +148,10 @@ def kernel_ceiling(cfg: BenchConfig, jobs: list[JobSpec], completions: dict[str,
             "useful_tokens_per_s": useful / wall}
 
 
-def _summary(log_path: Path) -> dict[str, Any]:
+def log_event(log_path: Path, event: str) -> dict[str, Any]:
+    """The last `event` line of a worker's JSON log, parsed ({} if there is none)."""
     for line in reversed(log_path.read_text().splitlines()):
-        if '"worker_summary"' in line:
+        if f'"{event}"' in line:
             return json.loads(line)
     return {}
 
@@ -181,7 +181,7 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
     asyncio.run(delete_streams(broker.url, stream))
     rep = build_report(stats)
     log = work / f"{name}-0.log"
-    s = _summary(log)
+    s = log_event(log, "worker_summary")
     return {
         "policy": policy, "jobs": len(jobs), "jobs_ok": rep["jobs_ok"], "wall_s": rep["wall_s"],
         "jobs_per_s": rep["jobs_per_s"], "useful_tokens_per_s": rep["useful_tokens_per_s"],

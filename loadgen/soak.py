@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from loadgen.arrivals import Closed
-from loadgen.bench import BenchConfig, _summary, machine
+from loadgen.bench import BenchConfig, log_event, machine
 from loadgen.broker import EmbeddedNats
 from loadgen.client import run_jobs
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml
@@ -108,7 +108,8 @@ def run_soak(cfg: BenchConfig, duration_s: float, out: Path, warmup_s: float = 1
         "jobs_ok": rep["jobs_ok"], "jobs_error": rep["jobs_error"],
         "useful_tokens_per_s": rep["useful_tokens_per_s"], "duplicates": rep["duplicates"],
         "rss": growth(sampler.samples, warmup_s, window_s),
-        "rss_samples": sampler.samples, "worker_summary": _summary(out / "soak-worker.log"),
+        "rss_samples": sampler.samples,
+        "worker_summary": log_event(out / "soak-worker.log", "worker_summary"),
     }
     (out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

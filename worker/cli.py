@@ -187,32 +187,32 @@ def _settle_heap() -> None:
 
 
 def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
+    threads = None  # torch's intra-op threads; None: torch's own choice
     if args.cpus:
         # Before torch starts its thread pool: every thread it makes inherits the mask.
         cpus = {int(c) for c in args.cpus.split(",")}
         os.sched_setaffinity(0, cpus)
-        os.environ.setdefault("OMP_NUM_THREADS", str(len(cpus)))
+        threads = len(cpus)
+    elif cfg.model == "builtin:null":
+        # The null model has nothing to compute in parallel: one intra-op thread, or an
+        # OpenMP team spins on the other core and takes it from the broker path the null
+        # model exists to measure (about 10 % of its jobs/s on 2 cores).
+        threads = 1
+    if threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     # The event loop and the executor thread share one GIL. When the loop wakes (a socket is
     # readable) while the executor runs Python (building a step), it waits for the switch
     # interval before it may run; at Python's 5 ms the broker path stalls for whole
     # milliseconds per wake-up. 1 ms: the null model's jobs/s +13 % (13.0k -> 15.0k, four
     # interleaved runs each), the builtin model's rung 4 +2 %.
     sys.setswitchinterval(args.gil_switch_ms / 1000)
-    null_model = cfg.model == "builtin:null"
-    if null_model:
-        # The null model has nothing to compute in parallel: one intra-op thread, or an
-        # OpenMP team spins on the other core and takes it from the broker path the null
-        # model exists to measure (about 10 % of its jobs/s on 2 cores).
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     from worker.app import Options, Worker
     from worker.engine import EngineError, build_engine_off_main
 
-    if args.cpus:
-        torch.set_num_threads(len(cpus))
-    elif null_model:
-        torch.set_num_threads(1)
+    if threads:
+        torch.set_num_threads(threads)
     obs = None
     if args.metrics_port:
         # Listen before the model loads, so /healthz answers (and /readyz says why not) early.

@@ -120,9 +120,7 @@ def build_engine_off_main(*args, **kwargs) -> Engine:
 def generate(engine: Engine, reqs: list[Request]) -> list[Completion]:
     """Run requests to completion in this thread, all admitted at once (they must fit)."""
     sched, runner = engine.scheduler(), engine.runner()
-    now = time.monotonic()
-    for r in reqs:
-        sched.add(r, now)
+    sched.add_all(reqs, time.monotonic())
     done: list[Completion] = []
     while sched.has_work():
         plan = sched.schedule()

@@ -102,13 +102,13 @@ class _Builder:
         start = first
         for g in groups:
             stop = start + len(g)
-            lens = np.array(ctx[start - first: stop - first], dtype=np.int64)  # [G]
+            group_ctx = ctx[start - first: stop - first]
+            lens = np.array(group_ctx, dtype=np.int64)  # [G]
             width = int(lens[0])  # groups are sorted longest first
             mask = np.arange(width)[None, :] < lens[:, None]  # [G, K]
             kv_slots = np.full((len(g), width), SCRATCH_SLOT, dtype=np.int64)  # [G, K]
-            kv_slots[mask] = np.concatenate([seqs[i].slots[:n] for i, n in
-                                             zip(range(start - first, stop - first),
-                                                 ctx[start - first: stop - first])])
+            kv_slots[mask] = np.concatenate([s.slots[:n] for s, n in
+                                             zip(seqs[start - first: stop - first], group_ctx)])
             self.groups.append(dict(kv_slots=kv_slots, mask=mask[:, None, None, :],
                                     rows=(start, stop)))
             self.attn_real += int(lens.sum())

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from loadgen.bench import BenchConfig, run_bench
+from loadgen.bench import BenchConfig, log_event, run_bench
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,14 +31,8 @@ def test_ladder_smoke(tmp_path) -> None:
     assert "| 4 | continuous |" in (tmp_path / "ladder.md").read_text()
     # The null model runs with one intra-op thread (nothing to compute in parallel), and
     # every worker with the 1 ms GIL switch interval and its start-up heap frozen.
-    null_ready = _event(tmp_path / "work" / "null-0.log", "engine_ready")
+    null_ready = log_event(tmp_path / "work" / "null-0.log", "engine_ready")
     assert null_ready["intra_op_threads"] == 1 and null_ready["gil_switch_ms"] == 1.0
     assert null_ready["gc_frozen"] > 10_000 and null_ready["gc_thresholds"][0] == 20_000
-    assert _event(tmp_path / "work" / "r4-0.log", "engine_ready")["gil_switch_ms"] == 1.0
+    assert log_event(tmp_path / "work" / "r4-0.log", "engine_ready")["gil_switch_ms"] == 1.0
 
-
-def _event(log_path, event: str) -> dict:
-    for line in log_path.read_text().splitlines():
-        if f'"{event}"' in line:
-            return json.loads(line)
-    raise AssertionError(f"no {event} in {log_path}")

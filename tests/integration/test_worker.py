@@ -8,14 +8,13 @@ import json
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import msgpack
 import nats
 import pytest
 
-from loadgen.backlog import read_results
+from loadgen.backlog import result_counts
 from loadgen.client import run_jobs
 from loadgen.fleet import WorkerProcess, provision, worker_env
 from loadgen.workload import WorkloadSpec, generate
@@ -59,11 +58,6 @@ def summary_of(log_path: Path) -> dict:
     raise AssertionError(f"no worker_summary in {log_path}")
 
 
-async def results_in_stream(url: str, subject: str) -> dict[str, int]:
-    """Count Results per job id held by the results stream on `subject`."""
-    return dict(Counter(res.id for res, _ in await read_results(url, subject)))
-
-
 async def test_ragged_jobs_answered_exactly_once(tmp_engine_toml, workers, nats_url,
                                                  reference_engine) -> None:
     cfg = tmp_engine_toml()
@@ -83,7 +77,7 @@ async def test_ragged_jobs_answered_exactly_once(tmp_engine_toml, workers, nats_
         ref = reference_tokens(reference_engine, j.to_job("fabric.results.x"))
         got = stats.outcomes[jid]
         assert got.completion_tokens == len(ref)
-    counts = await results_in_stream(nats_url, "fabric.results.ragged")
+    counts = await result_counts(nats_url, "fabric.results.ragged")
     assert counts == {j.id: 1 for j in jobs}
 
 

@@ -138,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--token-budget", type=int, default=8192)
     bench.add_argument("--low-water", type=int, default=6144)
     bench.add_argument("--max-seq-len", type=int, default=1088)
-    bench.add_argument("--rungs", default="0,1,2,3,4", help="comma-separated rung numbers")
+    bench.add_argument("--rungs", default="",
+                       help="comma-separated rung numbers (default 0-4 on the CPU, 0-5 on CUDA)")
     bench.add_argument("--serial-jobs", type=int, default=0,
                        help="run rung 0 on the first N jobs only (0 = all)")
     bench.add_argument("--null-jobs", type=int, default=20000,
@@ -346,12 +347,13 @@ def _cmd_soak(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from loadgen.bench import BenchConfig, run_bench
+    from loadgen.bench import BenchConfig, default_rungs, run_bench
 
     cfg = BenchConfig(jobs=args.jobs, seed=args.seed, model=args.model, device=args.device,
                       dtype=args.dtype, token_budget=args.token_budget, low_water=args.low_water,
                       max_seq_len=args.max_seq_len,
-                      rungs=tuple(int(r) for r in args.rungs.split(",") if r),
+                      rungs=tuple(int(r) for r in args.rungs.split(",") if r)
+                      or default_rungs(args.device),
                       serial_jobs=args.serial_jobs, null_jobs=args.null_jobs,
                       fleet_jobs=args.fleet_jobs)
     result = run_bench(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -27,6 +27,7 @@ EXIT_CONFIG = 2  # bad config, model, topology or credentials: fix and restart, 
 EXIT_FATAL = 1  # a fault at run time: held jobs were nak'd; restart me
 # worker.scheduler.POLICIES, spelled out so that `provision` never imports torch.
 POLICIES = ("serial", "window", "budget", "lanes", "continuous")
+RUNNER_MODES = ("eager", "pipelined")  # worker.runner.RUNNER_MODES, for the same reason
 
 
 def _topology(cfg: EngineConfig, args: argparse.Namespace) -> Topology:
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Python's thread switch interval (default 1 ms; Python's own is 5)")
     # Benchmark ladder only (fabric-loadgen bench): the same worker with an older policy.
     run.add_argument("--policy", choices=POLICIES, default="continuous", help=argparse.SUPPRESS)
+    run.add_argument("--runner", choices=("auto",) + RUNNER_MODES, default="auto",
+                     help="how steps reach the device: pipelined = one pinned, asynchronous "
+                          "copy per step and CUDA graphs for decode steps; eager = tensors as "
+                          "built (default auto: pipelined on CUDA, eager on the CPU)")
     prov = sp.add_parser("provision", help="create the streams and the consumer (idempotent)")
     _common(prov)
     prov.add_argument("--replicas", type=int, default=1)
@@ -222,7 +227,7 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     try:
         engine = build_engine_off_main(cfg.model, cfg.device, cfg.dtype, cfg.token_budget,
                                        cfg.max_seq_len, max_step_tokens=args.max_step_tokens,
-                                       policy=args.policy)
+                                       policy=args.policy, runner=args.runner)
     except EngineError as e:
         print(f"fabric-worker: engine config {args.config}: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -235,6 +240,7 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     log.info("engine_ready", model=engine.loaded.name, params=engine.loaded.args.num_params(),
              kv_pool_mib=round(engine.pool.nbytes / 2**20, 1), kv_blocks=engine.pool.num_blocks,
              block_size=engine.block_size, max_step_tokens=engine.max_step_tokens,
+             runner=engine.runner_mode,
              intra_op_threads=torch.get_num_threads(),
              gil_switch_ms=round(sys.getswitchinterval() * 1e3, 3), gc_frozen=gc.get_freeze_count(),
              gc_thresholds=gc.get_threshold())

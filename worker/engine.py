@@ -18,7 +18,7 @@ import torch
 from worker.checkpoint import LoadedModel, load_model
 from worker.kv import KVPool, blocks_for
 from worker.lanes import LANE_MIN_WIDTH
-from worker.runner import Runner
+from worker.runner import RUNNER_MODES, Runner
 from worker.scheduler import Policy, Scheduler
 from worker.sequence import Completion, Request
 
@@ -38,13 +38,30 @@ class Engine:
     block_size: int
     max_step_tokens: int  # packed tokens per forward
     policy: Policy = "continuous"  # benchmark ladder only; the product is "continuous"
+    runner_mode: str = "eager"  # worker.runner.RUNNER_MODES; "pipelined" is CUDA's default
+    max_seq_len: int = 0  # the longest job (prompt + generation); bounds decode graph shapes
 
     def scheduler(self) -> Scheduler:
         return Scheduler(self.pool.allocator, self.block_size, self.max_step_tokens,
                          self.loaded.eos_ids, policy=self.policy)
 
     def runner(self) -> Runner:
-        return Runner(self.loaded.model, self.pool.tensor, self.device)
+        runner = Runner(self.loaded.model, self.pool.tensor, self.device, self.runner_mode,
+                        self.block_size, self.max_seq_len,
+                        max_batch=min(512, self.pool.num_blocks))
+        if runner.graphs is not None:
+            runner.graphs.self_check()
+        return runner
+
+
+def resolve_runner(mode: str, device: torch.device) -> str:
+    """`auto`: pipelined (pinned staging, decode graphs) on CUDA, eager on the CPU, where a
+    fixed-shape step only adds padding and a copy buys nothing."""
+    if mode == "auto":
+        return "pipelined" if device.type == "cuda" else "eager"
+    if mode not in RUNNER_MODES:
+        raise EngineError(f"runner: {mode!r} is not one of auto, {', '.join(RUNNER_MODES)}")
+    return mode
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,10 +79,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq_len: int,
-                 max_step_tokens: int | None = None, policy: Policy = "continuous") -> Engine:
+                 max_step_tokens: int | None = None, policy: Policy = "continuous",
+                 runner: str = "auto") -> Engine:
     from worker.checkpoint import CheckpointError
 
     dev = resolve_device(device)
+    mode = resolve_runner(runner, dev)
     dt = DTYPES[dtype]
     try:
         loaded = load_model(model, dt, dev)
@@ -86,7 +105,7 @@ def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq
     # A step is the running batch (at most one row per admitted job) plus whole prompts; the
     # cap keeps one step's activations bounded while letting the longest prompt through.
     step_cap = max_step_tokens or max(max_seq_len, 2048)
-    return Engine(loaded, pool, dev, BLOCK_SIZE, step_cap, policy)
+    return Engine(loaded, pool, dev, BLOCK_SIZE, step_cap, policy, mode, max_seq_len)
 
 
 def build_engine_off_main(*args, **kwargs) -> Engine:

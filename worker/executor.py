@@ -37,6 +37,7 @@ class StepReport:
     step_s: float
     idle_s: float  # time the executor waited for work before this step
     idle_while_queued_s: float  # part of idle_s during which jobs waited upstream
+    graphed: bool = False  # a fixed-shape decode step (pipelined runner)
 
 
 class Executor:
@@ -48,6 +49,12 @@ class Executor:
                  failpoint: Callable[[str], None] = failpoints.hit):
         self.pool = engine.pool
         self.runner = engine.runner()
+        g = self.runner.graphs
+        log.info("runner_ready", mode=self.runner.mode,
+                 decode_graphs=None if g is None else "off: " + g.disabled if g.disabled
+                 else "captured lazily" if g.capture else "fixed shapes, no capture",
+                 batch_buckets=None if g is None else list(g.batch_buckets),
+                 ctx_buckets=None if g is None else list(g.ctx_buckets))
         self.scheduler = engine.scheduler()
         self._inbox: queue.Queue[list[Request]] = queue.Queue(maxsize=1024)
         self._on_complete = on_complete
@@ -124,6 +131,7 @@ class Executor:
         self._on_step(StepReport(
             prefill_seqs=sum(len(lane) for lane in plan.prefill), decode_seqs=len(plan.decode),
             rows=shape.rows, attn_real=shape.attn_real, attn_padded=shape.attn_padded,
+            graphed=shape.graphed,
             kv_used_blocks=self.pool.allocator.used_blocks,
             step_s=time.perf_counter() - t0, idle_s=idle_s, idle_while_queued_s=idle_queued_s,
         ))

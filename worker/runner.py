@@ -1,8 +1,16 @@
 """Turns a StepPlan into tensors, runs the model and the sampler, and syncs once.
 
-Host-side metadata (token ids, positions, KV slots, attention masks) is built with numpy
-and copied to the device in one go per tensor; the only device-to-host transfer of a step
-is the sampled token ids, which the scheduler needs to decide who finished.
+Host-side metadata (token ids, positions, KV slots, attention masks) is built with numpy;
+the only device-to-host transfer of a step is the sampled token ids, which the scheduler
+needs to decide who finished.
+
+Two modes (`RUNNER_MODES`):
+- `eager`: every step runs the packed forward as built, each input tensor handed over as
+  is (on the CPU, `torch.from_numpy` views: no copy at all).
+- `pipelined` (the default on CUDA; rung 5 of the ladder): a step's metadata goes to the
+  device in one asynchronous copy from pinned memory (`worker.staging`), and a decode-only
+  step runs at a fixed bucketed shape, replaying a captured CUDA graph (`worker.graphs`)
+  where that pays. Prefill and mixed steps run the packed forward.
 """
 
 from __future__ import annotations
@@ -13,15 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from worker.graphs import DecodeGraphs, GraphStep
 from worker.kv import KVPool
 from worker.lanes import group_by_length
 from worker.model import AttnGroup, StepInput, Transformer
 from worker.sampling import SamplingBatch, sample
 from worker.scheduler import StepPlan
 from worker.sequence import Sequence
+from worker.staging import Stager
 
 
 SCRATCH_SLOT = KVPool.SCRATCH_SLOT
+RUNNER_MODES: tuple[str, ...] = ("eager", "pipelined")
 
 
 @dataclass(slots=True)
@@ -31,6 +42,7 @@ class StepShape:
     rows: int  # packed token rows through the dense layers (no padding by construction)
     attn_real: int  # query x key pairs that were needed
     attn_padded: int  # query x key pairs computed, padding included
+    graphed: bool = False  # a fixed-shape decode step (a graph replay on CUDA)
 
 
 class _Builder:
@@ -118,12 +130,32 @@ class _Builder:
         self.rows += len(seqs)
 
 
+def _sampling(rows: list[Sequence]) -> tuple[list[np.ndarray], dict[str, bool]]:
+    """SamplingBatch's tensors (host side, in its field order) and its host-side flags."""
+    temp = np.array([s.req.temperature for s in rows], dtype=np.float32)
+    top_k = np.array([s.req.top_k for s in rows], dtype=np.int64)
+    top_p = np.array([s.req.top_p for s in rows], dtype=np.float32)
+    arrays = [temp, top_k, top_p, np.array([s.req.seed for s in rows], dtype=np.int64),
+              np.array([s.num_tokens for s in rows], dtype=np.int64)]
+    return arrays, dict(any_random=bool((temp > 0).any()),
+                        any_top_k=bool(((top_k > 0) & (temp > 0)).any()),
+                        any_top_p=bool(((top_p < 1) & (temp > 0)).any()))
+
+
 class Runner:
-    def __init__(self, model: Transformer, kv_pool: torch.Tensor, device: torch.device):
+    def __init__(self, model: Transformer, kv_pool: torch.Tensor, device: torch.device,
+                 mode: str = "eager", block_size: int = 16, max_ctx: int = 0,
+                 max_batch: int = 512):
+        if mode not in RUNNER_MODES:
+            raise ValueError(f"unknown runner mode {mode!r} (have {', '.join(RUNNER_MODES)})")
         self.model = model
         self.kv = kv_pool
         self.device = device
+        self.mode = mode
         self._on_cpu = device.type == "cpu"
+        self.stager = Stager(device) if mode == "pipelined" else None
+        self.graphs = (DecodeGraphs(model, kv_pool, device, block_size, max_ctx, max_batch)
+                       if mode == "pipelined" and max_ctx and model.args.n_layers else None)
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -131,38 +163,49 @@ class Runner:
         # does), handing the event loop's thread a wait each time: skip it.
         return t if self._on_cpu else t.to(self.device, non_blocking=True)
 
-    def prepare(self, plan: StepPlan) -> tuple[StepInput, SamplingBatch, StepShape]:
+    def prepare(self, plan: StepPlan) -> tuple[StepInput | GraphStep, SamplingBatch, StepShape]:
+        if self.graphs is not None and plan.decode and not plan.prefill:
+            step = self._graph_step(plan.decode)
+            if step is not None:
+                return step
         b = _Builder()
         for lane in plan.prefill:
             b.prefill(lane, plan.pad_to)
         if plan.decode:
             b.decode(plan.decode)
-        inp = StepInput(
-            tokens=self._t(np.concatenate(b.tokens)),
-            positions=self._t(np.concatenate(b.positions)),
-            write_slots=self._t(np.concatenate(b.slots)),
-            groups=[AttnGroup(**{k: v if k == "rows" or v is None
-                                 else self._t(np.ascontiguousarray(v))
-                                 for k, v in g.items()}) for g in b.groups],
-            logit_rows=self._t(np.array(b.logit_rows, dtype=np.int64)),
-        )
-        rows = plan.rows
-        temp = np.array([s.req.temperature for s in rows], dtype=np.float32)
-        top_k = np.array([s.req.top_k for s in rows], dtype=np.int64)
-        top_p = np.array([s.req.top_p for s in rows], dtype=np.float32)
-        sb = SamplingBatch(
-            temperature=self._t(temp),
-            top_k=self._t(top_k),
-            top_p=self._t(top_p),
-            seed=self._t(np.array([s.req.seed for s in rows], dtype=np.int64)),
-            position=self._t(np.array([s.num_tokens for s in rows], dtype=np.int64)),
-            any_random=bool((temp > 0).any()),
-            any_top_k=bool(((top_k > 0) & (temp > 0)).any()),
-            any_top_p=bool(((top_p < 1) & (temp > 0)).any()),
-        )
+        sampling, flags = _sampling(plan.rows)  # after `decode`, which reorders the rows
+        fields = [(k, v) for g in b.groups for k, v in g.items() if k != "rows" and v is not None]
+        host = [np.concatenate(b.tokens), np.concatenate(b.positions), np.concatenate(b.slots),
+                np.array(b.logit_rows, dtype=np.int64)]
+        host += [np.ascontiguousarray(v) for _, v in fields] + sampling
+        dev = self.stager.stage(host) if self.stager else [self._t(a) for a in host]
+        it = iter(dev[4:4 + len(fields)])
+        groups = [AttnGroup(**{k: v if k == "rows" or v is None else next(it)
+                               for k, v in g.items()}) for g in b.groups]
+        inp = StepInput(tokens=dev[0], positions=dev[1], write_slots=dev[2], groups=groups,
+                        logit_rows=dev[3])
+        sb = SamplingBatch(*dev[4 + len(fields):], **flags)
         return inp, sb, StepShape(b.rows, b.attn_real, b.attn_padded)
 
+    def _graph_step(self, seqs: list[Sequence]) -> tuple[GraphStep, SamplingBatch, StepShape] | None:
+        ctx = [s.num_tokens for s in seqs]
+        key = self.graphs.choose(ctx)
+        if key is None or any(s.done for s in seqs):
+            return None  # static batching's finished rows are the eager path's business
+        sampling, flags = _sampling(seqs)
+        buf = self.graphs.host_inputs(
+            key, tokens=[s.generated[-1] for s in seqs], positions=[n - 1 for n in ctx],
+            write_slots=[s.slots[n - 1] for s, n in zip(seqs, ctx)], ctx=ctx,
+            slots=[s.slots for s in seqs])
+        dev = self.stager.stage([buf] + sampling)
+        shape = StepShape(rows=key[0], attn_real=sum(ctx), attn_padded=key[0] * key[1],
+                          graphed=True)
+        return GraphStep(key, len(seqs), dev[0]), SamplingBatch(*dev[1:], **flags), shape
+
     @torch.inference_mode()
-    def run(self, inp: StepInput, sb: SamplingBatch) -> list[int]:
-        logits = self.model(inp, self.kv)  # [B, V]
+    def run(self, inp: StepInput | GraphStep, sb: SamplingBatch) -> list[int]:
+        if isinstance(inp, GraphStep):
+            logits = self.graphs.run(inp)  # [B, V]
+        else:
+            logits = self.model(inp, self.kv)  # [B, V]
         return sample(logits, sb).tolist()  # the step's one host sync

@@ -33,6 +33,7 @@ class WorkerStats:
     rows: int = 0
     attn_real: int = 0
     attn_padded: int = 0
+    graphed_steps: int = 0  # fixed-shape decode steps (pipelined runner; graph replays on CUDA)
     busy_s: float = 0.0
     idle_s: float = 0.0
     idle_while_queued_s: float = 0.0  # executor had nothing to run while jobs waited upstream
@@ -54,6 +55,7 @@ class WorkerStats:
         self.rows += r.rows
         self.attn_real += r.attn_real
         self.attn_padded += r.attn_padded
+        self.graphed_steps += r.graphed
         self.busy_s += r.step_s
         self.idle_s += r.idle_s
         self.idle_while_queued_s += r.idle_while_queued_s
@@ -87,6 +89,7 @@ class WorkerStats:
             "errors_by_code": dict(self.errors_by_code), "redelivered": self.redelivered,
             "naked": self.naked, "engine_failures": self.engine_failures, "steps": self.steps,
             "mean_batch_rows": round(self.rows / self.steps, 2) if self.steps else 0.0,
+            "graphed_step_fraction": round(self.graphed_steps / self.steps, 4) if self.steps else 0.0,
             "attn_padding_fraction": round(padding_fraction(self.attn_real, self.attn_padded), 4),
             "compute_padding_fraction": round(padding_fraction(self.useful_tokens,
                                                                self.computed_tokens), 4),

@@ -14,7 +14,7 @@ export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
   command -v nats-server || find /tmp/site -name 'nats-server*' -type f | head -3
 } > "$OUT/device-check.log" 2>&1
-timeout 120 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
+timeout 150 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests exit $?" >> "$OUT/device-check.log"
 # The ladder on the GPU: a workload big enough that the device, not start-up, is measured.
 timeout 360 python3 -m loadgen bench --out "$OUT/ladder" --device cuda --dtype bfloat16 \

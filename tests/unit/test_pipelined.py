@@ -1,0 +1,196 @@
+"""The pipelined runner (rung 5): one staged copy per step, fixed-shape decode steps.
+
+On the CPU the fixed-shape forward runs without capture; it must compute what the eager
+packed forward computes (same logits, same tokens), since on CUDA the captured graph is
+that same forward replayed. The CUDA-only parts (pinned memory, capture, replay) are in
+tests/gpu.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from worker.engine import Engine, EngineError, build_engine, resolve_runner
+from worker.graphs import DecodeGraphs, bucket, ctx_buckets
+from worker.kv import padded_tokens
+from worker.runner import GraphStep, Runner
+from worker.scheduler import StepPlan
+from worker.sequence import Request
+from worker.staging import ALIGN, Stager
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return build_engine("builtin:tiny", "cpu", "float32", token_budget=32768, max_seq_len=1088)
+
+
+def req(key: int, prompt: list[int], max_new: int, **kw) -> Request:
+    d = dict(temperature=0.0, top_k=0, top_p=1.0, seed=key, stop_ids=frozenset())
+    d.update(kw)
+    return Request(key=key, prompt=prompt, max_new_tokens=max_new,
+                   reserved_tokens=padded_tokens(len(prompt) + max_new, 16), **d)
+
+
+def ragged(n: int, seed: int, sampled_every: int = 0) -> list[Request]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        plen = max(4, min(600, int(rng.lognormvariate(4.0, 0.9))))
+        kw = (dict(temperature=0.8, top_k=20, top_p=0.9)
+              if sampled_every and i % sampled_every == 0 else {})
+        out.append(req(i, [rng.randrange(256) for _ in range(plen)], rng.randint(1, 40), **kw))
+    return out
+
+
+def run_all(engine: Engine, reqs: list[Request]) -> tuple[dict[int, list[int]], int, Runner]:
+    """`generate`, keeping the runner and counting the fixed-shape steps."""
+    sched, runner = engine.scheduler(), engine.runner()
+    sched.add_all(reqs, time.monotonic())
+    out, graphed = {}, 0
+    while sched.has_work():
+        plan = sched.schedule()
+        inp, sb, shape = runner.prepare(plan)
+        graphed += shape.graphed
+        for c in sched.postprocess(plan, runner.run(inp, sb), time.monotonic()):
+            out[c.key] = c.tokens
+    assert engine.pool.allocator.used_blocks == 0
+    return out, graphed, runner
+
+
+# -- staging --------------------------------------------------------------------------
+
+
+def test_stager_packs_every_dtype_and_shape_into_one_copy() -> None:
+    st = Stager(torch.device("cpu"), capacity=256)
+    arrays = [np.arange(5, dtype=np.int64), np.array([[1.5, -2.0], [0.25, 3.0]], np.float32),
+              np.array([[True, False, True]]), np.zeros(0, np.int64),
+              np.arange(6, dtype=np.int32).reshape(3, 2)]
+    dev = st.stage(arrays)
+    assert st.copies == 1
+    base = st._dev.data_ptr()
+    for a, t in zip(arrays, dev):
+        assert t.dtype == torch.from_numpy(a).dtype and tuple(t.shape) == a.shape
+        assert np.array_equal(t.numpy(), a)
+        assert (t.data_ptr() - base) % ALIGN == 0 or a.size == 0
+
+
+def test_stager_grows_and_alternates_host_buffers() -> None:
+    st = Stager(torch.device("cpu"), capacity=128)
+    first = st._turn
+    small = st.stage([np.full(4, 7, np.int64)])
+    assert small[0].tolist() == [7] * 4 and st._turn != first
+    big = np.arange(1000, dtype=np.int64)  # 8,000 bytes > 128: the buffers grow
+    got = st.stage([big, np.ones(3, np.float32)])
+    assert st.capacity >= 8000 and np.array_equal(got[0].numpy(), big)
+    assert got[1].tolist() == [1.0, 1.0, 1.0] and st.copies == 2
+
+
+def test_stager_refuses_a_dtype_the_model_never_takes() -> None:
+    with pytest.raises(TypeError, match="float64"):
+        Stager(torch.device("cpu")).stage([np.zeros(3)])
+
+
+# -- shapes ---------------------------------------------------------------------------
+
+
+def test_context_buckets_are_whole_blocks_at_most_one_and_a_half_apart() -> None:
+    b = ctx_buckets(1088, 16)
+    assert b == (64, 128, 192, 256, 384, 512, 768, 1024, 1088)
+    assert all(k % 16 == 0 for k in b) and all(y <= 2 * x for x, y in zip(b, b[1:]))
+    assert ctx_buckets(40, 16) == (48,)  # a short max_seq_len: one bucket, rounded up
+    assert bucket(1, b) == 64 and bucket(1088, b) == 1088 and bucket(1089, b) is None
+
+
+def test_shape_choice_takes_small_steps_and_refuses_lopsided_ones(engine: Engine) -> None:
+    g = DecodeGraphs(engine.loaded.model, engine.pool.tensor, engine.device, 16, 1088,
+                     max_batch=100)
+    assert g.batch_buckets[-1] == 100 and g.batch_buckets[:4] == (1, 2, 4, 8)
+    assert g.choose([20]) == (1, 64)  # tiny: launches, not attention, are its cost
+    assert g.choose([300] * 30) == (32, 384)  # 12,288 padded pairs for 9,000 real
+    # One long context among many short ones: 96 x 1088 padded pairs for ~6,000 real.
+    assert g.choose([1000] + [50] * 90) is None
+    assert g.choose([10] * 101) is None  # more rows than the biggest bucket
+    assert g.capture is False  # nothing to capture on the CPU
+
+
+def test_host_inputs_pad_rows_to_the_scratch_slot(engine: Engine) -> None:
+    g = DecodeGraphs(engine.loaded.model, engine.pool.tensor, engine.device, 16, 1088,
+                     max_batch=8)
+    slots = [np.arange(5 * 16, 7 * 16), np.arange(9 * 16, 10 * 16)]  # blocks 5,6 and 9
+    buf = g.host_inputs((4, 64), tokens=[11, 12], positions=[20, 3], write_slots=[100, 147],
+                        ctx=[21, 4], slots=slots)
+    mb, nb = 8, 1088 // 16
+    head, table = buf[:4 * mb].reshape(4, mb), buf[4 * mb:].reshape(4, nb)
+    assert head[0, :4].tolist() == [11, 12, 0, 0] and head[2, :4].tolist() == [100, 147, 0, 0]
+    assert head[3, :4].tolist() == [21, 4, 1, 1]  # padding rows read the scratch slot only
+    assert table[0, :3].tolist() == [5, 6, 0] and table[1, :2].tolist() == [9, 0]
+    assert not table[2:].any()
+
+
+# -- the same computation --------------------------------------------------------------
+
+
+def test_fixed_shape_decode_gives_the_eager_logits(engine: Engine) -> None:
+    runner = dataclasses.replace(engine, runner_mode="pipelined").runner()
+    sched = engine.scheduler()
+    reqs = ragged(12, seed=4)
+    sched.add_all(reqs, 0.0)
+    plan = sched.schedule()  # every prompt in one packed prefill
+    sched.postprocess(plan, runner.run(*runner.prepare(plan)[:2]), 0.0)
+    live = list(sched.running)
+    assert len(live) >= 8
+    eager = Runner(engine.loaded.model, engine.pool.tensor, engine.device)
+    eager_plan = StepPlan(decode=list(live))
+    inp, _, _ = eager.prepare(eager_plan)  # sorts its rows into length groups, in place
+    with torch.inference_mode():
+        want = dict(zip([s.req.key for s in eager_plan.decode],
+                        engine.loaded.model(inp, engine.pool.tensor)))
+    step, _, shape = runner.prepare(StepPlan(decode=live))
+    assert isinstance(step, GraphStep) and shape.graphed and step.batch == len(live)
+    assert shape.attn_padded == step.key[0] * step.key[1] >= shape.attn_real
+    got = runner.graphs.run(step)
+    for s, row in zip(live, got):
+        torch.testing.assert_close(row, want[s.req.key], rtol=1e-5, atol=1e-5)
+    for s in live:
+        sched.allocator.release(s.req.key)
+    sched.running = []
+
+
+def test_pipelined_runner_computes_the_eager_tokens(engine: Engine) -> None:
+    reqs = ragged(48, seed=7, sampled_every=3)  # greedy and seeded sampling both
+    eager, graphed0, _ = run_all(engine, reqs)
+    piped, graphed, runner = run_all(dataclasses.replace(engine, runner_mode="pipelined",
+                                                         max_step_tokens=400), reqs)
+    assert graphed0 == 0 and graphed > 10  # the fixed-shape path really ran
+    assert runner.graphs.eager_steps == graphed and runner.graphs.replays == 0
+    assert piped == eager
+    assert runner.stager.copies >= graphed  # one staged copy per step, whatever its kind
+
+
+def test_pipelined_runner_serves_the_null_model() -> None:
+    eng = build_engine("builtin:null", "cpu", "float32", token_budget=4096, max_seq_len=64,
+                       runner="pipelined")
+    out, graphed, runner = run_all(eng, [req(i, [1, 2, 3], 2) for i in range(20)])
+    assert runner.graphs is None and graphed == 0  # no layers: nothing worth a graph
+    assert len(out) == 20 and all(len(t) == 2 for t in out.values())
+
+
+def test_runner_mode_resolves_per_device() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_runner("auto", cpu) == "eager"
+    assert resolve_runner("auto", torch.device("cuda", 0)) == "pipelined"
+    assert resolve_runner("pipelined", cpu) == "pipelined"
+    with pytest.raises(EngineError, match="runner"):
+        resolve_runner("graphs", cpu)
+
+
+def test_cli_runner_choices_match_the_runner() -> None:
+    from worker import cli, runner
+
+    assert cli.RUNNER_MODES == runner.RUNNER_MODES

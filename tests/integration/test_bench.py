@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(300)
 
 def test_ladder_smoke(tmp_path) -> None:
     cfg = BenchConfig(jobs=24, model="builtin:tiny", token_budget=4096, low_water=2048,
-                      rungs=(0, 1, 3, 4), null_jobs=300)
+                      rungs=(0, 1, 3, 4, 5), null_jobs=300)
     result = run_bench(cfg, tmp_path, log=lambda m: None)
     rungs = result["rungs"]
     assert all(r["jobs_ok"] == r["jobs"] for r in rungs.values())
@@ -22,13 +22,21 @@ def test_ladder_smoke(tmp_path) -> None:
     assert rungs["3"]["padding_fraction"] < rungs["1"]["padding_fraction"]
     assert rungs["0"]["padding_fraction"] == 0.0 and rungs["4"]["padding_fraction"] == 0.0
     assert all(0 < r["executor_busy_fraction"] <= 1 for r in rungs.values())
+    # Rungs 0-4 change the scheduler only; rung 5 changes the runner only (on the CPU its
+    # decode steps run at fixed shapes without capture: the path a CUDA graph replays).
+    assert [r["runner"] for r in rungs.values()] == ["eager"] * 4 + ["pipelined"]
+    assert rungs["5"]["policy"] == "continuous" and rungs["5"]["rung"] == "pipelined"
+    assert rungs["5"]["decode_graphs"] == "fixed shapes, no capture"
+    assert rungs["5"]["graphed_step_fraction"] > 0 and rungs["4"]["graphed_step_fraction"] == 0
+    assert rungs["5"]["padding_fraction"] == 0.0
     null = result["null_model"]
     assert (null["unique"], null["ok"], null["missing"]) == (300, 300, 0)
     assert null["results"] == 300 and null["jobs_per_s"] > 0  # exactly once, timed
     assert result["ceiling"]["useful_tokens_per_s"] > 0
     on_disk = json.loads((tmp_path / "ladder.json").read_text())
     assert on_disk["machine"]["cores"] and on_disk["rungs"].keys() == rungs.keys()
-    assert "| 4 | continuous |" in (tmp_path / "ladder.md").read_text()
+    md = (tmp_path / "ladder.md").read_text()
+    assert "| 4 | continuous |" in md and "| 5 | pipelined |" in md and "Rung 5 runner" in md
     # The null model runs with one intra-op thread (nothing to compute in parallel), and
     # every worker with the 1 ms GIL switch interval and its start-up heap frozen.
     null_ready = log_event(tmp_path / "work" / "null-0.log", "engine_ready")

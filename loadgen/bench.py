@@ -128,8 +128,7 @@ def kernel_ceiling(cfg: BenchConfig, jobs: list[JobSpec], completions: dict[str,
     finished: dict[int, int] = {}
 
     def step(plan: StepPlan) -> None:
-        inp, sb, _ = runner.prepare(plan)
-        for c in sched.postprocess(plan, runner.run(inp, sb), 0.0):
+        for c in sched.postprocess(plan, runner.run(runner.prepare(plan)), 0.0):
             finished[c.key] = len(c.tokens)
 
     t_prefill = time.perf_counter()

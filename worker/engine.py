@@ -41,9 +41,14 @@ class Engine:
     runner_mode: str = "eager"  # worker.runner.RUNNER_MODES; "pipelined" is CUDA's default
     max_seq_len: int = 0  # the longest job (prompt + generation); bounds decode graph shapes
 
-    def scheduler(self) -> Scheduler:
+    def scheduler(self, overlap: bool = False) -> Scheduler:
         return Scheduler(self.pool.allocator, self.block_size, self.max_step_tokens,
-                         self.loaded.eos_ids, policy=self.policy)
+                         self.loaded.eos_ids, policy=self.policy, overlap=overlap)
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether the executor launches a step before reading the last one's tokens."""
+        return self.runner_mode == "pipelined" and self.policy == "continuous"
 
     def runner(self) -> Runner:
         runner = Runner(self.loaded.model, self.pool.tensor, self.device, self.runner_mode,
@@ -143,6 +148,5 @@ def generate(engine: Engine, reqs: list[Request]) -> list[Completion]:
     done: list[Completion] = []
     while sched.has_work():
         plan = sched.schedule()
-        inp, sb, _ = runner.prepare(plan)
-        done.extend(sched.postprocess(plan, runner.run(inp, sb), time.monotonic()))
+        done.extend(sched.postprocess(plan, runner.run(runner.prepare(plan)), time.monotonic()))
     return done

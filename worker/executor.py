@@ -2,7 +2,9 @@
 
 Work comes in through `submit` (a bounded hand-off, thread-safe), results go out through
 a callback the event loop provides (it must not block: the event loop side uses
-`call_soon_threadsafe`). The loop is schedule, run, postprocess. The thread never awaits,
+`call_soon_threadsafe`). The loop is schedule, run, postprocess; with the pipelined runner it is schedule, launch,
+then postprocess the step launched before (overlap: the device runs step N+1 while the host
+reads step N's tokens and builds N+2, see `worker.scheduler`). The thread never awaits,
 never touches NATS, and treats any exception as fatal: it reports it through `on_fatal`
 and stops, because a device in an unknown state must not serve another job.
 """
@@ -19,6 +21,7 @@ import structlog
 
 from worker import failpoints
 from worker.engine import Engine
+from worker.runner import Launched
 from worker.sequence import Completion, Request
 
 log = structlog.get_logger("executor")
@@ -49,13 +52,15 @@ class Executor:
                  failpoint: Callable[[str], None] = failpoints.hit):
         self.pool = engine.pool
         self.runner = engine.runner()
+        self.overlap = engine.overlaps
+        self._inflight: Launched | None = None  # overlap: the step on the device
         g = self.runner.graphs
-        log.info("runner_ready", mode=self.runner.mode,
+        log.info("runner_ready", mode=self.runner.mode, overlap=self.overlap,
                  decode_graphs=None if g is None else "off: " + g.disabled if g.disabled
                  else "captured lazily" if g.capture else "fixed shapes, no capture",
                  batch_buckets=None if g is None else list(g.batch_buckets),
                  ctx_buckets=None if g is None else list(g.ctx_buckets))
-        self.scheduler = engine.scheduler()
+        self.scheduler = engine.scheduler(overlap=self.overlap)
         self._inbox: queue.Queue[list[Request]] = queue.Queue(maxsize=1024)
         self._on_complete = on_complete
         self._on_step = on_step
@@ -115,19 +120,41 @@ class Executor:
                 idle_since = None
                 self._step(idle_s, idle_queued)
                 idle_queued = 0.0
+            if self._inflight is not None:  # stopping: report the step already computed
+                self._finish_inflight()
         except BaseException as e:  # noqa: BLE001 - any failure here is fatal by design
             log.error("executor_failed", error=repr(e))
             self._on_fatal(e)
+
+    def _finish_inflight(self) -> None:
+        prev, self._inflight = self._inflight, None
+        done = self.scheduler.postprocess(prev.plan, prev.wait(), time.monotonic())
+        if done:
+            self._on_complete(done)
 
     def _step(self, idle_s: float, idle_queued_s: float) -> None:
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         self._failpoint("executor.step")
-        inp, sb, shape = self.runner.prepare(plan)
-        tokens = self.runner.run(inp, sb)
-        done = self.scheduler.postprocess(plan, tokens, time.monotonic())
-        if done:
-            self._on_complete(done)
+        if self.overlap:
+            # Launch this step, then read the previous one's tokens while the device runs.
+            # (An empty plan: everything running is in flight and ends there.)
+            step = self.runner.prepare(plan, self._inflight) if plan else None
+            launched = self.runner.launch(step, self._inflight) if step else None
+            if launched is not None:
+                self.scheduler.launched(plan)
+            if self._inflight is not None:
+                self._finish_inflight()
+            self._inflight = launched
+            if step is None:
+                return
+            shape = step.shape
+        else:
+            step = self.runner.prepare(plan)
+            shape = step.shape
+            done = self.scheduler.postprocess(plan, self.runner.run(step), time.monotonic())
+            if done:
+                self._on_complete(done)
         self._on_step(StepReport(
             prefill_seqs=sum(len(lane) for lane in plan.prefill), decode_seqs=len(plan.decode),
             rows=shape.rows, attn_real=shape.attn_real, attn_padded=shape.attn_padded,

@@ -161,8 +161,10 @@ class DecodeGraphs:
         return graph
 
     @torch.inference_mode()
-    def run(self, step: GraphStep) -> Tensor:
-        """Logits [B, V] for the step's real rows."""
+    def run(self, step: GraphStep, feed: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Logits [B, V] for the step's real rows. `feed`: (rows, token ids) already on the
+        device (the previous step's output, when steps overlap) to write over the staged
+        placeholders."""
         graph = None
         if self.capture and not self.disabled:
             graph = self.graphs.get(step.key)
@@ -170,6 +172,8 @@ class DecodeGraphs:
                 graph = self._capture(step.key)  # before the inputs go in: capture pads them
         n = step.staged.shape[0]
         self._buf[:n].copy_(step.staged)
+        if feed is not None:
+            self.tokens.index_copy_(0, *feed)
         if graph is not None:
             graph.replay()
             self.replays += 1

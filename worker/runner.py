@@ -16,6 +16,7 @@ Two modes (`RUNNER_MODES`):
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,7 @@ class _Builder:
         self.slots: list[np.ndarray] = []
         self.groups: list[dict] = []  # AttnGroup fields, host side
         self.logit_rows: list[int] = []
+        self.fed: list[tuple[int, Sequence]] = []  # rows whose token is on the device
         self.rows = 0
         self.attn_real = 0
         self.attn_padded = 0
@@ -101,16 +103,19 @@ class _Builder:
         first = self.rows
         # Keys each new token attends to, itself included. A sequence that finished inside
         # a static batch computes a padding row: it rereads its keys, writes to scratch.
-        ctx = [s.num_tokens - 1 if s.done else s.num_tokens for s in seqs]
+        # One whose last token is still on the device (overlapped steps) counts it.
+        ctx = [s.num_tokens - 1 if s.done else s.next_index for s in seqs]
         groups = group_by_length(ctx)
         order = [i for g in groups for i in g]
         seqs[:] = [seqs[i] for i in order]
         ctx = [ctx[i] for i in order]
-        self.tokens.append(np.array([0 if s.done else s.generated[-1] for s in seqs],
-                                    dtype=np.int64))
-        self.positions.append(np.array([s.num_tokens - 1 for s in seqs], dtype=np.int64))
+        self.tokens.append(np.array([0 if s.done or s.pending else s.generated[-1]
+                                     for s in seqs], dtype=np.int64))
+        self.positions.append(np.array([s.num_tokens - 1 if s.done else n - 1
+                                        for s, n in zip(seqs, ctx)], dtype=np.int64))
         self.slots.append(np.array([SCRATCH_SLOT if s.done else s.slots[n - 1]
                                     for s, n in zip(seqs, ctx)], dtype=np.int64))
+        self.fed.extend((first + i, s) for i, s in enumerate(seqs) if s.pending)
         start = first
         for g in groups:
             stop = start + len(g)
@@ -136,7 +141,7 @@ def _sampling(rows: list[Sequence]) -> tuple[list[np.ndarray], dict[str, bool]]:
     top_k = np.array([s.req.top_k for s in rows], dtype=np.int64)
     top_p = np.array([s.req.top_p for s in rows], dtype=np.float32)
     arrays = [temp, top_k, top_p, np.array([s.req.seed for s in rows], dtype=np.int64),
-              np.array([s.num_tokens for s in rows], dtype=np.int64)]
+              np.array([s.next_index for s in rows], dtype=np.int64)]
     return arrays, dict(any_random=bool((temp > 0).any()),
                         any_top_k=bool(((top_k > 0) & (temp > 0)).any()),
                         any_top_p=bool(((top_p < 1) & (temp > 0)).any()))
@@ -156,6 +161,7 @@ class Runner:
         self.stager = Stager(device) if mode == "pipelined" else None
         self.graphs = (DecodeGraphs(model, kv_pool, device, block_size, max_ctx, max_batch)
                        if mode == "pipelined" and max_ctx and model.args.n_layers else None)
+        self._fetch = _Fetch(device)
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -163,9 +169,11 @@ class Runner:
         # does), handing the event loop's thread a wait each time: skip it.
         return t if self._on_cpu else t.to(self.device, non_blocking=True)
 
-    def prepare(self, plan: StepPlan) -> tuple[StepInput | GraphStep, SamplingBatch, StepShape]:
+    def prepare(self, plan: StepPlan, prev: Launched | None = None) -> Step:
+        """The step's device inputs. `prev`: the step still in flight (overlap), whose
+        output holds the input tokens of this step's decode rows."""
         if self.graphs is not None and plan.decode and not plan.prefill:
-            step = self._graph_step(plan.decode)
+            step = self._graph_step(plan, prev)
             if step is not None:
                 return step
         b = _Builder()
@@ -177,35 +185,127 @@ class Runner:
         fields = [(k, v) for g in b.groups for k, v in g.items() if k != "rows" and v is not None]
         host = [np.concatenate(b.tokens), np.concatenate(b.positions), np.concatenate(b.slots),
                 np.array(b.logit_rows, dtype=np.int64)]
-        host += [np.ascontiguousarray(v) for _, v in fields] + sampling
+        host += [np.ascontiguousarray(v) for _, v in fields] + sampling + _feed(b.fed, prev)
         dev = self.stager.stage(host) if self.stager else [self._t(a) for a in host]
         it = iter(dev[4:4 + len(fields)])
         groups = [AttnGroup(**{k: v if k == "rows" or v is None else next(it)
                                for k, v in g.items()}) for g in b.groups]
         inp = StepInput(tokens=dev[0], positions=dev[1], write_slots=dev[2], groups=groups,
                         logit_rows=dev[3])
-        sb = SamplingBatch(*dev[4 + len(fields):], **flags)
-        return inp, sb, StepShape(b.rows, b.attn_real, b.attn_padded)
+        at = 4 + len(fields)
+        sb = SamplingBatch(*dev[at:at + 5], **flags)
+        return Step(plan, inp, sb, StepShape(b.rows, b.attn_real, b.attn_padded),
+                    feed=tuple(dev[at + 5:]) if b.fed else None)
 
-    def _graph_step(self, seqs: list[Sequence]) -> tuple[GraphStep, SamplingBatch, StepShape] | None:
-        ctx = [s.num_tokens for s in seqs]
+    def _graph_step(self, plan: StepPlan, prev: Launched | None) -> Step | None:
+        seqs = plan.decode
+        ctx = [s.next_index for s in seqs]
         key = self.graphs.choose(ctx)
         if key is None or any(s.done for s in seqs):
             return None  # static batching's finished rows are the eager path's business
         sampling, flags = _sampling(seqs)
         buf = self.graphs.host_inputs(
-            key, tokens=[s.generated[-1] for s in seqs], positions=[n - 1 for n in ctx],
+            key, tokens=[0 if s.pending else s.generated[-1] for s in seqs],
+            positions=[n - 1 for n in ctx],
             write_slots=[s.slots[n - 1] for s, n in zip(seqs, ctx)], ctx=ctx,
             slots=[s.slots for s in seqs])
-        dev = self.stager.stage([buf] + sampling)
+        fed = [(i, s) for i, s in enumerate(seqs) if s.pending]
+        dev = self.stager.stage([buf] + sampling + _feed(fed, prev))
         shape = StepShape(rows=key[0], attn_real=sum(ctx), attn_padded=key[0] * key[1],
                           graphed=True)
-        return GraphStep(key, len(seqs), dev[0]), SamplingBatch(*dev[1:], **flags), shape
+        return Step(plan, GraphStep(key, len(seqs), dev[0]), SamplingBatch(*dev[1:6], **flags),
+                    shape, feed=tuple(dev[6:]) if fed else None)
 
     @torch.inference_mode()
-    def run(self, inp: StepInput | GraphStep, sb: SamplingBatch) -> list[int]:
-        if isinstance(inp, GraphStep):
-            logits = self.graphs.run(inp)  # [B, V]
+    def launch(self, step: Step, prev: Launched | None = None) -> Launched:
+        """Queue the step's forward and sampling; nothing here waits for the device."""
+        if step.feed is not None:
+            if prev is None:
+                raise RuntimeError("a step with tokens still on the device needs that step")
+            dst, src = step.feed
+        if isinstance(step.inp, GraphStep):
+            feed = None if step.feed is None else (dst, prev.tokens.index_select(0, src))
+            logits = self.graphs.run(step.inp, feed)  # [B, V]
         else:
-            logits = self.model(inp, self.kv)  # [B, V]
-        return sample(logits, sb).tolist()  # the step's one host sync
+            if step.feed is not None:
+                step.inp.tokens.index_copy_(0, dst, prev.tokens.index_select(0, src))
+            logits = self.model(step.inp, self.kv)  # [B, V]
+        tokens = sample(logits, step.sb)  # [B] int64, on the device
+        return Launched(step.plan, tokens, self._fetch.start(tokens))
+
+    def run(self, step: Step) -> list[int]:
+        """Launch and wait: the step's tokens on the host (its one sync)."""
+        return self.launch(step).wait()
+
+
+def _feed(fed: list[tuple[int, Sequence]], prev: Launched | None) -> list[np.ndarray]:
+    """[dst rows, src rows]: this step's rows whose input token is row src of `prev`'s output."""
+    if not fed:
+        return []
+    if prev is None:
+        raise RuntimeError("a sequence has a token on the device but no step is in flight")
+    return [np.array([i for i, _ in fed], dtype=np.int64),
+            np.array([prev.row_of[s.req.key] for _, s in fed], dtype=np.int64)]
+
+
+@dataclass(slots=True)
+class Step:
+    """A prepared step: what `launch` needs."""
+
+    plan: StepPlan
+    inp: StepInput | GraphStep
+    sb: SamplingBatch
+    shape: StepShape
+    feed: tuple[torch.Tensor, torch.Tensor] | None = None  # (dst rows, src rows of prev)
+
+
+class Launched:
+    """A step on the device: its sampled tokens there, on their way to the host."""
+
+    __slots__ = ("plan", "tokens", "_pending", "_rows")
+
+    def __init__(self, plan: StepPlan, tokens: torch.Tensor, pending: Callable[[], list[int]]):
+        self.plan = plan
+        self.tokens = tokens
+        self._pending = pending
+        self._rows: dict[int, int] | None = None
+
+    @property
+    def row_of(self) -> dict[int, int]:
+        """Job key -> its row in this step's output."""
+        if self._rows is None:
+            self._rows = {s.req.key: i for i, s in enumerate(self.plan.rows)}
+        return self._rows
+
+    def wait(self) -> list[int]:
+        return self._pending()
+
+
+class _Fetch:
+    """Device-to-host copies of sampled tokens into two alternating pinned buffers, each
+    copy followed by an event; `wait` syncs on that event only (not the whole device), so
+    a step launched after it keeps the device busy meanwhile. On the CPU: `tolist`."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._bufs: list[torch.Tensor] = []
+        self._turn = 0
+
+    def start(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
+        if not self.cuda:
+            return tokens.tolist
+        n = tokens.shape[0]
+        self._turn ^= 1
+        if len(self._bufs) < 2 or self._bufs[0].shape[0] < n:
+            size = max(1024, 2 * n)
+            self._bufs = [torch.empty(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        host = self._bufs[self._turn][:n]
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+
+        def wait() -> list[int]:
+            event.synchronize()
+            return host.tolist()
+
+        return wait

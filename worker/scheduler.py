@@ -16,6 +16,16 @@ generation ends. `window` takes what has arrived (up to `window_max_jobs`), `bud
 everything admission let in, `lanes` takes one lane. Their padding is real computation,
 so their cost is measured, not modelled.
 
+Overlap (`overlap=True`, the pipelined runner's continuous batching): the executor
+launches step N+1 before it reads step N's tokens, so the device never waits for the host.
+The next step is then scheduled one token behind: every running sequence decodes again
+(its input token is taken from step N's output on the device), except one whose step-N
+token is its last by length, which the host knows in advance. A sequence that stops on a
+stop token at N has also been launched in N+1; that row is wasted and dropped when N+1 is
+postprocessed (its KV write lands in its own, just released blocks, before any later
+step can reuse them: steps run in order on the device). Tokens are the same as without
+overlap; completions are reported one step later.
+
 Pure Python on plain data: tested without a model or a device.
 """
 
@@ -59,9 +69,12 @@ class StepPlan:
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_step_tokens: int,
                  eos_ids: tuple[int, ...], policy: Policy = "continuous",
-                 window_max_jobs: int = 32):
+                 window_max_jobs: int = 32, overlap: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r} (have {', '.join(POLICIES)})")
+        if overlap and policy != "continuous":
+            raise ValueError("overlapped steps need the continuous policy")
+        self.overlap = overlap
         self.allocator = allocator
         self.block_size = block_size
         self.max_step_tokens = max_step_tokens  # cap on packed tokens per forward
@@ -118,11 +131,19 @@ class Scheduler:
         if self.solo and not self.running:
             # A suspected poison job runs with nothing else, so if it kills the step it dies alone.
             return StepPlan(prefill=[[self.solo.popleft()]])
-        plan = StepPlan(decode=list(self.running))
+        if self.overlap:
+            # One token behind: skip a sequence whose in-flight token is its last by length.
+            plan = StepPlan(decode=[s for s in self.running
+                                    if len(s.generated) + s.pending < s.req.max_new_tokens])
+        else:
+            plan = StepPlan(decode=list(self.running))
         if self.solo or (self.running and self.policy != "continuous"):
             return plan  # let the running set drain (before a solo job, or a static batch)
         if self.policy == "continuous":
             self._fill(plan, self.max_step_tokens - len(plan.decode))
+            if self.overlap:
+                for lane in plan.prefill:  # running from launch on, not from postprocess
+                    self.running.extend(lane)
         elif self.policy == "serial":
             self._fill(plan, 1, max_seqs=1)
         else:
@@ -168,8 +189,15 @@ class Scheduler:
         plan.prefill.append(batch)
         plan.pad_to = max(len(s.req.prompt) for s in batch)
 
+    def launched(self, plan: StepPlan) -> None:
+        """Overlap only: the plan is on the device; its tokens come back at postprocess."""
+        for s in plan.rows:
+            s.pending += 1
+
     def postprocess(self, plan: StepPlan, tokens: list[int], now: float) -> list[Completion]:
         """Append each row's sampled token; retire finished sequences. tokens follow plan.rows."""
+        if self.overlap:
+            return self._postprocess_overlapped(plan, tokens, now)
         done: list[Completion] = []
         still: list[Sequence] = []
         for seq, tok in zip(plan.rows, tokens, strict=True):
@@ -198,6 +226,27 @@ class Scheduler:
         if self.policy in STATIC and still and all(s.done for s in still):
             done.extend(self._finish(s, s.generated_reason, now) for s in still)
             self.running = []
+        return done
+
+    def _postprocess_overlapped(self, plan: StepPlan, tokens: list[int],
+                                now: float) -> list[Completion]:
+        done: list[Completion] = []
+        for seq, tok in zip(plan.rows, tokens, strict=True):
+            seq.pending -= 1
+            if seq.retired:
+                continue  # launched before the host saw its stop token: a wasted row
+            prefilled = not seq.generated
+            seq.computed_tokens += (len(seq.req.prompt) if prefilled else 0) + 1
+            if prefilled:
+                seq.first_token_at = now
+            seq.generated.append(tok)
+            reason = ("stop" if tok in seq.req.stop_ids or tok in self.eos_ids
+                      else "length" if len(seq.generated) >= seq.req.max_new_tokens else None)
+            if reason is not None:
+                seq.retired = True
+                done.append(self._finish(seq, reason, now))
+        if done:
+            self.running = [s for s in self.running if not s.retired]
         return done
 
     def _finish(self, seq: Sequence, reason: str, now: float, error: str | None = None) -> Completion:

@@ -58,8 +58,17 @@ class Sequence:
     # Static batching (benchmark policies) only: finished, still computing padding rows.
     done: bool = False
     generated_reason: str = ""
+    # Overlapped steps (pipelined runner) only: steps launched with this sequence whose
+    # token the host has not seen yet, and whether it has finished (later rows are waste).
+    pending: int = 0
+    retired: bool = False
 
     @property
     def num_tokens(self) -> int:
         """Tokens whose position exists: the prompt plus everything sampled so far."""
         return len(self.req.prompt) + len(self.generated)
+
+    @property
+    def next_index(self) -> int:
+        """Position of the next token to sample, counting tokens still on the device."""
+        return len(self.req.prompt) + len(self.generated) + self.pending

@@ -55,9 +55,9 @@ def _run(eng, reqs):
     out, graphed = {}, 0
     while sched.has_work():
         plan = sched.schedule()
-        inp, sb, shape = runner.prepare(plan)
-        graphed += shape.graphed
-        for c in sched.postprocess(plan, runner.run(inp, sb), time.monotonic()):
+        step = runner.prepare(plan)
+        graphed += step.shape.graphed
+        for c in sched.postprocess(plan, runner.run(step), time.monotonic()):
             out[c.key] = c.tokens
     return out, graphed, runner
 

@@ -68,8 +68,7 @@ def test_join_and_leave_mid_decode(engine: Engine) -> None:
     while sched.has_work():
         plan = sched.schedule()
         mixed_steps += bool(plan.prefill and plan.decode)
-        inp, sb, _ = runner.prepare(plan)
-        for c in sched.postprocess(plan, runner.run(inp, sb), 0.0):
+        for c in sched.postprocess(plan, runner.run(runner.prepare(plan)), 0.0):
             done[c.key] = c
     assert mixed_steps > 5, "the workload did not exercise joins during decode"
     for r in reqs:

@@ -81,7 +81,7 @@ def prefill_logits(engine: Engine, ps: list[list[int]]) -> list[torch.Tensor]:
         sched.add(req(i, p), 0.0)
     plan = sched.schedule()
     assert not plan.decode and len(plan.rows) == len(ps), "expected one prefill step for all"
-    inp, _, _ = runner.prepare(plan)
+    inp = runner.prepare(plan).inp
     with torch.inference_mode():
         logits = engine.loaded.model(inp, engine.pool.tensor)  # [B, V]
     for i in range(len(ps)):

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
 from worker.engine import Engine, EngineError, build_engine, resolve_runner
+from worker.executor import Executor
 from worker.graphs import DecodeGraphs, bucket, ctx_buckets
-from worker.kv import padded_tokens
+from worker.kv import BlockAllocator, padded_tokens
 from worker.runner import GraphStep, Runner
-from worker.scheduler import StepPlan
+from worker.scheduler import Scheduler, StepPlan
 from worker.sequence import Request
 from worker.staging import ALIGN, Stager
 
@@ -55,9 +58,9 @@ def run_all(engine: Engine, reqs: list[Request]) -> tuple[dict[int, list[int]], 
     out, graphed = {}, 0
     while sched.has_work():
         plan = sched.schedule()
-        inp, sb, shape = runner.prepare(plan)
-        graphed += shape.graphed
-        for c in sched.postprocess(plan, runner.run(inp, sb), time.monotonic()):
+        step = runner.prepare(plan)
+        graphed += step.shape.graphed
+        for c in sched.postprocess(plan, runner.run(step), time.monotonic()):
             out[c.key] = c.tokens
     assert engine.pool.allocator.used_blocks == 0
     return out, graphed, runner
@@ -142,16 +145,17 @@ def test_fixed_shape_decode_gives_the_eager_logits(engine: Engine) -> None:
     reqs = ragged(12, seed=4)
     sched.add_all(reqs, 0.0)
     plan = sched.schedule()  # every prompt in one packed prefill
-    sched.postprocess(plan, runner.run(*runner.prepare(plan)[:2]), 0.0)
+    sched.postprocess(plan, runner.run(runner.prepare(plan)), 0.0)
     live = list(sched.running)
     assert len(live) >= 8
     eager = Runner(engine.loaded.model, engine.pool.tensor, engine.device)
     eager_plan = StepPlan(decode=list(live))
-    inp, _, _ = eager.prepare(eager_plan)  # sorts its rows into length groups, in place
+    inp = eager.prepare(eager_plan).inp  # sorts its rows into length groups, in place
     with torch.inference_mode():
         want = dict(zip([s.req.key for s in eager_plan.decode],
                         engine.loaded.model(inp, engine.pool.tensor)))
-    step, _, shape = runner.prepare(StepPlan(decode=live))
+    prepared = runner.prepare(StepPlan(decode=live))
+    step, shape = prepared.inp, prepared.shape
     assert isinstance(step, GraphStep) and shape.graphed and step.batch == len(live)
     assert shape.attn_padded == step.key[0] * step.key[1] >= shape.attn_real
     got = runner.graphs.run(step)
@@ -194,3 +198,87 @@ def test_cli_runner_choices_match_the_runner() -> None:
     from worker import cli, runner
 
     assert cli.RUNNER_MODES == runner.RUNNER_MODES
+
+
+# -- overlapped steps -------------------------------------------------------------------
+
+
+def _fake_token(key: int, index: int) -> int:
+    return (key * 7919 + index * 104729) % 97  # 0 is the end-of-sequence id below
+
+
+def _fake_run(reqs: list[Request], overlap: bool) -> tuple[dict[int, list[int]], Counter, int]:
+    """Drive the scheduler as the executor does, with a "device" whose token for a
+    sequence depends only on (job, position); overlap launches a step before reading the
+    last. Returns tokens, rows computed per job, and how many blocks are still held."""
+    alloc = BlockAllocator(4096, first=1)
+    sched = Scheduler(alloc, 16, 256, eos_ids=(0,), overlap=overlap)
+    sched.add_all(reqs, 0.0)
+    out: dict[int, list[int]] = {}
+    rows: Counter = Counter()
+    inflight = None
+    while sched.has_work():
+        plan = sched.schedule()
+        launched = None
+        if plan:
+            toks = [_fake_token(s.req.key, s.next_index) for s in plan.rows]
+            rows.update(s.req.key for s in plan.rows)
+            if overlap:
+                sched.launched(plan)
+                launched = (plan, toks)
+            else:
+                for c in sched.postprocess(plan, toks, 0.0):
+                    out[c.key] = c.tokens
+        if inflight is not None:
+            for c in sched.postprocess(*inflight, 0.0):
+                out[c.key] = c.tokens
+        inflight = launched
+    return out, rows, alloc.used_blocks
+
+
+def test_overlapped_scheduling_samples_the_same_tokens_one_step_behind() -> None:
+    rng = random.Random(5)
+    reqs = [req(i, [1] * rng.randint(1, 70), rng.randint(1, 30), stop_ids=frozenset({5}))
+            for i in range(120)]
+    plain, plain_rows, held0 = _fake_run(reqs, overlap=False)
+    ahead, ahead_rows, held1 = _fake_run(reqs, overlap=True)
+    assert ahead == plain and held0 == held1 == 0
+    stopped = {k for k, t in plain.items() if t[-1] in (0, 5) and len(t) < reqs[k].max_new_tokens}
+    assert len(stopped) > 20  # the workload exercises stop tokens, not only lengths
+    for k, n in plain_rows.items():
+        # A job that ends by length is never launched past its last token; one that ends
+        # on a stop token may have been launched once more (a wasted row), never twice.
+        assert ahead_rows[k] - n in ((0, 1) if k in stopped else (0,))
+    assert sum(ahead_rows.values()) > sum(plain_rows.values())  # some rows were wasted
+
+
+def test_executor_overlaps_steps_and_answers_like_the_eager_engine(engine: Engine) -> None:
+    reqs = ragged(40, seed=9, sampled_every=4)
+    first, _, _ = run_all(engine, reqs)
+    common = Counter(t for toks in first.values() for t in toks).most_common(2)
+    stops = frozenset(t for t, _ in common)
+    reqs = [dataclasses.replace(r, stop_ids=stops) if r.key % 2 else r for r in reqs]
+    want, _, _ = run_all(engine, reqs)
+    assert any(len(want[r.key]) < r.max_new_tokens for r in reqs)  # some stopped early
+    piped = dataclasses.replace(engine, runner_mode="pipelined", max_step_tokens=300)
+    assert piped.overlaps
+    got: dict[int, list[int]] = {}
+    steps: list = []
+    fatal: list = []
+    finished = threading.Event()
+
+    def on_complete(cs) -> None:
+        got.update((c.key, c.tokens) for c in cs)
+        if len(got) == len(reqs):
+            finished.set()
+
+    ex = Executor(piped, on_complete, steps.append, fatal.append)
+    assert ex.overlap and ex.scheduler.overlap
+    ex.start()
+    ex.submit(reqs[:25])
+    ex.submit(reqs[25:])
+    assert finished.wait(120), f"{len(got)} of {len(reqs)} answered, fatal={fatal}"
+    assert ex.stop(10) and not fatal
+    assert got == want
+    assert engine.pool.allocator.used_blocks == 0
+    assert any(r.graphed for r in steps) and any(r.prefill_seqs and r.decode_seqs for r in steps)

@@ -15,6 +15,7 @@ import nats
 import pytest
 
 from loadgen.backlog import result_counts
+from loadgen.bench import log_event
 from loadgen.client import run_jobs
 from loadgen.fleet import WorkerProcess, provision, worker_env
 from loadgen.workload import WorkloadSpec, generate
@@ -58,11 +59,17 @@ def summary_of(log_path: Path) -> dict:
     raise AssertionError(f"no worker_summary in {log_path}")
 
 
+# The CPU's default runner, and the pipelined one (CUDA's default: staged copies, fixed-
+# shape decode steps, overlapped steps) run on the CPU, so the worker's whole path is tested.
+RUNNERS = pytest.mark.parametrize("runner", ["eager", "pipelined"])
+
+
+@RUNNERS
 async def test_ragged_jobs_answered_exactly_once(tmp_engine_toml, workers, nats_url,
-                                                 reference_engine) -> None:
+                                                 reference_engine, runner) -> None:
     cfg = tmp_engine_toml()
     provision(cfg)
-    workers(cfg)
+    workers(cfg, extra_args=("--runner", runner))
     jobs = generate(WorkloadSpec(num_jobs=300, seed=11, run_id="ragged"))
     stats = await run_jobs(nats_url, jobs, run_id="ragged", timeout_s=180, progress=False)
     assert not stats.timed_out
@@ -81,11 +88,14 @@ async def test_ragged_jobs_answered_exactly_once(tmp_engine_toml, workers, nats_
     assert counts == {j.id: 1 for j in jobs}
 
 
+@RUNNERS
 async def test_results_match_reference_tokens(tmp_engine_toml, workers, nats_url,
-                                              reference_engine) -> None:
+                                              reference_engine, runner) -> None:
     cfg = tmp_engine_toml()
     provision(cfg)
-    workers(cfg)
+    w = workers(cfg, extra_args=("--runner", runner))
+    ready = log_event(w.log_path, "runner_ready")
+    assert (ready["mode"], ready["overlap"]) == (runner, runner == "pipelined")
     jobs = generate(WorkloadSpec(num_jobs=40, seed=12, run_id="exact"))
     got: dict[str, list[int]] = {}
     nc = await nats.connect(nats_url)
@@ -192,11 +202,12 @@ def cfg_consumer(cfg: Path) -> str:
     return tomllib.loads(cfg.read_text())["consumer"]
 
 
+@RUNNERS
 async def test_sigterm_drains_and_nothing_is_lost(tmp_engine_toml, workers, nats_url,
-                                                  tmp_path) -> None:
+                                                  tmp_path, runner) -> None:
     cfg = tmp_engine_toml(model="builtin:small", token_budget=8192, low_water=4096)
     provision(cfg)
-    w1 = workers(cfg, "w1")
+    w1 = workers(cfg, "w1", extra_args=("--runner", runner))
     jobs = generate(WorkloadSpec(num_jobs=400, seed=13, run_id="drain"))
     run = asyncio.create_task(run_jobs(nats_url, jobs, run_id="drain", timeout_s=200,
                                        progress=False))

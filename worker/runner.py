@@ -170,66 +170,77 @@ class Runner:
         return t if self._on_cpu else t.to(self.device, non_blocking=True)
 
     def prepare(self, plan: StepPlan, prev: Launched | None = None) -> Step:
-        """The step's device inputs. `prev`: the step still in flight (overlap), whose
-        output holds the input tokens of this step's decode rows."""
-        if self.graphs is not None and plan.decode and not plan.prefill:
-            step = self._graph_step(plan, prev)
-            if step is not None:
-                return step
+        """The step's device inputs, in one staged copy. `prev`: the step still in flight
+        (overlap), whose output holds the input tokens of this step's decode rows.
+
+        With decode graphs, the decode rows go to a fixed-shape forward (a graph replay)
+        and only the prompts, if any, to the packed forward: the two touch disjoint KV
+        slots and their logits are concatenated in `plan.rows` order (prompts first)."""
+        key = self._graph_key(plan.decode) if self.graphs is not None and plan.decode else None
         b = _Builder()
         for lane in plan.prefill:
             b.prefill(lane, plan.pad_to)
-        if plan.decode:
-            b.decode(plan.decode)
-        sampling, flags = _sampling(plan.rows)  # after `decode`, which reorders the rows
+        if plan.decode and key is None:
+            b.decode(plan.decode)  # reorders plan.decode into its length groups
+        sampling, flags = _sampling(plan.rows)
+        host: list[np.ndarray] = []
         fields = [(k, v) for g in b.groups for k, v in g.items() if k != "rows" and v is not None]
-        host = [np.concatenate(b.tokens), np.concatenate(b.positions), np.concatenate(b.slots),
-                np.array(b.logit_rows, dtype=np.int64)]
-        host += [np.ascontiguousarray(v) for _, v in fields] + sampling + _feed(b.fed, prev)
+        if b.rows:
+            host += [np.concatenate(b.tokens), np.concatenate(b.positions),
+                     np.concatenate(b.slots), np.array(b.logit_rows, dtype=np.int64)]
+            host += [np.ascontiguousarray(v) for _, v in fields]
+        fed = b.fed
+        if key is not None:
+            seqs = plan.decode
+            ctx = [s.next_index for s in seqs]
+            host.append(self.graphs.host_inputs(
+                key, tokens=[0 if s.pending else s.generated[-1] for s in seqs],
+                positions=[n - 1 for n in ctx],
+                write_slots=[s.slots[n - 1] for s, n in zip(seqs, ctx)], ctx=ctx,
+                slots=[s.slots for s in seqs]))
+            fed = [(i, s) for i, s in enumerate(seqs) if s.pending]
+            b.attn_real += sum(ctx)
+            b.attn_padded += key[0] * key[1]
+        host += sampling + _feed(fed, prev)
         dev = self.stager.stage(host) if self.stager else [self._t(a) for a in host]
-        it = iter(dev[4:4 + len(fields)])
-        groups = [AttnGroup(**{k: v if k == "rows" or v is None else next(it)
-                               for k, v in g.items()}) for g in b.groups]
-        inp = StepInput(tokens=dev[0], positions=dev[1], write_slots=dev[2], groups=groups,
-                        logit_rows=dev[3])
-        at = 4 + len(fields)
-        sb = SamplingBatch(*dev[at:at + 5], **flags)
-        return Step(plan, inp, sb, StepShape(b.rows, b.attn_real, b.attn_padded),
-                    feed=tuple(dev[at + 5:]) if b.fed else None)
+        it = iter(dev)
+        inp = graph = None
+        if b.rows:
+            tokens, positions, write_slots, logit_rows = (next(it) for _ in range(4))
+            groups = [AttnGroup(**{k: v if k == "rows" or v is None else next(it)
+                                   for k, v in g.items()}) for g in b.groups]
+            inp = StepInput(tokens=tokens, positions=positions, write_slots=write_slots,
+                            groups=groups, logit_rows=logit_rows)
+        if key is not None:
+            graph = GraphStep(key, len(plan.decode), next(it))
+        sb = SamplingBatch(*(next(it) for _ in range(5)), **flags)
+        feed = (next(it), next(it)) if fed else None
+        shape = StepShape(b.rows + (key[0] if key else 0), b.attn_real, b.attn_padded,
+                          graphed=key is not None)
+        return Step(plan, inp, graph, sb, shape, feed)
 
-    def _graph_step(self, plan: StepPlan, prev: Launched | None) -> Step | None:
-        seqs = plan.decode
-        ctx = [s.next_index for s in seqs]
-        key = self.graphs.choose(ctx)
-        if key is None or any(s.done for s in seqs):
+    def _graph_key(self, seqs: list[Sequence]) -> tuple[int, int] | None:
+        if any(s.done for s in seqs):
             return None  # static batching's finished rows are the eager path's business
-        sampling, flags = _sampling(seqs)
-        buf = self.graphs.host_inputs(
-            key, tokens=[0 if s.pending else s.generated[-1] for s in seqs],
-            positions=[n - 1 for n in ctx],
-            write_slots=[s.slots[n - 1] for s, n in zip(seqs, ctx)], ctx=ctx,
-            slots=[s.slots for s in seqs])
-        fed = [(i, s) for i, s in enumerate(seqs) if s.pending]
-        dev = self.stager.stage([buf] + sampling + _feed(fed, prev))
-        shape = StepShape(rows=key[0], attn_real=sum(ctx), attn_padded=key[0] * key[1],
-                          graphed=True)
-        return Step(plan, GraphStep(key, len(seqs), dev[0]), SamplingBatch(*dev[1:6], **flags),
-                    shape, feed=tuple(dev[6:]) if fed else None)
+        return self.graphs.choose([s.next_index for s in seqs])
 
     @torch.inference_mode()
     def launch(self, step: Step, prev: Launched | None = None) -> Launched:
-        """Queue the step's forward and sampling; nothing here waits for the device."""
+        """Queue the step's forwards and sampling; nothing here waits for the device."""
+        fed = None
         if step.feed is not None:
             if prev is None:
                 raise RuntimeError("a step with tokens still on the device needs that step")
             dst, src = step.feed
-        if isinstance(step.inp, GraphStep):
-            feed = None if step.feed is None else (dst, prev.tokens.index_select(0, src))
-            logits = self.graphs.run(step.inp, feed)  # [B, V]
-        else:
-            if step.feed is not None:
-                step.inp.tokens.index_copy_(0, dst, prev.tokens.index_select(0, src))
-            logits = self.model(step.inp, self.kv)  # [B, V]
+            fed = (dst, prev.tokens.index_select(0, src))  # [F] ids from the step in flight
+        parts = []
+        if step.inp is not None:
+            if fed is not None and step.graph is None:
+                step.inp.tokens.index_copy_(0, *fed)
+            parts.append(self.model(step.inp, self.kv))  # [Bp, V]
+        if step.graph is not None:
+            parts.append(self.graphs.run(step.graph, fed))  # [Bd, V]
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         tokens = sample(logits, step.sb)  # [B] int64, on the device
         return Launched(step.plan, tokens, self._fetch.start(tokens))
 
@@ -253,7 +264,8 @@ class Step:
     """A prepared step: what `launch` needs."""
 
     plan: StepPlan
-    inp: StepInput | GraphStep
+    inp: StepInput | None  # the packed forward (prompts; decode rows without graphs)
+    graph: GraphStep | None  # the fixed-shape decode forward
     sb: SamplingBatch
     shape: StepShape
     feed: tuple[torch.Tensor, torch.Tensor] | None = None  # (dst rows, src rows of prev)

@@ -22,7 +22,7 @@ from worker.engine import Engine, EngineError, build_engine, resolve_runner
 from worker.executor import Executor
 from worker.graphs import DecodeGraphs, bucket, ctx_buckets
 from worker.kv import BlockAllocator, padded_tokens
-from worker.runner import GraphStep, Runner
+from worker.runner import Runner
 from worker.scheduler import Scheduler, StepPlan
 from worker.sequence import Request
 from worker.staging import ALIGN, Stager
@@ -56,10 +56,12 @@ def run_all(engine: Engine, reqs: list[Request]) -> tuple[dict[int, list[int]], 
     sched, runner = engine.scheduler(), engine.runner()
     sched.add_all(reqs, time.monotonic())
     out, graphed = {}, 0
+    runner.mixed = 0  # steps with prompts (packed forward) and a fixed-shape decode forward
     while sched.has_work():
         plan = sched.schedule()
         step = runner.prepare(plan)
         graphed += step.shape.graphed
+        runner.mixed += step.inp is not None and step.graph is not None
         for c in sched.postprocess(plan, runner.run(step), time.monotonic()):
             out[c.key] = c.tokens
     assert engine.pool.allocator.used_blocks == 0
@@ -155,8 +157,8 @@ def test_fixed_shape_decode_gives_the_eager_logits(engine: Engine) -> None:
         want = dict(zip([s.req.key for s in eager_plan.decode],
                         engine.loaded.model(inp, engine.pool.tensor)))
     prepared = runner.prepare(StepPlan(decode=live))
-    step, shape = prepared.inp, prepared.shape
-    assert isinstance(step, GraphStep) and shape.graphed and step.batch == len(live)
+    step, shape = prepared.graph, prepared.shape
+    assert prepared.inp is None and shape.graphed and step.batch == len(live)
     assert shape.attn_padded == step.key[0] * step.key[1] >= shape.attn_real
     got = runner.graphs.run(step)
     for s, row in zip(live, got):
@@ -172,6 +174,7 @@ def test_pipelined_runner_computes_the_eager_tokens(engine: Engine) -> None:
     piped, graphed, runner = run_all(dataclasses.replace(engine, runner_mode="pipelined",
                                                          max_step_tokens=400), reqs)
     assert graphed0 == 0 and graphed > 10  # the fixed-shape path really ran
+    assert runner.mixed > 5  # also beside prompts in the same step
     assert runner.graphs.eager_steps == graphed and runner.graphs.replays == 0
     assert piped == eager
     assert runner.stager.copies >= graphed  # one staged copy per step, whatever its kind
@@ -281,4 +284,5 @@ def test_executor_overlaps_steps_and_answers_like_the_eager_engine(engine: Engin
     assert ex.stop(10) and not fatal
     assert got == want
     assert engine.pool.allocator.used_blocks == 0
-    assert any(r.graphed for r in steps) and any(r.prefill_seqs and r.decode_seqs for r in steps)
+    assert any(r.graphed and r.prefill_seqs for r in steps)  # prompts beside a decode graph
+    assert any(r.graphed and not r.prefill_seqs for r in steps)

@@ -17,10 +17,15 @@ So a decode step of B sequences whose longest context is K runs here as a step o
 
 Graphs are captured lazily, the first time a shape is seen, into one shared memory pool,
 up to `max_graphs` of them; a shape beyond that runs the same fixed-shape forward eagerly.
-One attention group padded to the longest context is more attention work than the eager
-path's length groups, so a shape is used only where that pays: when the padded key count
-Bb x Kb is at most `max_pad` times the real one, or small in absolute terms (`small_pairs`,
-where launches, not attention, are the cost). Other steps run the eager path.
+
+When it pays (`choose`): one attention group padded to the longest context reads more KV
+than the eager path's length groups, which in turn launch more kernels (about
+`ATTN_LAUNCHES` per group and layer, beside `DENSE_LAUNCHES` per layer for everything
+else). A shape is taken when the extra KV traffic, at `bandwidth` bytes/s, costs less than
+the launches it saves at `launch_s` each. The defaults are estimates (a datacenter GPU and
+PyTorch's eager launch cost; the CPU's memory and per-op overhead), meant to be tuned with
+the ladder's rung 5: for the builtin models nearly every step pays on a GPU, for a 7B model
+only steps whose contexts are of similar length do.
 
 On the CPU the same fixed-shape forward runs without capture, which is how it is tested
 against the eager path; on CUDA the first capture is checked against that forward before
@@ -35,13 +40,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worker.kv import KVPool
+from worker.lanes import group_by_length
 from worker.model import AttnGroup, StepInput, Transformer
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256,
                  320, 384, 448, 512)
-SMALL_PAIRS = 16384  # padded query x key pairs cheap enough to take a graph regardless
-MAX_PAD = 2.0
+DENSE_LAUNCHES = 40  # eager kernels per layer outside attention (norms, projections, rope, MLP)
+ATTN_LAUNCHES = 6  # eager kernels per attention group and layer (gather, SDPA, copy out)
+KV_PASSES = 4  # times a gathered key/value is moved (gather write and read, GQA repeat, matmul)
+# (bandwidth bytes/s, launch seconds): what one padded KV byte and one saved launch cost
+COSTS = {"cuda": (1.0e12, 6e-6), "cpu": (2.0e10, 1.5e-5)}
 
 
 def ctx_buckets(max_ctx: int, block_size: int) -> tuple[int, ...]:
@@ -71,12 +79,17 @@ class GraphStep:
 class DecodeGraphs:
     def __init__(self, model: Transformer, kv: Tensor, device: torch.device, block_size: int,
                  max_ctx: int, max_batch: int = BATCH_BUCKETS[-1], capture: bool | None = None,
-                 max_graphs: int = 96, max_pad: float = MAX_PAD, small_pairs: int = SMALL_PAIRS):
+                 max_graphs: int = 96, bandwidth: float | None = None,
+                 launch_s: float | None = None):
         self.model, self.kv, self.device, self.bs = model, kv, device, block_size
         self.capture = device.type == "cuda" if capture is None else capture
         self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
         self.ctx_buckets = ctx_buckets(max_ctx, block_size)
-        self.max_graphs, self.max_pad, self.small_pairs = max_graphs, max_pad, small_pairs
+        self.max_graphs = max_graphs
+        bw, ls = COSTS["cuda" if device.type == "cuda" else "cpu"]
+        self.bandwidth, self.launch_s = bandwidth or bw, launch_s or ls
+        self.n_layers = model.args.n_layers
+        self.kv_bytes = kv[0, 0].numel() * kv.element_size() * self.n_layers  # per token
         mb, nb = self.batch_buckets[-1], self.ctx_buckets[-1] // block_size
         self._mb, self._nb = mb, nb
         # One int64 buffer: tokens, positions, write slots, context lengths [mb] each, then
@@ -97,13 +110,14 @@ class DecodeGraphs:
 
     def choose(self, ctx: list[int]) -> tuple[int, int] | None:
         """The (Bb, Kb) shape for a decode step with these context lengths, or None when the
-        eager path is the better one (too big, or too much padding)."""
+        eager path is the better one (too big, or padding that costs more than launches)."""
         bb = bucket(len(ctx), self.batch_buckets)
         kb = bucket(max(ctx), self.ctx_buckets)
         if bb is None or kb is None:
             return None
-        padded = bb * kb
-        if padded > self.small_pairs and padded > self.max_pad * sum(ctx):
+        extra_bytes = (bb * kb - sum(ctx)) * self.kv_bytes * KV_PASSES
+        launches = self.n_layers * (DENSE_LAUNCHES + ATTN_LAUNCHES * len(group_by_length(ctx)))
+        if extra_bytes / self.bandwidth > launches * self.launch_s:
             return None
         return bb, kb
 

@@ -112,14 +112,20 @@ def test_context_buckets_are_whole_blocks_at_most_one_and_a_half_apart() -> None
     assert bucket(1, b) == 64 and bucket(1088, b) == 1088 and bucket(1089, b) is None
 
 
-def test_shape_choice_takes_small_steps_and_refuses_lopsided_ones(engine: Engine) -> None:
+def test_shape_choice_weighs_padded_kv_against_saved_launches(engine: Engine) -> None:
     g = DecodeGraphs(engine.loaded.model, engine.pool.tensor, engine.device, 16, 1088,
                      max_batch=100)
     assert g.batch_buckets[-1] == 100 and g.batch_buckets[:4] == (1, 2, 4, 8)
-    assert g.choose([20]) == (1, 64)  # tiny: launches, not attention, are its cost
-    assert g.choose([300] * 30) == (32, 384)  # 12,288 padded pairs for 9,000 real
-    # One long context among many short ones: 96 x 1088 padded pairs for ~6,000 real.
-    assert g.choose([1000] + [50] * 90) is None
+    assert g.kv_bytes == 2 * 2 * 16 * 4 * 2  # k and v, 2 heads of 16, float32, 2 layers
+    assert g.choose([20]) == (1, 64)  # a little padding, a forward's worth of launches
+    assert g.choose([300] * 30) == (32, 384)  # similar lengths: little padding
+    # One long context among many short ones: ~93k padded key slots against two groups'
+    # launches. Refused at the CPU's costs; taken at a GPU's, where launches dominate.
+    lopsided = [1000] + [50] * 90
+    assert g.choose(lopsided) is None
+    gpu = DecodeGraphs(engine.loaded.model, engine.pool.tensor, engine.device, 16, 1088,
+                       max_batch=100, bandwidth=1.0e12, launch_s=6e-6)
+    assert gpu.choose(lopsided) == (96, 1024)
     assert g.choose([10] * 101) is None  # more rows than the biggest bucket
     assert g.capture is False  # nothing to capture on the CPU
 

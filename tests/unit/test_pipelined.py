@@ -292,3 +292,16 @@ def test_executor_overlaps_steps_and_answers_like_the_eager_engine(engine: Engin
     assert engine.pool.allocator.used_blocks == 0
     assert any(r.graphed and r.prefill_seqs for r in steps)  # prompts beside a decode graph
     assert any(r.graphed and not r.prefill_seqs for r in steps)
+
+
+def test_kernel_ceiling_with_overlapped_steps_decodes_the_same_lengths() -> None:
+    from loadgen.bench import BenchConfig, kernel_ceiling
+    from loadgen.workload import WorkloadSpec, generate
+
+    jobs = generate(WorkloadSpec(num_jobs=60, seed=0, run_id="r4"))
+    eager = kernel_ceiling(BenchConfig(model="builtin:tiny"), jobs, {})
+    piped = kernel_ceiling(BenchConfig(model="builtin:tiny", ceiling_runner="pipelined"), jobs,
+                           {})
+    assert (eager["runner"], piped["runner"]) == ("eager", "pipelined")
+    assert piped["lengths"] == eager["lengths"] and piped["useful_tokens"] == eager["useful_tokens"]
+    assert any(n < j.max_new_tokens for j, n in zip(jobs, eager["lengths"].values()))

@@ -44,6 +44,7 @@ from loadgen.backlog import collect, publish_backlog
 from loadgen.broker import EmbeddedNats, delete_streams
 from loadgen.client import reply_subject, run_jobs
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml
+from loadgen.gpubusy import BusySampler
 from loadgen.report import build_report
 from loadgen.workload import JobSpec, Uniform, WorkloadSpec, generate
 from worker.topology import RESULTS_STREAM
@@ -210,8 +211,9 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
             w.start()
         for w in workers:
             w.wait_ready(300)
-        stats = asyncio.run(run_jobs(broker.url, jobs, run_id=name, timeout_s=cfg.timeout_s,
-                                     progress=False))
+        with BusySampler(cfg.device) as busy:
+            stats = asyncio.run(run_jobs(broker.url, jobs, run_id=name, timeout_s=cfg.timeout_s,
+                                         progress=False))
     finally:
         for w in workers:
             w.terminate(grace_s=30)
@@ -235,6 +237,8 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
         # fabric_gpu_utilization on /metrics is NVML's own figure).
         "executor_busy_fraction": (s["busy_s"] / rep["wall_s"]
                                    if s.get("busy_s") is not None and rep["wall_s"] else None),
+        # NVML's kernel-running share, sampled every 0.1 s over the run (None without a GPU).
+        "device_busy_fraction": busy.mean,
         "completions": {o.id.split("-", 1)[1]: o.completion_tokens
                         for o in stats.outcomes.values()},
     }
@@ -267,6 +271,12 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     work.mkdir(exist_ok=True)
+
+    def partial(result: dict[str, Any]) -> None:
+        # Everything measured so far, so a run cut short (a lent machine's time limit)
+        # still leaves its figures; ladder.json replaces it at the end.
+        (out / "ladder.partial.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
     result: dict[str, Any] = {"machine": machine(), "config": dataclasses.asdict(cfg),
                               "rungs": {}}
     with EmbeddedNats() as broker:
@@ -278,6 +288,7 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
             log(f"rung {rung} ({label}): {n} jobs ...")
             r = run_rung(cfg, broker, work, f"r{rung}", policy, jobs, runner=runner)
             r["rung"] = label
+            partial(result)
             log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s, padding {r['padding_fraction']:.3f}")
             result["rungs"][str(rung)] = r
         if cfg.null_jobs:
@@ -288,6 +299,7 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
             null_cfg = dataclasses.replace(cfg, token_budget=NULL_BUDGET, low_water=NULL_BUDGET // 2)
             r = run_backlog(null_cfg, broker, work, "null", jobs, model="builtin:null")
             result["null_model"] = r
+            partial(result)
             log(f"  {r['jobs_per_s']:.0f} jobs/s ({r['unique']} of {r['jobs']} answered, "
                 f"{r['results'] - r['unique']} duplicates)")
         if cfg.fleet_jobs:
@@ -299,6 +311,7 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
                 r = run_rung(cfg, broker, work, f"fleet{name}", "continuous", jobs, cpus=cpus)
                 r.pop("completions")
                 result["fleet"][name] = r
+                partial(result)
                 log(f"  {r['jobs_per_s']:.1f} jobs/s")
             f = result["fleet"]
             f["ratio"] = f["two"]["jobs_per_s"] / f["one"]["jobs_per_s"]
@@ -319,6 +332,7 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
     for r in result["rungs"].values():
         r.pop("completions", None)
     (out / "ladder.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "ladder.partial.json").unlink(missing_ok=True)
     (out / "ladder.md").write_text(markdown(result))
     chart(result, out / "ladder.png")
     return result
@@ -332,22 +346,24 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}, torch "
              f"{m['torch']}, commit {m['commit']}", "",
              "| rung | policy | useful tok/s | x window | x serial | % of ceiling | padding | "
-             "occupancy while queued | executor busy | p50 / p99 latency ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "occupancy while queued | executor busy | device busy | p50 / p99 latency ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in sorted(result["rungs"].items()):
         tps = r["useful_tokens_per_s"]
         occ = r["budget_occupancy_while_queued"]
         busy = r.get("executor_busy_fraction")
+        dev = r.get("device_busy_fraction")
         x = f"{tps / base:.2f}" if base else "-"
         xs = f"{tps / serial:.1f}" if serial else "-"
         lines.append(
             f"| {k} | {r.get('rung', r['policy'])} | {tps:,.0f} | {x} | {xs} | {100 * tps / ceil:.1f}% | "
             f"{100 * r['padding_fraction']:.1f}% | {'-' if occ is None else f'{100 * occ:.1f}%'} | "
             f"{'-' if busy is None else f'{100 * busy:.1f}%'} | "
+            f"{'-' if dev is None else f'{100 * dev:.1f}%'} | "
             f"{r['latency_ms']['p50']:,.0f} / {r['latency_ms']['p99']:,.0f} |")
     runs = ", ".join(f"{c:,.0f}" for c in result["ceiling"].get("runs_useful_tokens_per_s", []))
     lines.append(f"| - | kernel-only ceiling (median of {runs}) | {ceil:,.0f} | | | 100% | 0.0% "
-                 "| | | |")
+                 "| | | | |")
     graphed = {k: r for k, r in sorted(result["rungs"].items()) if r.get("runner") == "pipelined"}
     for k, r in graphed.items():
         frac = r.get("graphed_step_fraction")

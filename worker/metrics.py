@@ -344,6 +344,22 @@ def nvml_target(device: str, visible_devices: str | None) -> int | str | None:
     return int(entry) if entry.isdigit() else entry
 
 
+def open_nvml(device: str, nvml: Any = None,
+              environ: dict[str, str] | os._Environ = os.environ) -> tuple[Any, Any, Any] | None:
+    """(the NVML module, the device's handle, its NVML key) for a torch device; None when
+    the device is not a GPU. Raises whatever NVML raises (no driver, no library, no GPU)."""
+    target = nvml_target(device, environ.get("CUDA_VISIBLE_DEVICES"))
+    if target is None:
+        return None
+    if nvml is None:
+        import pynvml
+        nvml = pynvml
+    nvml.nvmlInit()
+    handle = (nvml.nvmlDeviceGetHandleByIndex(target) if isinstance(target, int)
+              else nvml.nvmlDeviceGetHandleByUUID(target))
+    return nvml, handle, target
+
+
 class GpuCollector(Collector):
     """SM utilisation, memory, power and temperature of the worker's GPU, read per scrape."""
 
@@ -353,21 +369,15 @@ class GpuCollector(Collector):
         self._nvml = nvml
         self._handle = None
         self._failed: set[str] = set()  # readings that failed once: not asked again
-        target = nvml_target(device, environ.get("CUDA_VISIBLE_DEVICES"))
-        if target is None:
-            log.info("gpu_metrics_off", device=device, reason="no GPU device configured")
-            return
         try:
-            if self._nvml is None:
-                import pynvml
-                self._nvml = pynvml
-            self._nvml.nvmlInit()
-            self._handle = (self._nvml.nvmlDeviceGetHandleByIndex(target) if isinstance(target, int)
-                            else self._nvml.nvmlDeviceGetHandleByUUID(target))
+            opened = open_nvml(device, nvml, environ)
         except Exception as e:  # noqa: BLE001 - no driver, no library, no such GPU: metrics only
             log.info("gpu_metrics_off", device=device, reason=repr(e))
-            self._handle = None
             return
+        if opened is None:
+            log.info("gpu_metrics_off", device=device, reason="no GPU device configured")
+            return
+        self._nvml, self._handle, target = opened
         log.info("gpu_metrics_on", device=device, nvml_device=str(target))
 
     @property

@@ -20,6 +20,7 @@ echo "gpu tests exit $?" >> "$OUT/device-check.log"
 timeout 360 python3 -m loadgen bench --out "$OUT/ladder" --device cuda --dtype bfloat16 \
     --jobs 3000 --serial-jobs 300 --null-jobs 30000 >> "$OUT/device-check.log" 2>&1
 echo "bench exit $?" >> "$OUT/device-check.log"
-cp "$OUT/ladder/ladder.md" "$OUT/ladder/ladder.json" "$OUT/ladder/ladder.png" "$OUT/" 2>/dev/null
+cp "$OUT/ladder/ladder.md" "$OUT/ladder/ladder.json" "$OUT/ladder/ladder.png" \
+   "$OUT/ladder/ladder.partial.json" "$OUT/" 2>/dev/null
 rm -rf "$OUT/ladder"
 cat "$OUT/device-check.log"

@@ -33,6 +33,8 @@ def test_ladder_smoke(tmp_path) -> None:
     assert (null["unique"], null["ok"], null["missing"]) == (300, 300, 0)
     assert null["results"] == 300 and null["jobs_per_s"] > 0  # exactly once, timed
     assert result["ceiling"]["useful_tokens_per_s"] > 0
+    assert not (tmp_path / "ladder.partial.json").exists()  # replaced by the full file
+    assert all(r["device_busy_fraction"] is None for r in rungs.values())  # no GPU here
     on_disk = json.loads((tmp_path / "ladder.json").read_text())
     assert on_disk["machine"]["cores"] and on_disk["rungs"].keys() == rungs.keys()
     md = (tmp_path / "ladder.md").read_text()

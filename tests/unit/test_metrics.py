@@ -401,6 +401,41 @@ def test_no_gpu_means_no_gpu_series_and_one_info_line(device, nvml) -> None:
     assert [(e["event"], e["log_level"]) for e in logs] == [("gpu_metrics_off", "info")]
 
 
+class SequencedNvml(FakeNvml):
+    """Utilization readings from a list, then a lost device."""
+
+    def __init__(self, readings: list[int]):
+        super().__init__()
+        self.readings = list(readings)
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        if not self.readings:
+            raise OSError("GPU is lost")
+        return SimpleNamespace(gpu=self.readings.pop(0), memory=0)
+
+
+def test_busy_sampler_averages_nvml_utilization_until_the_reading_fails() -> None:
+    from loadgen.gpubusy import BusySampler
+
+    with BusySampler("cuda:0", interval_s=0.001, nvml=SequencedNvml([100, 90, 95, 99]),
+                     environ={}) as busy:
+        deadline = time.monotonic() + 10
+        while busy.error is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert busy.samples == [1.0, 0.9, 0.95, 0.99] and busy.mean == pytest.approx(0.96)
+    assert "GPU is lost" in busy.error
+
+
+@pytest.mark.parametrize(("device", "nvml"), [("cpu", None), ("cuda:0", FakeNvml(fail_init=True))])
+def test_busy_sampler_without_a_gpu_reports_nothing(device, nvml) -> None:
+    from loadgen.gpubusy import BusySampler
+
+    with BusySampler(device, interval_s=0.001, nvml=nvml, environ={}) as busy:
+        time.sleep(0.01)
+    assert busy.mean is None and busy.samples == []
+    assert (busy.error is None) == (device == "cpu")
+
+
 # -- logs -------------------------------------------------------------------------------
 
 

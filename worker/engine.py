@@ -114,8 +114,13 @@ def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq
 
 
 def build_engine_off_main(*args, **kwargs) -> Engine:
-    """`build_engine` on a short-lived thread, so this process's main thread never runs a
-    parallel CPU op.
+    """`build_engine` on a short-lived thread (`off_main`)."""
+    return off_main(build_engine, *args, **kwargs)
+
+
+def off_main(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` on a short-lived thread, so this process's main thread never
+    runs a parallel CPU op (loading a model, allocating and filling the runner's buffers).
 
     Why: with GNU OpenMP (torch's CPU backend on Linux) every thread that runs a parallel op
     keeps a team of worker threads, and once the process manages more OpenMP threads than
@@ -123,17 +128,19 @@ def build_engine_off_main(*args, **kwargs) -> Engine:
     pays futex wake-ups. Loading a model runs big parallel ops; done on the event loop's
     (main) thread, it leaves a second team beside the executor's, and on this 2-core machine
     each small op on the executor thread went from about 7 to about 60 us and the builtin
-    model's serving rate fell by a third (measured in-process: 5,500 vs 3,750 tokens/s). A
-    thread that exits takes its team with it, so the executor's is the only one left."""
+    model's serving rate fell by a third (measured in-process: 5,500 vs 3,750 tokens/s).
+    The pipelined runner's buffers did the same (zero-filling 160k logits is a parallel op):
+    built on the main thread, rung 5 ran 27 % below rung 4 on the CPU. A thread that exits
+    takes its team with it, so the executor's is the only one left."""
     box: list = []
 
     def run() -> None:
         try:
-            box.append(build_engine(*args, **kwargs))
+            box.append(fn(*args, **kwargs))
         except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
             box.append(e)
 
-    t = threading.Thread(target=run, name="engine-load")
+    t = threading.Thread(target=run, name="off-main")
     t.start()
     t.join()
     if isinstance(box[0], BaseException):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from worker import failpoints
-from worker.engine import Engine
+from worker.engine import Engine, off_main
 from worker.runner import Launched
 from worker.sequence import Completion, Request
 
@@ -51,7 +51,7 @@ class Executor:
                  backlog: Callable[[], int] = lambda: 0,
                  failpoint: Callable[[str], None] = failpoints.hit):
         self.pool = engine.pool
-        self.runner = engine.runner()
+        self.runner = off_main(engine.runner)  # its buffers: no OpenMP team on this thread
         self.overlap = engine.overlaps
         self._inflight: Launched | None = None  # overlap: the step on the device
         g = self.runner.graphs

@@ -158,12 +158,22 @@ def test_model_refuses_unknown_builtin() -> None:
 
 
 _TEAM_PROBE = """
-import os, sys, time, torch
+import dataclasses, os, sys, time, torch
 from worker.engine import build_engine, build_engine_off_main
+from worker.executor import Executor
 torch.set_num_threads(2)
 base = len(os.listdir("/proc/self/task"))
-(build_engine_off_main if sys.argv[1] == "off" else build_engine)("builtin:tiny", "cpu",
-                                                                   "float32", 4096, 1088)
+where = sys.argv[1]
+if where in ("main", "off"):
+    (build_engine_off_main if where == "off" else build_engine)("builtin:small", "cpu",
+                                                                "float32", 8192, 1088)
+else:  # the pipelined runner's buffers: by hand on this thread, or as the executor builds it
+    eng = dataclasses.replace(build_engine_off_main("builtin:small", "cpu", "float32", 8192,
+                                                    1088), runner_mode="pipelined")
+    if where == "runner-main":
+        eng.runner()
+    else:
+        Executor(eng, print, print, print)
 # A finished thread's OpenMP workers are released, not joined: give them time to go.
 for _ in range(100):
     extra = len(os.listdir("/proc/self/task")) - base
@@ -182,9 +192,12 @@ def test_loading_off_main_leaves_no_openmp_team_behind() -> None:
     def extra_threads(where: str) -> int:
         out = subprocess.run([sys.executable, "-c", _TEAM_PROBE, where], capture_output=True,
                              text=True, timeout=120, check=True)
-        return int(out.stdout.strip())
+        return int(out.stdout.strip().splitlines()[-1])
     assert extra_threads("main") >= 1
     assert extra_threads("off") == 0
+    # The same for the pipelined runner's preallocated buffers (zero-filled: parallel ops).
+    assert extra_threads("runner-main") >= 1
+    assert extra_threads("runner-off") == 0
 
 
 def test_loading_off_main_raises_the_loader_error() -> None:

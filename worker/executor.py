@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
+import torch
 
 from worker import failpoints
 from worker.engine import Engine, off_main
@@ -104,6 +105,8 @@ class Executor:
 
     def _main(self) -> None:
         try:
+            if self.runner.device.type == "cuda":
+                torch.cuda.set_device(self.runner.device)  # this thread's kernels, streams, events
             idle_since: float | None = None
             idle_queued = 0.0
             while not self._stop.is_set():

@@ -300,6 +300,10 @@ class WorkerCollector(Collector):
                        stats.busy_s)
         yield _counter("fabric_executor_idle_seconds", "Time the executor waited for work.",
                        stats.idle_s)
+        yield _counter("fabric_executor_steps", "Executor steps.", stats.steps)
+        yield _counter("fabric_executor_graphed_steps", "Steps whose decode rows ran at a fixed "
+                       "shape (pipelined runner; a CUDA graph replay on a GPU).",
+                       stats.graphed_steps)
         last_step = getattr(w, "last_step_at", 0.0)
         yield _gauge("fabric_executor_last_step_age_seconds", "Seconds since the last step "
                      "finished (large with jobs in flight: a stalled executor).",

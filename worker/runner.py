@@ -158,6 +158,10 @@ class Runner:
         self.device = device
         self.mode = mode
         self._on_cpu = device.type == "cpu"
+        if device.type == "cuda":
+            # Streams, events and graph capture use the thread's current device: make it
+            # this one (the executor thread does the same when it starts).
+            torch.cuda.set_device(device)
         self.stager = Stager(device) if mode == "pipelined" else None
         self.graphs = (DecodeGraphs(model, kv_pool, device, block_size, max_ctx, max_batch)
                        if mode == "pipelined" and max_ctx and model.args.n_layers else None)
@@ -299,6 +303,7 @@ class _Fetch:
     a step launched after it keeps the device busy meanwhile. On the CPU: `tolist`."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
         self._bufs: list[torch.Tensor] = []
         self._turn = 0
@@ -314,7 +319,7 @@ class _Fetch:
         host = self._bufs[self._turn][:n]
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
 
         def wait() -> list[int]:
             event.synchronize()

@@ -67,7 +67,7 @@ class Stager:
             self._dev[:at].copy_(self._host[i][:at], non_blocking=self.pinned)
         if self.pinned:
             ev = self._events[i] = self._events[i] or torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(self.device))
         self.copies += 1
         return [self._dev[off:off + a.nbytes].view(_TORCH[a.dtype]).view(a.shape)
                 for a, off in zip(arrays, offsets)]

@@ -9,6 +9,7 @@ deadline; no sleep is an assertion.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import socket
 import threading
@@ -47,8 +48,11 @@ def get(port: int, path: str) -> tuple[int, str]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        try:
+            return e.code, e.read().decode()
+        except (http.client.HTTPException, OSError):
+            return 0, ""  # the server went away mid-answer (the worker is exiting)
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError):
         return 0, ""
 
 

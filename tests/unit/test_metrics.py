@@ -169,6 +169,7 @@ NAMED = {
     "fabric_budget_occupancy_while_queued", "fabric_admission_state", "fabric_kv_blocks_used",
     "fabric_kv_blocks_capacity", "fabric_executor_busy_seconds_total",
     "fabric_executor_idle_seconds_total", "fabric_executor_idle_while_queued_seconds_total",
+    "fabric_executor_steps_total", "fabric_executor_graphed_steps_total",
     "fabric_useful_tokens_total", "fabric_computed_tokens_total",
     "fabric_attention_real_pairs_total", "fabric_attention_computed_pairs_total",
     "fabric_padding_fraction", "fabric_dead_letters_total", "fabric_job_failures_total",

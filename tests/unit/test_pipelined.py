@@ -21,23 +21,13 @@ import torch
 from worker.engine import Engine, EngineError, build_engine, resolve_runner
 from worker.executor import Executor
 from worker.graphs import DecodeGraphs, bucket, ctx_buckets
-from worker.kv import BlockAllocator, padded_tokens
+from worker.kv import BlockAllocator
 from worker.runner import Runner
 from worker.scheduler import Scheduler, StepPlan
 from worker.sequence import Request
 from worker.staging import ALIGN, Stager
 
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return build_engine("builtin:tiny", "cpu", "float32", token_budget=32768, max_seq_len=1088)
-
-
-def req(key: int, prompt: list[int], max_new: int, **kw) -> Request:
-    d = dict(temperature=0.0, top_k=0, top_p=1.0, seed=key, stop_ids=frozenset())
-    d.update(kw)
-    return Request(key=key, prompt=prompt, max_new_tokens=max_new,
-                   reserved_tokens=padded_tokens(len(prompt) + max_new, 16), **d)
+from tests.unit.test_engine import engine, req  # noqa: F401 - the module's engine fixture
 
 
 def ragged(n: int, seed: int, sampled_every: int = 0) -> list[Request]:

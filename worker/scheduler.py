@@ -130,7 +130,10 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         if self.solo and not self.running:
             # A suspected poison job runs with nothing else, so if it kills the step it dies alone.
-            return StepPlan(prefill=[[self.solo.popleft()]])
+            plan = StepPlan(prefill=[[self.solo.popleft()]])
+            if self.overlap:
+                self.running.extend(plan.prefill[0])  # running from launch on, as below
+            return plan
         if self.overlap:
             # One token behind: skip a sequence whose in-flight token is its last by length.
             plan = StepPlan(decode=[s for s in self.running

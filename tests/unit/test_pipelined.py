@@ -251,6 +251,15 @@ def test_overlapped_scheduling_samples_the_same_tokens_one_step_behind() -> None
     assert sum(ahead_rows.values()) > sum(plain_rows.values())  # some rows were wasted
 
 
+def test_overlapped_scheduling_runs_suspected_poison_jobs_alone_to_the_end() -> None:
+    reqs = [req(i, [1] * (5 + i), 12, stop_ids=frozenset({5}), solo=i % 4 == 0)
+            for i in range(16)]
+    plain, _, _ = _fake_run(reqs, overlap=False)
+    ahead, rows, held = _fake_run(reqs, overlap=True)
+    assert ahead == plain and len(ahead) == 16 and held == 0
+    assert all(len(ahead[k]) > 1 for k in range(0, 16, 4))  # decoded, not just prefilled
+
+
 def test_executor_overlaps_steps_and_answers_like_the_eager_engine(engine: Engine) -> None:
     reqs = ragged(40, seed=9, sampled_every=4)
     first, _, _ = run_all(engine, reqs)

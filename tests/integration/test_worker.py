@@ -20,6 +20,7 @@ from loadgen.client import run_jobs
 from loadgen.fleet import WorkerProcess, provision, worker_env
 from loadgen.workload import WorkloadSpec, generate
 from schemas import Job, Sampling, decode_result, encode
+from tests.chaos.harness import log_events
 from worker.engine import build_engine
 from worker.engine import generate as engine_generate
 from worker.sequence import Request
@@ -115,6 +116,24 @@ async def test_results_match_reference_tokens(tmp_engine_toml, workers, nats_url
     await nc.close()
     for j in jobs:
         assert got[j.id] == reference_tokens(reference_engine, j.to_job("fabric.results.x")), j.id
+
+
+@RUNNERS
+async def test_jobs_run_alone_are_answered(tmp_engine_toml, workers, nats_url,
+                                           reference_engine, runner) -> None:
+    """Suspected poison jobs (here: every job, from its first delivery) run one at a time
+    with nothing else in the step, to the end, and are answered like any other."""
+    cfg = tmp_engine_toml()
+    provision(cfg)
+    w = workers(cfg, extra_args=("--runner", runner, "--solo-from-attempt", "1"))
+    jobs = generate(WorkloadSpec(num_jobs=12, seed=14, run_id="alone"))
+    stats = await run_jobs(nats_url, jobs, run_id="alone", timeout_s=120, progress=False)
+    assert not stats.timed_out and len(stats.outcomes) == 12
+    assert all(o.ok for o in stats.outcomes.values())
+    for j in jobs:
+        ref = reference_tokens(reference_engine, j.to_job("fabric.results.x"))
+        assert stats.outcomes[j.id].completion_tokens == len(ref)
+    assert len(log_events(w, "job_solo")) == 12
 
 
 MALFORMED: list[tuple[bytes, str | None]] = [

@@ -84,3 +84,41 @@ def test_pipelined_runner_bfloat16_runs() -> None:
     out, graphed, runner = _run(eng, ragged(128, seed=4))
     assert len(out) == 128 and all(out.values()) and runner.graphs.disabled is None
     assert graphed > 0 and eng.pool.allocator.used_blocks == 0
+
+
+def _overlapped(eng, runner, reqs):
+    """The executor's overlapped loop, offline: launch a step, then read the one before."""
+    sched = eng.scheduler(overlap=True)
+    sched.add_all(reqs, 0.0)
+    out, inflight = {}, None
+    while sched.has_work() or inflight is not None:
+        plan = sched.schedule()
+        launched = runner.launch(runner.prepare(plan, inflight), inflight) if plan else None
+        if launched is not None:
+            sched.launched(plan)
+        if inflight is not None:
+            out.update((c.key, c.tokens) for c in sched.postprocess(inflight.plan,
+                                                                    inflight.wait(), 0.0))
+        inflight = launched
+    return out
+
+
+def test_overlapped_steps_never_sync_the_host_but_to_read_tokens() -> None:
+    """"No host sync in the step beyond one per step": with CUDA's sync debug mode set to
+    error, any synchronizing call (an .item(), a copy to pageable memory, a synchronize)
+    raises. The one intended wait is an event on the pinned token copy, which the mode
+    does not count. The first pass captures the graphs (capture synchronizes); the second
+    replays the same shapes and must not sync at all."""
+    eng = build_engine("builtin:small", "cuda:0", "bfloat16", 65536, 1088,
+                       max_step_tokens=1024, runner="pipelined")
+    runner = eng.runner()
+    reqs = ragged(64, seed=5)
+    first = _overlapped(eng, runner, reqs)
+    captured = len(runner.graphs.graphs)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        second = _overlapped(eng, runner, [r for r in ragged(64, seed=5)])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert second == first and len(runner.graphs.graphs) == captured
+    assert runner.graphs.replays > 0 and eng.pool.allocator.used_blocks == 0

@@ -149,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     soak.add_argument("--duration", type=float, default=1800.0, help="seconds")
     soak.add_argument("--warmup-s", type=float, default=120.0)
     soak.add_argument("--model", default="builtin:small")
+    soak.add_argument("--device", default="cpu")
+    soak.add_argument("--dtype", default="float32")
+    soak.add_argument("--runner", choices=("auto", "eager", "pipelined"), default="auto",
+                      help="the worker's runner (default: the device's own)")
     soak.add_argument("--token-budget", type=int, default=8192)
     soak.add_argument("--low-water", type=int, default=6144)
     bench.add_argument("--fleet-jobs", type=int, default=0,
@@ -333,9 +337,10 @@ def _cmd_soak(args: argparse.Namespace) -> int:
     from loadgen.bench import BenchConfig
     from loadgen.soak import run_soak
 
-    cfg = BenchConfig(model=args.model, token_budget=args.token_budget, low_water=args.low_water)
+    cfg = BenchConfig(model=args.model, device=args.device, dtype=args.dtype,
+                      token_budget=args.token_budget, low_water=args.low_water)
     r = run_soak(cfg, args.duration, args.out, warmup_s=args.warmup_s,
-                 log=lambda m: print(m, file=sys.stderr, flush=True))
+                 log=lambda m: print(m, file=sys.stderr, flush=True), runner=args.runner)
     g = r["rss"]
     print(f"soak {args.duration:.0f} s: {r['jobs_ok']} jobs ok, {r['jobs_error']} errors, "
           f"{r['useful_tokens_per_s']:.0f} useful tok/s; worker RSS after warm-up: median "

@@ -80,12 +80,14 @@ def growth(samples: list[tuple[float, int]], warmup_s: float, window_s: float) -
 
 
 def run_soak(cfg: BenchConfig, duration_s: float, out: Path, warmup_s: float = 120.0,
-             window_s: float = 120.0, sample_every_s: float = 5.0, log=print) -> dict[str, Any]:
+             window_s: float = 120.0, sample_every_s: float = 5.0, log=print,
+             runner: str = "auto") -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     with EmbeddedNats() as broker:
         conf = write_engine_toml(out / "soak.toml", cfg.engine_fields(broker.url, "SOAK"))
         provision(conf)
-        w = WorkerProcess(conf, worker_id="soak", log_path=out / "soak-worker.log")
+        w = WorkerProcess(conf, worker_id="soak", log_path=out / "soak-worker.log",
+                          extra_args=("--runner", runner))
         w.start()
         try:
             w.wait_ready(300)
@@ -105,6 +107,7 @@ def run_soak(cfg: BenchConfig, duration_s: float, out: Path, warmup_s: float = 1
     rep = build_report(stats)
     result = {
         "machine": machine(), "duration_s": duration_s, "warmup_s": warmup_s,
+        "device": cfg.device, "runner": log_event(out / "soak-worker.log", "runner_ready").get("mode"),
         "jobs_ok": rep["jobs_ok"], "jobs_error": rep["jobs_error"],
         "useful_tokens_per_s": rep["useful_tokens_per_s"], "duplicates": rep["duplicates"],
         "rss": growth(sampler.samples, warmup_s, window_s),

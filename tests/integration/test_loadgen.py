@@ -262,3 +262,21 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 2, (args, p.stderr)
         assert message in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+
+
+def test_soak_runs_a_worker_at_saturation_and_reads_its_memory(tmp_path: Path) -> None:
+    """The soak command end to end, briefly (the real one is 30 minutes, run by hand):
+    a worker kept saturated by a closed loop, its RSS sampled, growth read three ways."""
+    out = tmp_path / "soak"
+    p = subprocess.run([sys.executable, "-m", "loadgen", "soak", "--out", str(out),
+                        "--duration", "20", "--warmup-s", "4", "--model", "builtin:tiny",
+                        "--token-budget", "4096", "--low-water", "2048",
+                        "--runner", "pipelined"],
+                       env=worker_env(), capture_output=True, text=True, timeout=150)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((out / "soak.json").read_text())
+    assert r["runner"] == "pipelined" and r["device"] == "cpu"
+    assert r["jobs_ok"] > 50 and r["jobs_error"] == 0 and r["duplicates"] == 0
+    assert len(r["rss_samples"]) >= 3 and r["rss"]["trend_fraction"] is not None
+    assert r["worker_summary"]["graphed_step_fraction"] > 0
+    assert "worker RSS after warm-up" in p.stdout

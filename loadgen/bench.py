@@ -224,7 +224,8 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
     ready = log_event(log, "runner_ready")
     return {
         "policy": policy, "runner": ready.get("mode"), "decode_graphs": ready.get("decode_graphs"),
-        "graphed_step_fraction": s.get("graphed_step_fraction"), "jobs": len(jobs), "jobs_ok": rep["jobs_ok"], "wall_s": rep["wall_s"],
+        "graphed_step_fraction": s.get("graphed_step_fraction"), "jobs": len(jobs),
+        "jobs_ok": rep["jobs_ok"], "wall_s": rep["wall_s"],
         "jobs_per_s": rep["jobs_per_s"], "useful_tokens_per_s": rep["useful_tokens_per_s"],
         "padding_fraction": rep["padding_fraction"], "latency_ms": rep["latency_ms"],
         "ttft_ms": rep["ttft_ms"],
@@ -356,7 +357,8 @@ def markdown(result: dict[str, Any]) -> str:
         x = f"{tps / base:.2f}" if base else "-"
         xs = f"{tps / serial:.1f}" if serial else "-"
         lines.append(
-            f"| {k} | {r.get('rung', r['policy'])} | {tps:,.0f} | {x} | {xs} | {100 * tps / ceil:.1f}% | "
+            f"| {k} | {r.get('rung', r['policy'])} | {tps:,.0f} | {x} | {xs} | "
+            f"{100 * tps / ceil:.1f}% | "
             f"{100 * r['padding_fraction']:.1f}% | {'-' if occ is None else f'{100 * occ:.1f}%'} | "
             f"{'-' if busy is None else f'{100 * busy:.1f}%'} | "
             f"{'-' if dev is None else f'{100 * dev:.1f}%'} | "

@@ -2,9 +2,10 @@
 
 Work comes in through `submit` (a bounded hand-off, thread-safe), results go out through
 a callback the event loop provides (it must not block: the event loop side uses
-`call_soon_threadsafe`). The loop is schedule, run, postprocess; with the pipelined runner it is schedule, launch,
-then postprocess the step launched before (overlap: the device runs step N+1 while the host
-reads step N's tokens and builds N+2, see `worker.scheduler`). The thread never awaits,
+`call_soon_threadsafe`). The loop is schedule, run, postprocess; with the pipelined
+runner it is schedule, launch, then postprocess the step launched before (overlap: the
+device runs step N+1 while the host reads step N's tokens and builds N+2, see
+`worker.scheduler`). The thread never awaits,
 never touches NATS, and treats any exception as fatal: it reports it through `on_fatal`
 and stops, because a device in an unknown state must not serve another job.
 """

@@ -17,6 +17,10 @@ So a decode step of B sequences whose longest context is K runs here as a step o
 
 Graphs are captured lazily, the first time a shape is seen, into one shared memory pool,
 up to `max_graphs` of them; a shape beyond that runs the same fixed-shape forward eagerly.
+Lazily, not all at start-up as nano-vllm does for its one dimension (batch): with two
+dimensions there are up to 21 x 9 shapes for a 1088-token job limit, most of which a
+workload never meets, and torch.compile's CUDA-graph trees make the same choice. The price
+is one capture (a synchronize and one recorded forward) the first time each shape occurs.
 
 When it pays (`choose`): one attention group padded to the longest context reads more KV
 than the eager path's length groups, which in turn launch more kernels (about

@@ -20,11 +20,6 @@ from worker.kv import padded_tokens
 from worker.sequence import Request
 
 
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return build_engine("builtin:tiny", "cpu", "float32", token_budget=32768, max_seq_len=1088)
-
-
 def req(key: int, prompt: list[int], max_new: int, **kw) -> Request:
     d = dict(temperature=0.0, top_k=0, top_p=1.0, seed=key, stop_ids=frozenset())
     d.update(kw)

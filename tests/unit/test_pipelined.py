@@ -27,7 +27,7 @@ from worker.scheduler import Scheduler, StepPlan
 from worker.sequence import Request
 from worker.staging import ALIGN, Stager
 
-from tests.unit.test_engine import engine, req  # noqa: F401 - the module's engine fixture
+from tests.unit.test_engine import req
 
 
 def ragged(n: int, seed: int, sampled_every: int = 0) -> list[Request]:
@@ -255,7 +255,7 @@ def test_overlapped_scheduling_runs_suspected_poison_jobs_alone_to_the_end() -> 
     reqs = [req(i, [1] * (5 + i), 12, stop_ids=frozenset({5}), solo=i % 4 == 0)
             for i in range(16)]
     plain, _, _ = _fake_run(reqs, overlap=False)
-    ahead, rows, held = _fake_run(reqs, overlap=True)
+    ahead, _, held = _fake_run(reqs, overlap=True)
     assert ahead == plain and len(ahead) == 16 and held == 0
     assert all(len(ahead[k]) > 1 for k in range(0, 16, 4))  # decoded, not just prefilled
 

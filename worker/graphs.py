@@ -33,7 +33,8 @@ only steps whose contexts are of similar length do.
 
 On the CPU the same fixed-shape forward runs without capture, which is how it is tested
 against the eager path; on CUDA the first capture is checked against that forward before
-graphs are trusted (`self_check`).
+graphs are trusted (`self_check`): if capture fails or disagrees, the runner decodes through
+the packed forward instead, and `disabled` says why.
 """
 
 from __future__ import annotations

@@ -224,6 +224,8 @@ class Runner:
         return Step(plan, inp, graph, sb, shape, feed)
 
     def _graph_key(self, seqs: list[Sequence]) -> tuple[int, int] | None:
+        if self.graphs.disabled:
+            return None  # the start-up check failed: the packed forward, which is tested
         if any(s.done for s in seqs):
             return None  # static batching's finished rows are the eager path's business
         return self.graphs.choose([s.next_index for s in seqs])

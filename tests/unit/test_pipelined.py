@@ -184,6 +184,26 @@ def test_pipelined_runner_serves_the_null_model() -> None:
     assert len(out) == 20 and all(len(t) == 2 for t in out.values())
 
 
+def test_a_failed_graph_check_falls_back_to_the_packed_forward(engine: Engine) -> None:
+    """Capture on a machine without CUDA fails the start-up self-check; the runner then
+    decodes through the packed forward, and says why graphs are off."""
+    runner = dataclasses.replace(engine, runner_mode="pipelined").runner()
+    runner.graphs.capture = True  # as on CUDA: the check captures, and here that must fail
+    reason = runner.graphs.self_check()
+    assert reason and runner.graphs.disabled == reason and not runner.graphs.graphs
+    sched = engine.scheduler()
+    reqs = ragged(10, seed=11)
+    sched.add_all(reqs, 0.0)
+    out, kinds = {}, set()
+    while sched.has_work():
+        plan = sched.schedule()
+        step = runner.prepare(plan)
+        kinds.add((step.inp is not None, step.graph is not None))
+        out.update((c.key, c.tokens) for c in sched.postprocess(plan, runner.run(step), 0.0))
+    assert kinds == {(True, False)}  # never the fixed-shape path
+    assert out == run_all(engine, reqs)[0]
+
+
 def test_runner_mode_resolves_per_device() -> None:
     cpu = torch.device("cpu")
     assert resolve_runner("auto", cpu) == "eager"

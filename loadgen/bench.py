@@ -117,7 +117,7 @@ def kernel_ceiling(cfg: BenchConfig, jobs: list[JobSpec], completions: dict[str,
     runner (pipelined on CUDA: its steps overlap like the worker's), so the ceiling is the
     best this code does on the device.
     """
-    from worker.engine import build_engine
+    from worker.engine import build_engine, overlapped_turn
     from worker.scheduler import StepPlan
     from worker.sequence import Request
 
@@ -138,16 +138,11 @@ def kernel_ceiling(cfg: BenchConfig, jobs: list[JobSpec], completions: dict[str,
             finished[c.key] = len(c.tokens)
 
     def step(plan: StepPlan) -> None:
-        prev = inflight[0]
-        launched = runner.launch(runner.prepare(plan, prev), prev) if plan else None
-        if not sched.overlap:
-            record(sched.postprocess(plan, launched.wait(), 0.0))
-            return
-        if launched is not None:
-            sched.launched(plan)
-        if prev is not None:
-            record(sched.postprocess(prev.plan, prev.wait(), 0.0))
-        inflight[0] = launched
+        if sched.overlap:
+            _, inflight[0], done = overlapped_turn(sched, runner, plan, inflight[0])
+            record(done)
+        else:
+            record(sched.postprocess(plan, runner.run(runner.prepare(plan)), 0.0))
 
     t_prefill = time.perf_counter()
     i = 0
@@ -201,7 +196,6 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
     asyncio.run(delete_streams(broker.url, stream))
     conf = write_engine_toml(work / f"{name}.toml", cfg.engine_fields(broker.url, stream, model))
     provision(conf)
-    log = work / f"{name}.log"
     workers = [WorkerProcess(conf, worker_id=f"{name}-{i}", log_path=work / f"{name}-{i}.log",
                              extra_args=("--policy", policy, "--runner", runner)
                              + (("--cpus", c) if c else ()))
@@ -219,7 +213,7 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
             w.terminate(grace_s=30)
     asyncio.run(delete_streams(broker.url, stream))
     rep = build_report(stats)
-    log = work / f"{name}-0.log"
+    log = workers[0].log_path
     s = log_event(log, "worker_summary")
     ready = log_event(log, "runner_ready")
     return {

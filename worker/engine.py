@@ -18,8 +18,8 @@ import torch
 from worker.checkpoint import LoadedModel, load_model
 from worker.kv import KVPool, blocks_for
 from worker.lanes import LANE_MIN_WIDTH
-from worker.runner import RUNNER_MODES, Runner
-from worker.scheduler import Policy, Scheduler
+from worker.runner import RUNNER_MODES, Launched, Runner, Step
+from worker.scheduler import Policy, Scheduler, StepPlan
 from worker.sequence import Completion, Request
 
 BLOCK_SIZE = LANE_MIN_WIDTH
@@ -157,3 +157,21 @@ def generate(engine: Engine, reqs: list[Request]) -> list[Completion]:
         plan = sched.schedule()
         done.extend(sched.postprocess(plan, runner.run(runner.prepare(plan)), time.monotonic()))
     return done
+
+
+def overlapped_turn(sched: Scheduler, runner: Runner, plan: StepPlan,
+                    inflight: Launched | None) -> tuple[Step | None, Launched | None,
+                                                        list[Completion]]:
+    """One turn of the overlapped loop: launch `plan` (if it has rows), then read and
+    postprocess the step launched before it, which ran on the device meanwhile.
+
+    Returns the prepared step, the launched one (the next turn's `inflight`) and the
+    completions of the step read. An empty plan only reads `inflight` (to end the loop).
+    """
+    step = runner.prepare(plan, inflight) if plan else None
+    launched = runner.launch(step, inflight) if step is not None else None
+    if launched is not None:
+        sched.launched(plan)
+    done = ([] if inflight is None
+            else sched.postprocess(inflight.plan, inflight.wait(), time.monotonic()))
+    return step, launched, done

@@ -22,8 +22,9 @@ import structlog
 import torch
 
 from worker import failpoints
-from worker.engine import Engine, off_main
+from worker.engine import Engine, off_main, overlapped_turn
 from worker.runner import Launched
+from worker.scheduler import StepPlan
 from worker.sequence import Completion, Request
 
 log = structlog.get_logger("executor")
@@ -131,8 +132,8 @@ class Executor:
             self._on_fatal(e)
 
     def _finish_inflight(self) -> None:
-        prev, self._inflight = self._inflight, None
-        done = self.scheduler.postprocess(prev.plan, prev.wait(), time.monotonic())
+        _, _, done = overlapped_turn(self.scheduler, self.runner, StepPlan(), self._inflight)
+        self._inflight = None
         if done:
             self._on_complete(done)
 
@@ -143,22 +144,16 @@ class Executor:
         if self.overlap:
             # Launch this step, then read the previous one's tokens while the device runs.
             # (An empty plan: everything running is in flight and ends there.)
-            step = self.runner.prepare(plan, self._inflight) if plan else None
-            launched = self.runner.launch(step, self._inflight) if step else None
-            if launched is not None:
-                self.scheduler.launched(plan)
-            if self._inflight is not None:
-                self._finish_inflight()
-            self._inflight = launched
-            if step is None:
-                return
-            shape = step.shape
+            step, self._inflight, done = overlapped_turn(self.scheduler, self.runner, plan,
+                                                         self._inflight)
         else:
             step = self.runner.prepare(plan)
-            shape = step.shape
             done = self.scheduler.postprocess(plan, self.runner.run(step), time.monotonic())
-            if done:
-                self._on_complete(done)
+        if done:
+            self._on_complete(done)
+        if step is None:
+            return
+        shape = step.shape
         self._on_step(StepReport(
             prefill_seqs=sum(len(lane) for lane in plan.prefill), decode_seqs=len(plan.decode),
             rows=shape.rows, attn_real=shape.attn_real, attn_padded=shape.attn_padded,

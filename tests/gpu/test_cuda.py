@@ -10,8 +10,10 @@ import random
 import pytest
 import torch
 
-from worker.engine import build_engine, generate
+from worker.engine import build_engine, generate, overlapped_turn
 from worker.sequence import Request
+
+from tests.unit.test_pipelined import run_all
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -46,29 +48,13 @@ def test_cuda_bfloat16_runs_and_frees_everything() -> None:
     assert eng.pool.allocator.used_blocks == 0
 
 
-def _run(eng, reqs):
-    """`generate`, keeping the runner and counting fixed-shape (graph) steps."""
-    import time
-
-    sched, runner = eng.scheduler(), eng.runner()
-    sched.add_all(reqs, time.monotonic())
-    out, graphed = {}, 0
-    while sched.has_work():
-        plan = sched.schedule()
-        step = runner.prepare(plan)
-        graphed += step.shape.graphed
-        for c in sched.postprocess(plan, runner.run(step), time.monotonic()):
-            out[c.key] = c.tokens
-    return out, graphed, runner
-
-
 def test_pipelined_runner_replays_graphs_and_matches_eager() -> None:
     reqs = ragged(64, seed=3)
-    eager, _, _ = _run(build_engine("builtin:small", "cuda:0", "float32", 65536, 1088,
+    eager, _, _ = run_all(build_engine("builtin:small", "cuda:0", "float32", 65536, 1088,
                                     max_step_tokens=1024, runner="eager"), reqs)
     eng = build_engine("builtin:small", "cuda:0", "float32", 65536, 1088,
                        max_step_tokens=1024, runner="pipelined")
-    piped, graphed, runner = _run(eng, reqs)
+    piped, graphed, runner = run_all(eng, reqs)
     g = runner.graphs
     assert g.disabled is None, g.disabled  # the start-up self-check passed
     assert graphed > 0 and g.replays == graphed and len(g.graphs) >= 1
@@ -81,7 +67,7 @@ def test_pipelined_runner_replays_graphs_and_matches_eager() -> None:
 
 def test_pipelined_runner_bfloat16_runs() -> None:
     eng = build_engine("builtin:small", "cuda:0", "bfloat16", 65536, 1088, runner="pipelined")
-    out, graphed, runner = _run(eng, ragged(128, seed=4))
+    out, graphed, runner = run_all(eng, ragged(128, seed=4))
     assert len(out) == 128 and all(out.values()) and runner.graphs.disabled is None
     assert graphed > 0 and eng.pool.allocator.used_blocks == 0
 
@@ -92,14 +78,8 @@ def _overlapped(eng, runner, reqs):
     sched.add_all(reqs, 0.0)
     out, inflight = {}, None
     while sched.has_work() or inflight is not None:
-        plan = sched.schedule()
-        launched = runner.launch(runner.prepare(plan, inflight), inflight) if plan else None
-        if launched is not None:
-            sched.launched(plan)
-        if inflight is not None:
-            out.update((c.key, c.tokens) for c in sched.postprocess(inflight.plan,
-                                                                    inflight.wait(), 0.0))
-        inflight = launched
+        _, inflight, done = overlapped_turn(sched, runner, sched.schedule(), inflight)
+        out.update((c.key, c.tokens) for c in done)
     return out
 
 

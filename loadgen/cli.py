@@ -37,6 +37,7 @@ from loadgen.report import build_report, format_report, write_report
 from loadgen.scrape import Scraper
 from loadgen.trace import TraceError, load_trace
 from loadgen.workload import Bimodal, LogNormal, Uniform, WorkloadSpec, generate
+from worker.cli import RUNNER_MODES
 
 __all__ = ["DEMO_ENGINE", "main"]
 
@@ -151,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     soak.add_argument("--model", default="builtin:small")
     soak.add_argument("--device", default="cpu")
     soak.add_argument("--dtype", default="float32")
-    soak.add_argument("--runner", choices=("auto", "eager", "pipelined"), default="auto",
+    soak.add_argument("--runner", choices=("auto",) + RUNNER_MODES, default="auto",
                       help="the worker's runner (default: the device's own)")
     soak.add_argument("--token-budget", type=int, default=8192)
     soak.add_argument("--low-water", type=int, default=6144)

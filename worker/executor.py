@@ -59,8 +59,7 @@ class Executor:
         self._inflight: Launched | None = None  # overlap: the step on the device
         g = self.runner.graphs
         log.info("runner_ready", mode=self.runner.mode, overlap=self.overlap,
-                 decode_graphs=None if g is None else "off: " + g.disabled if g.disabled
-                 else "captured lazily" if g.capture else "fixed shapes, no capture",
+                 decode_graphs=None if g is None else g.status,
                  batch_buckets=None if g is None else list(g.batch_buckets),
                  ctx_buckets=None if g is None else list(g.ctx_buckets))
         self.scheduler = engine.scheduler(overlap=self.overlap)

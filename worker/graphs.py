@@ -111,6 +111,13 @@ class DecodeGraphs:
         self.eager_steps = 0  # fixed-shape steps run without a graph (CPU, or over max_graphs)
         self.disabled: str | None = None  # why graphs were switched off, if they were
 
+    @property
+    def status(self) -> str:
+        """For the start-up log and the ladder: what decode steps will do."""
+        if self.disabled:
+            return f"off: {self.disabled}"
+        return "captured lazily" if self.capture else "fixed shapes, no capture"
+
     # -- host side ----------------------------------------------------------------------
 
     def choose(self, ctx: list[int]) -> tuple[int, int] | None:

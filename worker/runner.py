@@ -109,12 +109,10 @@ class _Builder:
         order = [i for g in groups for i in g]
         seqs[:] = [seqs[i] for i in order]
         ctx = [ctx[i] for i in order]
-        self.tokens.append(np.array([0 if s.done or s.pending else s.generated[-1]
-                                     for s in seqs], dtype=np.int64))
-        self.positions.append(np.array([s.num_tokens - 1 if s.done else n - 1
-                                        for s, n in zip(seqs, ctx)], dtype=np.int64))
-        self.slots.append(np.array([SCRATCH_SLOT if s.done else s.slots[n - 1]
-                                    for s, n in zip(seqs, ctx)], dtype=np.int64))
+        tokens, positions, write_slots = _decode_rows(seqs, ctx)
+        self.tokens.append(np.array(tokens, dtype=np.int64))
+        self.positions.append(np.array(positions, dtype=np.int64))
+        self.slots.append(np.array(write_slots, dtype=np.int64))
         self.fed.extend((first + i, s) for i, s in enumerate(seqs) if s.pending)
         start = first
         for g in groups:
@@ -133,6 +131,17 @@ class _Builder:
             start = stop
         self.logit_rows.extend(range(first, first + len(seqs)))
         self.rows += len(seqs)
+
+
+def _decode_rows(seqs: list[Sequence], ctx: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Each decode row's input token, position and KV write slot, given its context (the
+    keys it attends to, itself included). A row that finished inside a static batch is
+    padding: token 0, its last position again, written to scratch. A row whose input token
+    is still on the device (overlapped steps) gets 0 here; the token is fed on the device."""
+    tokens = [0 if s.done or s.pending else s.generated[-1] for s in seqs]
+    positions = [s.num_tokens - 1 if s.done else n - 1 for s, n in zip(seqs, ctx)]
+    write_slots = [SCRATCH_SLOT if s.done else s.slots[n - 1] for s, n in zip(seqs, ctx)]
+    return tokens, positions, write_slots
 
 
 def _sampling(rows: list[Sequence]) -> tuple[list[np.ndarray], dict[str, bool]]:
@@ -180,7 +189,13 @@ class Runner:
         With decode graphs, the decode rows go to a fixed-shape forward (a graph replay)
         and only the prompts, if any, to the packed forward: the two touch disjoint KV
         slots and their logits are concatenated in `plan.rows` order (prompts first)."""
-        key = self._graph_key(plan.decode) if self.graphs is not None and plan.decode else None
+        key = ctx = None
+        if (self.graphs is not None and not self.graphs.disabled and plan.decode
+                and not any(s.done for s in plan.decode)):
+            # (A failed start-up check keeps decode on the packed forward, which is tested;
+            # static batching's finished rows are that forward's business too.)
+            ctx = [s.next_index for s in plan.decode]
+            key = self.graphs.choose(ctx)
         b = _Builder()
         for lane in plan.prefill:
             b.prefill(lane, plan.pad_to)
@@ -196,12 +211,8 @@ class Runner:
         fed = b.fed
         if key is not None:
             seqs = plan.decode
-            ctx = [s.next_index for s in seqs]
-            host.append(self.graphs.host_inputs(
-                key, tokens=[0 if s.pending else s.generated[-1] for s in seqs],
-                positions=[n - 1 for n in ctx],
-                write_slots=[s.slots[n - 1] for s, n in zip(seqs, ctx)], ctx=ctx,
-                slots=[s.slots for s in seqs]))
+            host.append(self.graphs.host_inputs(key, *_decode_rows(seqs, ctx), ctx=ctx,
+                                                slots=[s.slots for s in seqs]))
             fed = [(i, s) for i, s in enumerate(seqs) if s.pending]
             b.attn_real += sum(ctx)
             b.attn_padded += key[0] * key[1]
@@ -222,13 +233,6 @@ class Runner:
         shape = StepShape(b.rows + (key[0] if key else 0), b.attn_real, b.attn_padded,
                           graphed=key is not None)
         return Step(plan, inp, graph, sb, shape, feed)
-
-    def _graph_key(self, seqs: list[Sequence]) -> tuple[int, int] | None:
-        if self.graphs.disabled:
-            return None  # the start-up check failed: the packed forward, which is tested
-        if any(s.done for s in seqs):
-            return None  # static batching's finished rows are the eager path's business
-        return self.graphs.choose([s.next_index for s in seqs])
 
     @torch.inference_mode()
     def launch(self, step: Step, prev: Launched | None = None) -> Launched:

@@ -229,7 +229,7 @@ def _load_hf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMode
         tensors.pop("lm_head.weight", None)  # a tied head is the embedding, whatever was saved
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
-    params = dict(model.named_parameters())  # a tied lm_head.weight is listed once, as the embedding
+    params = model.hf_parameters()  # checkpoint names; a tied lm_head.weight is the embedding
     missing, unexpected = params.keys() - tensors.keys(), tensors.keys() - params.keys()
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the config: missing "
@@ -244,7 +244,7 @@ def _load_hf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMode
     model = model.to_empty(device=device)
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # to_empty() unties shared parameters
-    params = dict(model.named_parameters())
+    params = model.hf_parameters()  # fused projections: views of their row blocks
     by_file: dict[Path, list[str]] = {}
     for name in params:
         by_file.setdefault(tensors[name][0], []).append(name)

@@ -42,9 +42,8 @@ def hf_state(cfg: dict) -> dict[str, torch.Tensor]:
     """Seeded weights for `cfg` under the names transformers saves them with."""
     model = Transformer(args_from_hf(cfg, "test"))
     init_random(model, seed=7)
-    state = {n: t.clone() for n, t in model.state_dict().items()}
-    if cfg.get("tie_word_embeddings"):
-        del state["lm_head.weight"]  # shared with the embedding: transformers does not save it
+    # A tied head is listed once, as the embedding: transformers does not save it either.
+    state = {n: t.detach().clone() for n, t in model.hf_parameters().items()}
     return {n if n == "lm_head.weight" else f"model.{n}": t for n, t in state.items()}
 
 
@@ -68,7 +67,7 @@ def test_loads_every_saved_tensor(tmp_path: Path, arch: str) -> None:
     state = hf_state(cfg)
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # older exports
     loaded = load(write_checkpoint(tmp_path, cfg, state))
-    params = dict(loaded.model.named_parameters())
+    params = loaded.model.hf_parameters()
     for name, t in state.items():
         if not name.endswith("inv_freq"):
             assert torch.equal(params[name.removeprefix("model.")], t), name
@@ -111,7 +110,7 @@ def test_sharded_checkpoint_loads_the_shards_its_index_names(tmp_path: Path) -> 
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     # Mistral's repositories ship the same weights again under other names: not ours to load.
     save_file({"tok_embeddings.weight": torch.zeros(2)}, str(tmp_path / "consolidated.safetensors"))
-    params = dict(load(tmp_path).model.named_parameters())
+    params = load(tmp_path).model.hf_parameters()
     assert all(torch.equal(params[n.removeprefix("model.")], state[n]) for n in state)
 
 

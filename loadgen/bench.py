@@ -40,12 +40,13 @@ from pathlib import Path
 from typing import Any
 
 
+from loadgen.arrivals import Arrival, Burst, Closed
 from loadgen.backlog import collect, publish_backlog
 from loadgen.broker import EmbeddedNats, delete_streams
 from loadgen.client import reply_subject, run_jobs
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml
 from loadgen.gpubusy import BusySampler
-from loadgen.report import build_report
+from loadgen.report import build_report, window_rate
 from loadgen.workload import JobSpec, Uniform, WorkloadSpec, generate
 from worker.topology import RESULTS_STREAM
 
@@ -75,6 +76,9 @@ class BenchConfig:
     serial_jobs: int = 0  # rung 0 on a subset (it is slow); 0 = the whole workload
     null_jobs: int = 20000
     fleet_jobs: int = 0  # jobs for the fleet-scaling run (one vs two one-core workers); 0 = skip
+    # Seconds of sustained load (a closed loop) for the same comparison; 0 = skip. Its
+    # rate is read over the last three quarters: no ramp, and no tail of a finite run.
+    fleet_sustained_s: float = 0.0
     ceiling_runs: int = 3  # the ceiling reported is the median of these
     ceiling_runner: str = "auto"  # the device's default: pipelined on CUDA, eager on the CPU
     timeout_s: float = 1800.0
@@ -83,6 +87,12 @@ class BenchConfig:
         return {"nats_url": url, "stream": stream, "consumer": "bench", "model": model or self.model,
                 "device": self.device, "dtype": self.dtype, "token_budget": self.token_budget,
                 "low_water": self.low_water, "max_seq_len": self.max_seq_len}
+
+
+def saturating_outstanding(cfg: BenchConfig, workers: int = 1) -> int:
+    """Jobs a closed loop keeps outstanding so that every worker always has jobs waiting:
+    twice what one budget admits at once at about 160 padded tokens a job."""
+    return max(64, 2 * cfg.token_budget // 160) * workers
 
 
 def machine() -> dict[str, Any]:
@@ -190,8 +200,11 @@ def log_event(log_path: Path, event: str) -> dict[str, Any]:
 
 def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, policy: str,
              jobs: list[JobSpec], model: str | None = None,
-             cpus: tuple[str, ...] = ("",), runner: str = "auto") -> dict[str, Any]:
-    """One worker per entry of `cpus` ("" = unpinned) on one consumer, the workload at once."""
+             cpus: tuple[str, ...] = ("",), runner: str = "auto", arrival: Arrival = Burst(),
+             duration_s: float = 0.0) -> dict[str, Any]:
+    """One worker per entry of `cpus` ("" = unpinned) on one consumer, the workload at once
+    (or as `arrival` says). With `duration_s` the run stops then, whatever is left, and its
+    `sustained` rate is read over the last three quarters of it (`window_rate`)."""
     stream = f"BENCH_{name.upper()}"
     asyncio.run(delete_streams(broker.url, stream))
     conf = write_engine_toml(work / f"{name}.toml", cfg.engine_fields(broker.url, stream, model))
@@ -206,8 +219,8 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
         for w in workers:
             w.wait_ready(300)
         with BusySampler(cfg.device) as busy:
-            stats = asyncio.run(run_jobs(broker.url, jobs, run_id=name, timeout_s=cfg.timeout_s,
-                                         progress=False))
+            stats = asyncio.run(run_jobs(broker.url, jobs, run_id=name, progress=False,
+                                         timeout_s=duration_s or cfg.timeout_s, arrival=arrival))
     finally:
         for w in workers:
             w.terminate(grace_s=30)
@@ -219,7 +232,7 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
     return {
         "policy": policy, "runner": ready.get("mode"), "decode_graphs": ready.get("decode_graphs"),
         "graphed_step_fraction": s.get("graphed_step_fraction"), "jobs": len(jobs),
-        "jobs_ok": rep["jobs_ok"], "wall_s": rep["wall_s"],
+        "jobs_ok": rep["jobs_ok"], "jobs_by_worker": rep["workers"], "wall_s": rep["wall_s"],
         "jobs_per_s": rep["jobs_per_s"], "useful_tokens_per_s": rep["useful_tokens_per_s"],
         "padding_fraction": rep["padding_fraction"], "latency_ms": rep["latency_ms"],
         "ttft_ms": rep["ttft_ms"],
@@ -236,7 +249,50 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
         "device_busy_fraction": busy.mean,
         "completions": {o.id.split("-", 1)[1]: o.completion_tokens
                         for o in stats.outcomes.values()},
+        "sustained": window_rate(stats, duration_s / 4, duration_s) if duration_s else None,
     }
+
+
+def run_fleet(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
+              partial=lambda: None) -> dict[str, Any]:
+    """One worker on one core, then two workers on one core each, on one consumer: the
+    jobs/s ratio says whether adding a worker adds its share. Measured two ways: a burst
+    of `fleet_jobs` timed from the first publish to the last Result (a finite run's tail --
+    one worker finishing its last admission while the other has nothing left -- counts),
+    and `fleet_sustained_s` of a closed loop that keeps every worker's queue full, read
+    over its last three quarters (what a fleet on continuous work does)."""
+    fleet: dict[str, Any] = {}
+    sustained: dict[str, Any] = {}
+    for name, cpus in (("one", ("0",)), ("two", ("0", "1"))):
+        if cfg.fleet_jobs:
+            jobs = generate(WorkloadSpec(num_jobs=cfg.fleet_jobs, seed=cfg.seed,
+                                         run_id=f"fleet{name}"))
+            log(f"fleet: {len(cpus)} worker(s), one core each, {cfg.fleet_jobs} jobs ...")
+            r = run_rung(cfg, broker, work, f"fleet{name}", "continuous", jobs, cpus=cpus)
+            r.pop("completions")
+            fleet[name] = r
+            partial()
+            log(f"  {r['jobs_per_s']:.1f} jobs/s")
+        if cfg.fleet_sustained_s:
+            d = cfg.fleet_sustained_s
+            n = saturating_outstanding(cfg, len(cpus))
+            # More jobs than any plausible rate gets through; the run stops at `d`.
+            jobs = generate(WorkloadSpec(num_jobs=int(d * 100 * len(cpus)) + 1000, seed=cfg.seed,
+                                         run_id=f"steady{name}"))
+            log(f"fleet: {len(cpus)} worker(s), one core each, {d:.0f} s at {n} outstanding ...")
+            r = run_rung(cfg, broker, work, f"steady{name}", "continuous", jobs, cpus=cpus,
+                         arrival=Closed(n), duration_s=d)
+            r.pop("completions")
+            sustained[name] = r
+            partial()
+            log(f"  {r['sustained']['jobs_per_s']:.1f} jobs/s sustained")
+    if fleet:
+        fleet["ratio"] = fleet["two"]["jobs_per_s"] / fleet["one"]["jobs_per_s"]
+    if sustained:
+        sustained["ratio"] = (sustained["two"]["sustained"]["jobs_per_s"]
+                              / sustained["one"]["sustained"]["jobs_per_s"])
+        fleet["sustained"] = sustained
+    return fleet
 
 
 def run_backlog(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str,
@@ -297,19 +353,8 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
             partial(result)
             log(f"  {r['jobs_per_s']:.0f} jobs/s ({r['unique']} of {r['jobs']} answered, "
                 f"{r['results'] - r['unique']} duplicates)")
-        if cfg.fleet_jobs:
-            result["fleet"] = {}
-            for name, cpus in (("one", ("0",)), ("two", ("0", "1"))):
-                jobs = generate(WorkloadSpec(num_jobs=cfg.fleet_jobs, seed=cfg.seed,
-                                             run_id=f"fleet{name}"))
-                log(f"fleet: {len(cpus)} worker(s), one core each, {cfg.fleet_jobs} jobs ...")
-                r = run_rung(cfg, broker, work, f"fleet{name}", "continuous", jobs, cpus=cpus)
-                r.pop("completions")
-                result["fleet"][name] = r
-                partial(result)
-                log(f"  {r['jobs_per_s']:.1f} jobs/s")
-            f = result["fleet"]
-            f["ratio"] = f["two"]["jobs_per_s"] / f["one"]["jobs_per_s"]
+        if cfg.fleet_jobs or cfg.fleet_sustained_s:
+            result["fleet"] = run_fleet(cfg, broker, work, log, partial=lambda: partial(result))
     jobs = generate(WorkloadSpec(num_jobs=cfg.jobs, seed=cfg.seed, run_id="r4"))
     top = result["rungs"].get("4", {}).get("completions", {})
     log(f"kernel-only ceiling ({cfg.ceiling_runs} runs, median) ...")
@@ -365,10 +410,17 @@ def markdown(result: dict[str, Any]) -> str:
         frac = r.get("graphed_step_fraction")
         lines += ["", f"Rung {k} runner: decode graphs {r.get('decode_graphs')}; fixed-shape "
                   f"decode steps {'-' if frac is None else f'{100 * frac:.1f}%'} of all steps."]
-    if "fleet" in result:
-        f = result["fleet"]
-        lines += ["", f"Fleet: two one-core workers on one consumer {f['two']['jobs_per_s']:.1f} "
-                  f"jobs/s, one {f['one']['jobs_per_s']:.1f} jobs/s: ratio {f['ratio']:.2f}."]
+    f = result.get("fleet", {})
+    if "ratio" in f:
+        lines += ["", f"Fleet, a burst of {f['one']['jobs']} jobs: two one-core workers on one "
+                  f"consumer {f['two']['jobs_per_s']:.1f} jobs/s, one {f['one']['jobs_per_s']:.1f} "
+                  f"jobs/s: ratio {f['ratio']:.2f}."]
+    if "sustained" in f:
+        st = f["sustained"]
+        one, two = st["one"]["sustained"], st["two"]["sustained"]
+        lines += ["", f"Fleet, sustained ({one['start_s']:.0f}-{one['end_s']:.0f} s of a closed "
+                  f"loop): two one-core workers {two['jobs_per_s']:.1f} jobs/s, one "
+                  f"{one['jobs_per_s']:.1f} jobs/s: ratio {st['ratio']:.2f}."]
     if "null_model" in result:
         n = result["null_model"]
         lines += ["", f"Null model (broker path alone): {n['jobs_per_s']:,.0f} jobs/s through one "

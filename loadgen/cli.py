@@ -145,6 +145,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="run rung 0 on the first N jobs only (0 = all)")
     bench.add_argument("--null-jobs", type=int, default=20000,
                        help="jobs for the null-model broker-path run (0 = skip)")
+    bench.add_argument("--fleet-jobs", type=int, default=0,
+                       help="a burst of N jobs to one vs two one-core workers on one consumer "
+                            "(0 = skip)")
+    bench.add_argument("--fleet-sustained-s", type=float, default=0.0,
+                       help="the same comparison under S seconds of sustained load, read over "
+                            "the last three quarters (0 = skip)")
     soak = sub.add_parser("soak", help="one worker at saturation, resident memory over time")
     soak.add_argument("--out", type=Path, required=True)
     soak.add_argument("--duration", type=float, default=1800.0, help="seconds")
@@ -156,8 +162,6 @@ def _parser() -> argparse.ArgumentParser:
                       help="the worker's runner (default: the device's own)")
     soak.add_argument("--token-budget", type=int, default=8192)
     soak.add_argument("--low-water", type=int, default=6144)
-    bench.add_argument("--fleet-jobs", type=int, default=0,
-                       help="jobs for one vs two one-core workers on one consumer (0 = skip)")
     return p
 
 
@@ -361,7 +365,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       rungs=tuple(int(r) for r in args.rungs.split(",") if r)
                       or default_rungs(args.device),
                       serial_jobs=args.serial_jobs, null_jobs=args.null_jobs,
-                      fleet_jobs=args.fleet_jobs)
+                      fleet_jobs=args.fleet_jobs, fleet_sustained_s=args.fleet_sustained_s)
     result = run_bench(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True))
     print((args.out / "ladder.md").read_text(), end="")
     return 0 if all(r["jobs_ok"] == r["jobs"] for r in result["rungs"].values()) else 1

@@ -27,7 +27,8 @@ from typing import Any
 
 from loadgen.ledger import RunStats
 
-__all__ = ["build_report", "format_report", "percentile", "percentiles", "write_report"]
+__all__ = ["build_report", "format_report", "percentile", "percentiles", "window_rate",
+           "write_report"]
 
 _QUANTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
 
@@ -112,6 +113,20 @@ def build_report(stats: RunStats, worker_metrics: dict[str, Any] | None = None) 
             worker_metrics["budget_occupancy_while_queued"] if worker_metrics else None),
         "worker_metrics": worker_metrics,
     }
+
+
+def window_rate(stats: RunStats, start_s: float, end_s: float) -> dict[str, float]:
+    """Throughput over the ok Results that arrived between `start_s` and `end_s` seconds
+    after the first publish: a sustained rate, free of a finite run's ramp (the first
+    admissions) and tail (the last jobs finishing while the rest of the fleet idles)."""
+    first = stats.first_sent_s
+    span = end_s - start_s
+    if first is None or span <= 0:
+        raise ValueError(f"window {start_s}..{end_s} s of a run that sent nothing or is empty")
+    ok = [o for o in stats.outcomes.values()
+          if o.ok and start_s <= stats.arrived_s[o.id] - first < end_s]
+    return {"start_s": start_s, "end_s": end_s, "jobs": len(ok), "jobs_per_s": len(ok) / span,
+            "useful_tokens_per_s": sum(o.prompt_tokens + o.completion_tokens for o in ok) / span}
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from loadgen.arrivals import Closed
-from loadgen.bench import BenchConfig, log_event, machine
+from loadgen.bench import BenchConfig, log_event, machine, saturating_outstanding
 from loadgen.broker import EmbeddedNats
 from loadgen.client import run_jobs
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml
@@ -96,8 +96,8 @@ def run_soak(cfg: BenchConfig, duration_s: float, out: Path, warmup_s: float = 1
             # Enough jobs for the whole run at any plausible rate; the run stops at duration.
             jobs = generate(WorkloadSpec(num_jobs=max(1000, int(duration_s * 200)), seed=cfg.seed,
                                          run_id="soak"))
-            # Twice what the budget admits at once: jobs always wait, the worker never idles.
-            outstanding = max(64, 2 * cfg.token_budget // 160)
+            # Jobs always wait, the worker never idles.
+            outstanding = saturating_outstanding(cfg)
             log(f"soak: {duration_s:.0f} s at {outstanding} outstanding ...")
             stats = asyncio.run(run_jobs(broker.url, jobs, run_id="soak", timeout_s=duration_s,
                                          progress=False, arrival=Closed(outstanding)))

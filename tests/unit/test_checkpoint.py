@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from worker.checkpoint import CheckpointError, args_from_hf, load_model
+from worker.checkpoint import BUILTINS, CheckpointError, args_from_hf, load_model
 from worker.engine import EngineError, build_engine
 from worker.model import Transformer, init_random
 from worker.tokenizer import ByteTokenizer, HFTokenizer
@@ -73,6 +73,28 @@ def test_loads_every_saved_tensor(tmp_path: Path, arch: str) -> None:
             assert torch.equal(params[name.removeprefix("model.")], t), name
     assert loaded.args.attention_bias == (arch == "Qwen2ForCausalLM")
     assert loaded.eos_ids == ()
+
+
+def test_fused_projections_are_loaded_through_their_checkpoint_names() -> None:
+    model = Transformer(BUILTINS["tiny"])
+    params = model.hf_parameters()
+    assert {"layers.1.self_attn.q_proj.weight", "layers.1.self_attn.k_proj.weight",
+            "layers.1.self_attn.v_proj.weight", "layers.1.mlp.gate_proj.weight",
+            "layers.1.mlp.up_proj.weight"} <= params.keys()
+    assert not [n for n in params if "qkv_proj" in n or "gate_up_proj" in n]
+    assert sum(p.numel() for p in params.values()) == sum(p.numel() for p in model.parameters())
+    # Each name is a view of its rows of the fused weight: a load writes it in place.
+    attn, mlp = model.layers[1].self_attn, model.layers[1].mlp
+    q, k, _ = attn.qkv_split
+    with torch.no_grad():
+        params["layers.1.self_attn.k_proj.weight"].fill_(3.0)
+        params["layers.1.mlp.up_proj.weight"].fill_(-2.0)
+    fused = attn.qkv_proj.weight
+    assert (fused[q:q + k] == 3.0).all() and not (fused[:q] == 3.0).any()
+    assert not (fused[q + k:] == 3.0).any()
+    half = mlp.gate_up_proj.weight.shape[0] // 2
+    assert (mlp.gate_up_proj.weight[half:] == -2.0).all()
+    assert not (mlp.gate_up_proj.weight[:half] == -2.0).any()
 
 
 def test_tied_embeddings_share_storage_and_ignore_a_saved_head(tmp_path: Path) -> None:

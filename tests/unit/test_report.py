@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from loadgen.ledger import Outcome, RunStats
-from loadgen.report import build_report, format_report, percentile, write_report
+from loadgen.report import build_report, format_report, percentile, window_rate, write_report
 from loadgen.scrape import Scraper, parse, summarize
 
 
@@ -86,6 +86,23 @@ def test_throughput_and_padding_count_ok_results_once() -> None:
     # End-to-end latency is arrival minus publish, ok jobs only: 1000 and 2000 ms.
     assert r["latency_ms"]["p50"] == pytest.approx(1500.0)
     assert r["latency_ms"]["p99"] == pytest.approx(1990.0)
+
+
+def test_window_rate_counts_ok_results_arriving_inside_the_window() -> None:
+    stats = ledger(6)
+    # Sent at 100.0; answers at +0.5 (ramp), +1.0, +2.5 (in [1, 3)), +3.0 (end excluded),
+    # an error at +2.0 and a duplicate of r-1 at +2.0, which count for nothing.
+    for i, (at, prompt) in enumerate([(100.5, 7), (101.0, 10), (102.5, 20), (103.0, 40)]):
+        stats.record_outcome(outcome(f"r-{i}", prompt=prompt, completion=5), at)
+    stats.record_outcome(outcome("r-4", ok=False, code="too_long"), 102.0)
+    stats.record_outcome(outcome("r-1", prompt=999), 102.0)
+    w = window_rate(stats, 1.0, 3.0)
+    assert (w["jobs"], w["jobs_per_s"]) == (2, 1.0)
+    assert w["useful_tokens_per_s"] == pytest.approx((10 + 5 + 20 + 5) / 2.0)
+    with pytest.raises(ValueError):
+        window_rate(stats, 3.0, 3.0)
+    with pytest.raises(ValueError):
+        window_rate(RunStats(run_id="r", job_ids=[]), 0.0, 1.0)
 
 
 def test_worker_latency_and_ttft_skip_missing_values() -> None:

@@ -79,6 +79,9 @@ class BenchConfig:
     # Seconds of sustained load (a closed loop) for the same comparison; 0 = skip. Its
     # rate is read over the last three quarters: no ramp, and no tail of a finite run.
     fleet_sustained_s: float = 0.0
+    # Each rung again under this many seconds of sustained load (closed loop), read the
+    # same way; 0 = skip. A burst of `jobs` ends in a tail; continuous work does not.
+    sustained_s: float = 0.0
     ceiling_runs: int = 3  # the ceiling reported is the median of these
     ceiling_runner: str = "auto"  # the device's default: pipelined on CUDA, eager on the CPU
     timeout_s: float = 1800.0
@@ -93,6 +96,14 @@ def saturating_outstanding(cfg: BenchConfig, workers: int = 1) -> int:
     """Jobs a closed loop keeps outstanding so that every worker always has jobs waiting:
     twice what one budget admits at once at about 160 padded tokens a job."""
     return max(64, 2 * cfg.token_budget // 160) * workers
+
+
+def sustained_jobs(cfg: BenchConfig, run_id: str, workers: int = 1) -> list[JobSpec]:
+    """The seeded workload, long enough for `sustained_s` / `fleet_sustained_s` seconds at
+    any plausible rate (the run stops at its duration, whatever is left)."""
+    seconds = max(cfg.sustained_s, cfg.fleet_sustained_s)
+    return generate(WorkloadSpec(num_jobs=int(seconds * 100 * workers) + 1000, seed=cfg.seed,
+                                 run_id=run_id))
 
 
 def machine() -> dict[str, Any]:
@@ -250,6 +261,7 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
         "completions": {o.id.split("-", 1)[1]: o.completion_tokens
                         for o in stats.outcomes.values()},
         "sustained": window_rate(stats, duration_s / 4, duration_s) if duration_s else None,
+        "outstanding": arrival.concurrency if isinstance(arrival, Closed) else None,
     }
 
 
@@ -276,11 +288,9 @@ def run_fleet(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
         if cfg.fleet_sustained_s:
             d = cfg.fleet_sustained_s
             n = saturating_outstanding(cfg, len(cpus))
-            # More jobs than any plausible rate gets through; the run stops at `d`.
-            jobs = generate(WorkloadSpec(num_jobs=int(d * 100 * len(cpus)) + 1000, seed=cfg.seed,
-                                         run_id=f"steady{name}"))
             log(f"fleet: {len(cpus)} worker(s), one core each, {d:.0f} s at {n} outstanding ...")
-            r = run_rung(cfg, broker, work, f"steady{name}", "continuous", jobs, cpus=cpus,
+            r = run_rung(cfg, broker, work, f"steady{name}", "continuous",
+                         sustained_jobs(cfg, f"steady{name}", len(cpus)), cpus=cpus,
                          arrival=Closed(n), duration_s=d)
             r.pop("completions")
             sustained[name] = r
@@ -339,9 +349,20 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
             log(f"rung {rung} ({label}): {n} jobs ...")
             r = run_rung(cfg, broker, work, f"r{rung}", policy, jobs, runner=runner)
             r["rung"] = label
+            result["rungs"][str(rung)] = r
             partial(result)
             log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s, padding {r['padding_fraction']:.3f}")
-            result["rungs"][str(rung)] = r
+            if cfg.sustained_s:
+                d = cfg.sustained_s
+                log(f"rung {rung} ({label}): {d:.0f} s sustained ...")
+                r = run_rung(cfg, broker, work, f"s{rung}", policy,
+                             sustained_jobs(cfg, f"s{rung}"), runner=runner,
+                             arrival=Closed(saturating_outstanding(cfg)), duration_s=d)
+                r.pop("completions")
+                r["rung"] = label
+                result.setdefault("sustained", {})[str(rung)] = r
+                partial(result)
+                log(f"  {r['sustained']['useful_tokens_per_s']:.0f} useful tok/s sustained")
         if cfg.null_jobs:
             # Small jobs under a big budget: the broker path is measured, not the budget.
             jobs = generate(WorkloadSpec(num_jobs=cfg.null_jobs, seed=cfg.seed, run_id="null",
@@ -405,6 +426,23 @@ def markdown(result: dict[str, Any]) -> str:
     runs = ", ".join(f"{c:,.0f}" for c in result["ceiling"].get("runs_useful_tokens_per_s", []))
     lines.append(f"| - | kernel-only ceiling (median of {runs}) | {ceil:,.0f} | | | 100% | 0.0% "
                  "| | | | |")
+    sus = result.get("sustained", {})
+    if sus:
+        first = next(iter(sus.values()))
+        w = first["sustained"]
+        sbase = sus.get("1", {}).get("sustained", {}).get("useful_tokens_per_s")
+        sserial = sus.get("0", {}).get("sustained", {}).get("useful_tokens_per_s")
+        lines += ["", f"Sustained load: each rung again for {result['config']['sustained_s']:.0f} s "
+                  f"of a closed loop keeping {first['outstanding']} jobs outstanding, "
+                  f"read over {w['start_s']:.0f}-{w['end_s']:.0f} s:", "",
+                  "| rung | policy | useful tok/s | x window | x serial | % of ceiling | jobs/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, r in sorted(sus.items()):
+            tps = r["sustained"]["useful_tokens_per_s"]
+            lines.append(f"| {k} | {r['rung']} | {tps:,.0f} | "
+                         f"{f'{tps / sbase:.2f}' if sbase else '-'} | "
+                         f"{f'{tps / sserial:.1f}' if sserial else '-'} | {100 * tps / ceil:.1f}% | "
+                         f"{r['sustained']['jobs_per_s']:.1f} |")
     graphed = {k: r for k, r in sorted(result["rungs"].items()) if r.get("runner") == "pipelined"}
     for k, r in graphed.items():
         frac = r.get("graphed_step_fraction")

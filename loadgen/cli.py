@@ -145,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="run rung 0 on the first N jobs only (0 = all)")
     bench.add_argument("--null-jobs", type=int, default=20000,
                        help="jobs for the null-model broker-path run (0 = skip)")
+    bench.add_argument("--sustained-s", type=float, default=0.0,
+                       help="run each rung again under S seconds of sustained load (a closed "
+                            "loop), read over the last three quarters (0 = skip)")
     bench.add_argument("--fleet-jobs", type=int, default=0,
                        help="a burst of N jobs to one vs two one-core workers on one consumer "
                             "(0 = skip)")
@@ -365,7 +368,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       rungs=tuple(int(r) for r in args.rungs.split(",") if r)
                       or default_rungs(args.device),
                       serial_jobs=args.serial_jobs, null_jobs=args.null_jobs,
-                      fleet_jobs=args.fleet_jobs, fleet_sustained_s=args.fleet_sustained_s)
+                      fleet_jobs=args.fleet_jobs, fleet_sustained_s=args.fleet_sustained_s,
+                      sustained_s=args.sustained_s)
     result = run_bench(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True))
     print((args.out / "ladder.md").read_text(), end="")
     return 0 if all(r["jobs_ok"] == r["jobs"] for r in result["rungs"].values()) else 1

@@ -68,3 +68,18 @@ def test_fleet_burst_and_sustained(tmp_path) -> None:
         assert w["jobs_per_s"] == w["jobs"] / 4.5 and w["useful_tokens_per_s"] > w["jobs_per_s"]
     assert st["ratio"] == (st["two"]["sustained"]["jobs_per_s"]
                            / st["one"]["sustained"]["jobs_per_s"])
+
+
+def test_ladder_sustained(tmp_path) -> None:
+    cfg = BenchConfig(jobs=12, model="builtin:tiny", token_budget=2048, low_water=1024,
+                      rungs=(1, 4), null_jobs=0, sustained_s=4.0)
+    result = run_bench(cfg, tmp_path, log=lambda m: None)
+    sus = result["sustained"]
+    assert sus.keys() == {"1", "4"} and [r["rung"] for r in sus.values()] == ["window", "continuous"]
+    for r in sus.values():
+        assert r["outstanding"] == 64 and r["sustained"]["jobs"] > 0
+        assert (r["sustained"]["start_s"], r["sustained"]["end_s"]) == (1.0, 4.0)
+    md = (tmp_path / "ladder.md").read_text()
+    assert "keeping 64 jobs outstanding, read over 1-4 s" in md
+    assert "| 1 | window |" in md.split("Sustained load")[1]
+    assert "| 4 | continuous |" in md.split("Sustained load")[1]

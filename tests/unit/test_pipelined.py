@@ -324,3 +324,11 @@ def test_kernel_ceiling_with_overlapped_steps_decodes_the_same_lengths() -> None
     assert (eager["runner"], piped["runner"]) == ("eager", "pipelined")
     assert piped["lengths"] == eager["lengths"] and piped["useful_tokens"] == eager["useful_tokens"]
     assert any(n < j.max_new_tokens for j, n in zip(jobs, eager["lengths"].values()))
+    # The ceiling is the better of two schedules, both decoding the same lengths (checked
+    # inside: a disagreement raises); the continuous one runs within the budget's pool.
+    for c in (eager, piped):
+        assert c["schedules"].keys() == {"phased", "continuous"}
+        assert c["useful_tokens_per_s"] == max(s["useful_tokens_per_s"]
+                                               for s in c["schedules"].values())
+        assert c["schedules"][c["schedule"]]["useful_tokens_per_s"] == c["useful_tokens_per_s"]
+        assert c["schedules"]["continuous"]["steps"] > 0

@@ -75,7 +75,8 @@ def test_ladder_sustained(tmp_path) -> None:
                       rungs=(1, 4), null_jobs=0, sustained_s=4.0)
     result = run_bench(cfg, tmp_path, log=lambda m: None)
     sus = result["sustained"]
-    assert sus.keys() == {"1", "4"} and [r["rung"] for r in sus.values()] == ["window", "continuous"]
+    assert sus.keys() == {"1", "4"}
+    assert [r["rung"] for r in sus.values()] == ["window", "continuous"]
     for r in sus.values():
         assert r["outstanding"] == 64 and r["sustained"]["jobs"] > 0
         assert (r["sustained"]["start_s"], r["sustained"]["end_s"]) == (1.0, 4.0)

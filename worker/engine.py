@@ -159,6 +159,16 @@ def generate(engine: Engine, reqs: list[Request]) -> list[Completion]:
     return done
 
 
+def turn(sched: Scheduler, runner: Runner, plan: StepPlan,
+         inflight: Launched | None) -> tuple[Step | None, Launched | None, list[Completion]]:
+    """One step of the executor's loop, overlapped when the scheduler overlaps
+    (`overlapped_turn`), else prepare, run and postprocess `plan` (`inflight` stays None)."""
+    if sched.overlap:
+        return overlapped_turn(sched, runner, plan, inflight)
+    step = runner.prepare(plan)
+    return step, None, sched.postprocess(plan, runner.run(step), time.monotonic())
+
+
 def overlapped_turn(sched: Scheduler, runner: Runner, plan: StepPlan,
                     inflight: Launched | None) -> tuple[Step | None, Launched | None,
                                                         list[Completion]]:

@@ -22,7 +22,7 @@ import structlog
 import torch
 
 from worker import failpoints
-from worker.engine import Engine, off_main, overlapped_turn
+from worker.engine import Engine, off_main, overlapped_turn, turn
 from worker.runner import Launched
 from worker.scheduler import StepPlan
 from worker.sequence import Completion, Request
@@ -140,14 +140,9 @@ class Executor:
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         self._failpoint("executor.step")
-        if self.overlap:
-            # Launch this step, then read the previous one's tokens while the device runs.
-            # (An empty plan: everything running is in flight and ends there.)
-            step, self._inflight, done = overlapped_turn(self.scheduler, self.runner, plan,
-                                                         self._inflight)
-        else:
-            step = self.runner.prepare(plan)
-            done = self.scheduler.postprocess(plan, self.runner.run(step), time.monotonic())
+        # Overlapped: launch this step, then read the previous one's tokens while the device
+        # runs (an empty plan: everything running is in flight and ends there).
+        step, self._inflight, done = turn(self.scheduler, self.runner, plan, self._inflight)
         if done:
             self._on_complete(done)
         if step is None:

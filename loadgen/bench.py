@@ -102,14 +102,6 @@ def saturating_outstanding(cfg: BenchConfig, workers: int = 1) -> int:
     return max(64, 2 * cfg.token_budget // 160) * workers
 
 
-def sustained_jobs(cfg: BenchConfig, run_id: str, workers: int = 1) -> list[JobSpec]:
-    """The seeded workload, long enough for `sustained_s` / `fleet_sustained_s` seconds at
-    any plausible rate (the run stops at its duration, whatever is left)."""
-    seconds = max(cfg.sustained_s, cfg.fleet_sustained_s)
-    return generate(WorkloadSpec(num_jobs=int(seconds * 100 * workers) + 1000, seed=cfg.seed,
-                                 run_id=run_id))
-
-
 def machine() -> dict[str, Any]:
     import torch
 
@@ -173,19 +165,8 @@ def kernel_ceiling(cfg: BenchConfig, jobs: list[JobSpec], completions: dict[str,
     return out
 
 
-def _ceiling_step(sched, runner, inflight: list, plan) -> list:
-    """One step, overlapped when the scheduler overlaps (`inflight[0]`: the step on the
-    device, read after the next launch); the completions it produced."""
-    from worker.engine import overlapped_turn
-
-    if sched.overlap:
-        _, inflight[0], done = overlapped_turn(sched, runner, plan, inflight[0])
-        return done
-    return sched.postprocess(plan, runner.run(runner.prepare(plan)), 0.0)
-
-
 def _ceiling_phased(cfg: BenchConfig, reqs: list) -> dict:
-    from worker.engine import build_engine
+    from worker.engine import build_engine, turn
     from worker.scheduler import StepPlan
 
     total = sum(r.reserved_tokens for r in reqs)
@@ -197,10 +178,11 @@ def _ceiling_phased(cfg: BenchConfig, reqs: list) -> dict:
     sched.lanes.clear()
     concurrency = max(1, round(cfg.token_budget / (total / len(reqs))))
     finished: dict[int, int] = {}
-    inflight: list = [None]
+    inflight = None  # overlap: the step on the device, read after the next launch
 
     def step(plan: StepPlan) -> None:
-        done = _ceiling_step(sched, runner, inflight, plan)
+        nonlocal inflight
+        _, inflight, done = turn(sched, runner, plan, inflight)
         finished.update((c.key, len(c.tokens)) for c in done)
 
     t_prefill = time.perf_counter()
@@ -231,7 +213,7 @@ def _ceiling_phased(cfg: BenchConfig, reqs: list) -> dict:
 def _ceiling_continuous(cfg: BenchConfig, reqs: list) -> dict:
     from collections import deque
 
-    from worker.engine import build_engine
+    from worker.engine import build_engine, turn
     from worker.scheduler import StepPlan
 
     eng = build_engine(cfg.model, cfg.device, cfg.dtype, cfg.token_budget, cfg.max_seq_len,
@@ -239,7 +221,7 @@ def _ceiling_continuous(cfg: BenchConfig, reqs: list) -> dict:
     sched, runner = eng.scheduler(overlap=eng.overlaps), eng.runner()
     queue, reserved = deque(reqs), {r.key: r.reserved_tokens for r in reqs}
     finished: dict[int, int] = {}
-    inflight: list = [None]
+    inflight = None
     in_flight_tokens = steps = 0
     t0 = time.perf_counter()
     while queue or sched.has_work():
@@ -250,12 +232,13 @@ def _ceiling_continuous(cfg: BenchConfig, reqs: list) -> dict:
         if take:
             sched.add_all(take, 0.0)
         steps += 1
-        for c in _ceiling_step(sched, runner, inflight, sched.schedule()):
+        _, inflight, done = turn(sched, runner, sched.schedule(), inflight)
+        for c in done:
             finished[c.key] = len(c.tokens)
             in_flight_tokens -= reserved[c.key]
-    if inflight[0] is not None:  # overlapped: the last step is still to be read
-        finished.update((c.key, len(c.tokens))
-                        for c in _ceiling_step(sched, runner, inflight, StepPlan()))
+    if inflight is not None:  # overlapped: the last step is still to be read
+        _, _, done = turn(sched, runner, StepPlan(), inflight)
+        finished.update((c.key, len(c.tokens)) for c in done)
     return {"wall_s": time.perf_counter() - t0, "runner": eng.runner_mode, "steps": steps,
             "lengths": finished}
 
@@ -324,6 +307,20 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
     }
 
 
+def run_sustained(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, policy: str,
+                  seconds: float, cpus: tuple[str, ...] = ("",),
+                  runner: str = "auto") -> dict[str, Any]:
+    """`run_rung` under `seconds` of a closed loop keeping every worker's queue full, on
+    the seeded workload made long enough for any plausible rate (the run stops at its
+    duration, whatever is left); its `sustained` rate is read over the last three quarters."""
+    jobs = generate(WorkloadSpec(num_jobs=int(seconds * 100 * len(cpus)) + 1000, seed=cfg.seed,
+                                 run_id=name))
+    r = run_rung(cfg, broker, work, name, policy, jobs, cpus=cpus, runner=runner,
+                 arrival=Closed(saturating_outstanding(cfg, len(cpus))), duration_s=seconds)
+    r.pop("completions")
+    return r
+
+
 def run_fleet(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
               partial=lambda: None) -> dict[str, Any]:
     """One worker on one core, then two workers on one core each, on one consumer: the
@@ -345,13 +342,10 @@ def run_fleet(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
             partial()
             log(f"  {r['jobs_per_s']:.1f} jobs/s")
         if cfg.fleet_sustained_s:
-            d = cfg.fleet_sustained_s
-            n = saturating_outstanding(cfg, len(cpus))
-            log(f"fleet: {len(cpus)} worker(s), one core each, {d:.0f} s at {n} outstanding ...")
-            r = run_rung(cfg, broker, work, f"steady{name}", "continuous",
-                         sustained_jobs(cfg, f"steady{name}", len(cpus)), cpus=cpus,
-                         arrival=Closed(n), duration_s=d)
-            r.pop("completions")
+            log(f"fleet: {len(cpus)} worker(s), one core each, {cfg.fleet_sustained_s:.0f} s at "
+                f"{saturating_outstanding(cfg, len(cpus))} outstanding ...")
+            r = run_sustained(cfg, broker, work, f"steady{name}", "continuous",
+                              cfg.fleet_sustained_s, cpus=cpus)
             sustained[name] = r
             partial()
             log(f"  {r['sustained']['jobs_per_s']:.1f} jobs/s sustained")
@@ -412,12 +406,9 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
             partial(result)
             log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s, padding {r['padding_fraction']:.3f}")
             if cfg.sustained_s:
-                d = cfg.sustained_s
-                log(f"rung {rung} ({label}): {d:.0f} s sustained ...")
-                r = run_rung(cfg, broker, work, f"s{rung}", policy,
-                             sustained_jobs(cfg, f"s{rung}"), runner=runner,
-                             arrival=Closed(saturating_outstanding(cfg)), duration_s=d)
-                r.pop("completions")
+                log(f"rung {rung} ({label}): {cfg.sustained_s:.0f} s sustained ...")
+                r = run_sustained(cfg, broker, work, f"s{rung}", policy, cfg.sustained_s,
+                                  runner=runner)
                 r["rung"] = label
                 result.setdefault("sustained", {})[str(rung)] = r
                 partial(result)

@@ -50,7 +50,7 @@ from worker.model import AttnGroup, StepInput, Transformer
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256,
                  320, 384, 448, 512)
-DENSE_LAUNCHES = 37  # eager kernels per layer outside attention (norms, 3 fused projections, rope, MLP)
+DENSE_LAUNCHES = 37  # eager kernels per layer outside attention (norms, fused projections, rope)
 ATTN_LAUNCHES = 6  # eager kernels per attention group and layer (gather, SDPA, copy out)
 KV_PASSES = 4  # times a gathered key/value is moved (gather write and read, GQA repeat, matmul)
 # (bandwidth bytes/s, launch seconds): what one padded KV byte and one saved launch cost

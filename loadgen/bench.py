@@ -52,7 +52,7 @@ from loadgen.fleet import WorkerProcess, provision, write_engine_toml
 from loadgen.gpubusy import BusySampler
 from loadgen.report import build_report, window_rate
 from loadgen.workload import JobSpec, Uniform, WorkloadSpec, generate
-from worker.topology import RESULTS_STREAM
+from worker.broker.topology import RESULTS_STREAM
 
 NULL_BUDGET = 65536  # 4096 one-block jobs in flight: the budget never limits the null run
 # rung -> (name, scheduler policy, runner mode)
@@ -138,7 +138,7 @@ def kernel_ceiling(cfg: BenchConfig, jobs: list[JobSpec], completions: dict[str,
     runner (pipelined on CUDA: its steps overlap like the worker's), so the ceiling is the
     best this code does on the device; the ladder's rungs are measured against it.
     """
-    from worker.sequence import Request
+    from worker.engine.sequence import Request
 
     reqs = [Request.greedy(k, list(j.prompt), j.max_new_tokens) for k, j in enumerate(jobs)]
     runs = {"phased": _ceiling_phased(cfg, reqs), "continuous": _ceiling_continuous(cfg, reqs)}
@@ -166,8 +166,9 @@ def kernel_ceiling(cfg: BenchConfig, jobs: list[JobSpec], completions: dict[str,
 
 
 def _ceiling_phased(cfg: BenchConfig, reqs: list) -> dict:
-    from worker.engine import build_engine, turn
-    from worker.scheduler import StepPlan
+    from worker.engine.build import build_engine
+    from worker.engine.step import turn
+    from worker.engine.scheduler import StepPlan
 
     total = sum(r.reserved_tokens for r in reqs)
     eng = build_engine(cfg.model, cfg.device, cfg.dtype, total, cfg.max_seq_len,
@@ -213,8 +214,10 @@ def _ceiling_phased(cfg: BenchConfig, reqs: list) -> dict:
 def _ceiling_continuous(cfg: BenchConfig, reqs: list) -> dict:
     from collections import deque
 
-    from worker.engine import build_engine, turn
-    from worker.scheduler import StepPlan
+    from worker.engine.build import build_engine
+
+    from worker.engine.step import turn
+    from worker.engine.scheduler import StepPlan
 
     eng = build_engine(cfg.model, cfg.device, cfg.dtype, cfg.token_budget, cfg.max_seq_len,
                        runner=cfg.ceiling_runner)

@@ -37,7 +37,7 @@ from loadgen.report import build_report, format_report, write_report
 from loadgen.scrape import Scraper
 from loadgen.trace import TraceError, load_trace
 from loadgen.workload import Bimodal, LogNormal, Uniform, WorkloadSpec, generate
-from worker.cli import RUNNER_MODES
+from worker.engine.modes import RUNNER_MODES
 
 __all__ = ["DEMO_ENGINE", "main"]
 

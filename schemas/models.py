@@ -63,8 +63,6 @@ class ErrorCode(StrEnum):
     EXPIRED = "expired"  # past deadline_s before it got device time
     BAD_TOKEN = "bad_token"  # token id outside the model's vocabulary
     POISON = "poison"  # failed on too many deliveries
-    INTERNAL = "internal"
-    SHUTTING_DOWN = "shutting_down"
 
 
 class FinishReason(StrEnum):

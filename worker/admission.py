@@ -8,14 +8,21 @@ at the front, so nothing overtakes it and nothing starves). Stopping switches ad
 whole group enters at once. That hysteresis keeps prefill batches large instead of
 trickling in one job per finished job.
 
-Pure Python on plain data; the event loop owns the only instance.
+`Intake` is the state around that rule: what was fetched and waits (pending), what was
+admitted and runs (in flight), every message held unsettled, and how many more messages
+to pull. Pure Python on plain data; the event loop owns the only instance.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
+
+from nats.aio.msg import Msg
+
+from worker.broker.validate import Ticket
 
 T = TypeVar("T")
 
@@ -28,9 +35,6 @@ class Admission:
         self.low_water_tokens = low_water_tokens
         self.in_flight_tokens = 0
         self.holding = False  # True from the first job that did not fit until low water
-
-    def fits_ever(self, tokens: int) -> bool:
-        return tokens <= self.budget_tokens
 
     def admit(self, pending: deque[T], cost: Callable[[T], int]) -> list[T]:
         """Pop from the front of `pending` every job admitted now, in order."""
@@ -56,3 +60,145 @@ class Admission:
     @property
     def occupancy(self) -> float:
         return self.in_flight_tokens / self.budget_tokens
+
+
+@dataclass(slots=True)
+class Admitted:
+    """One admission pass: jobs to run now, and jobs whose deadline passed while waiting."""
+
+    run: list[Ticket] = field(default_factory=list)
+    expired: list[Ticket] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.run or self.expired)
+
+
+def _cost(t: Ticket) -> int:
+    return t.reserved_tokens
+
+
+class Intake:
+    """Everything this worker has taken from the broker and not yet settled.
+
+    Fetch sizing: a worker that hoards a backlog starves its neighbours on the same
+    consumer, so the pending queue holds one admission group (what admission lets in at
+    once when it reopens at low water, and never less than one longest job), and a pull
+    asks for what that room can take. A job's size is known only once it is decoded, so
+    the pull is sized by the recent mean (the estimate errs by a batch).
+
+    Poison: a job delivered `solo_from_attempt` times or more runs alone; while it runs
+    nothing new is fetched, and around suspects (and right after a start, when a crash's
+    redeliveries lead the queue) one message is fetched at a time (`cautious`), so a job
+    that kills the engine takes as few bystanders with it as possible.
+    """
+
+    def __init__(self, token_budget: int, low_water: int, max_seq_len: int, block_size: int,
+                 fetch_batch: int, solo_from_attempt: int):
+        self.admission = Admission(token_budget, low_water)
+        self.fetch_batch = fetch_batch  # most messages one pull asks for
+        self.solo_from_attempt = solo_from_attempt
+        self.pending: deque[Ticket] = deque()  # fetched, valid, not admitted (FIFO)
+        self.pending_tokens = 0
+        self.pending_cap_tokens = max(token_budget - low_water, max_seq_len)
+        self.inflight: dict[int, Ticket] = {}  # admitted, by key, until their Completion
+        self.held: dict[int, Msg] = {}  # id(msg) -> msg for every message not yet settled
+        # Held messages' bound: every in-flight job (each reserves a block at least) with
+        # its Result still publishing, plus two pulls' worth of edge answers.
+        self.held_cap = 2 * (token_budget // block_size) + 2 * fetch_batch
+        self.refused: list[Msg] = []  # fetched while stopping: nak'd by the teardown
+        self.solo_inflight = 0  # suspected poison jobs admitted and not finished
+        self.cautious = True  # fetch one message at a time (see above)
+        self.draining = False  # stopping: fetch nothing, admit nothing new
+        self.busy_since = 0.0  # monotonic time the in-flight set last became non-empty
+        self._job_tokens_ewma = float(min(max_seq_len, 256))  # until jobs say otherwise
+
+    # -- the pull --------------------------------------------------------------------
+
+    def room(self) -> int:
+        """How many messages the next pull may ask for."""
+        if self.draining or self.solo_inflight:
+            return 0  # a suspected poison job runs with as little else held as possible
+        free = self.pending_cap_tokens - self.pending_tokens
+        if free <= 0:
+            return 0
+        by_tokens = max(1, int(free / self._job_tokens_ewma))
+        return max(0, min(1 if self.cautious else self.fetch_batch, by_tokens,
+                          self.held_cap - len(self.held)))
+
+    def hold(self, msg: Msg, attempt: int, last_fetch_len: int) -> None:
+        """A delivery arrived (valid or not): hold it until it is settled."""
+        self.held[id(msg)] = msg
+        if attempt >= self.solo_from_attempt:
+            self.cautious = True
+        elif last_fetch_len == 1:
+            self.cautious = False  # one fetch brought a healthy job: back to full pulls
+
+    def settled(self, msg: Msg) -> None:
+        self.held.pop(id(msg), None)
+
+    def offer(self, t: Ticket) -> bool:
+        """Queue a valid job for admission; False (and kept for a nak) while draining."""
+        if self.draining:
+            self.refused.append(t.msg)
+            return False
+        self.pending.append(t)
+        self.pending_tokens += t.reserved_tokens
+        self._job_tokens_ewma += 0.05 * (t.reserved_tokens - self._job_tokens_ewma)
+        return True
+
+    # -- admission -------------------------------------------------------------------
+
+    def is_solo(self, t: Ticket) -> bool:
+        return t.attempt >= self.solo_from_attempt
+
+    def admit(self, now: float, now_unix: float) -> Admitted:
+        """Every pending job admission lets in now, in order. One that expired while it
+        waited is not run: its tokens go straight back, which may let more in."""
+        out = Admitted()
+        while admitted := self.admission.admit(self.pending, _cost):
+            expired = 0
+            for t in admitted:
+                self.pending_tokens -= t.reserved_tokens
+                if t.job.deadline_s is not None and t.job.deadline_s <= now_unix:
+                    self.admission.release(t.reserved_tokens)
+                    out.expired.append(t)
+                    expired += 1
+                    continue
+                if not self.inflight:
+                    self.busy_since = now
+                t.admitted_at = now
+                self.inflight[t.key] = t
+                self.solo_inflight += self.is_solo(t)
+                out.run.append(t)
+            if not expired:
+                break
+        return out
+
+    def finished(self, key: int) -> Ticket | None:
+        """The job `key` left the executor: its tokens go back to the budget."""
+        t = self.inflight.pop(key, None)
+        if t is not None:
+            self.admission.release(t.reserved_tokens)
+            self.solo_inflight -= self.is_solo(t)
+        return t
+
+    def expire_pending(self, now_unix: float) -> list[Ticket]:
+        """Take every pending job whose deadline has passed."""
+        def late(t: Ticket) -> bool:
+            return t.job.deadline_s is not None and t.job.deadline_s <= now_unix
+
+        if not any(late(t) for t in self.pending):
+            return []
+        gone = [t for t in self.pending if late(t)]
+        keep = [t for t in self.pending if not late(t)]
+        self.pending = deque(keep)
+        self.pending_tokens -= sum(t.reserved_tokens for t in gone)
+        return gone
+
+    def take_unadmitted(self) -> list[Msg]:
+        """Every message fetched and never admitted: pending, and refused while stopping."""
+        msgs = [t.msg for t in self.pending] + self.refused
+        self.pending.clear()
+        self.refused = []
+        self.pending_tokens = 0
+        return msgs

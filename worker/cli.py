@@ -18,16 +18,14 @@ import sys
 
 import structlog
 
-from worker import log as logsetup
+from worker.engine.modes import POLICIES, RUNNER_MODES
+from worker.ops import log as logsetup
 from worker.config import ConfigError, EngineConfig, cfg_summary, config_hash, load_config
-from worker.connection import ConnectError, Security, connect
-from worker.topology import Topology, TopologyError, provision
+from worker.broker.connection import ConnectError, Security, connect
+from worker.broker.topology import Topology, TopologyError, provision
 
 EXIT_CONFIG = 2  # bad config, model, topology or credentials: fix and restart, retrying will not help
 EXIT_FATAL = 1  # a fault at run time: held jobs were nak'd; restart me
-# worker.scheduler.POLICIES, spelled out so that `provision` never imports torch.
-POLICIES = ("serial", "window", "budget", "lanes", "continuous")
-RUNNER_MODES = ("eager", "pipelined")  # worker.runner.RUNNER_MODES, for the same reason
 
 
 def _topology(cfg: EngineConfig, args: argparse.Namespace) -> Topology:
@@ -142,7 +140,7 @@ async def _provision(cfg: EngineConfig, args: argparse.Namespace) -> int:
 
 
 async def _dlq(cfg: EngineConfig, args: argparse.Namespace) -> int:
-    from worker.deadletters import list_dead_letters, replay
+    from worker.broker.deadletters import list_dead_letters, replay
 
     topo = _topology(cfg, args)
     nc = await connect(cfg.nats_url, "fabric-dlq", _security(args), args.connect_give_up_s)
@@ -177,15 +175,12 @@ GC_GEN0 = 20_000
 def _settle_heap() -> None:
     """Freeze what start-up made and collect young garbage in bigger, rarer passes.
 
-    Once the model is loaded the process holds about 200,000 tracked objects (torch,
-    pydantic's schemas, nats-py), nearly all of them for good, and a full collection walks
-    every one: 80 ms here, holding the GIL, so the event loop and the executor both stop.
-    A 30,000-job null-model run, start-up included, made 8 of them (0.63 s) at Python's
-    thresholds, and 4 (0.20 s, all during start-up) with this.
-    `gc.freeze()` moves everything alive now out of the collector's sight for good; the
-    bigger young generation makes the collections that remain rarer, over objects that
-    are mostly garbage already. Null model: 14.8k -> 18.5k jobs/s (means of three
-    interleaved runs, 2-core CPU). Reference cycles made later are still collected."""
+    Once the model is loaded the process holds about 200,000 tracked objects, nearly all
+    of them for good, and a full collection walks every one with the GIL held, stopping
+    the event loop and the executor alike. `gc.freeze()` takes everything alive now out of
+    the collector's sight; the bigger young generation makes the collections that remain
+    rarer. Reference cycles made later are still collected (docs/bench/README.md has the
+    measurements)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0, 50, 100)
@@ -200,28 +195,25 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
         threads = len(cpus)
     elif cfg.model == "builtin:null":
         # The null model has nothing to compute in parallel: one intra-op thread, or an
-        # OpenMP team spins on the other core and takes it from the broker path the null
-        # model exists to measure (about 10 % of its jobs/s on 2 cores).
+        # OpenMP team spins on another core and takes it from the broker path it measures.
         threads = 1
     if threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     # The event loop and the executor thread share one GIL. When the loop wakes (a socket is
-    # readable) while the executor runs Python (building a step), it waits for the switch
-    # interval before it may run; at Python's 5 ms the broker path stalls for whole
-    # milliseconds per wake-up. 1 ms: the null model's jobs/s +13 % (13.0k -> 15.0k, four
-    # interleaved runs each), the builtin model's rung 4 +2 %.
+    # readable) while the executor runs Python, it waits up to the switch interval before it
+    # may run: at Python's 5 ms the broker path stalls for whole milliseconds per wake-up.
     sys.setswitchinterval(args.gil_switch_ms / 1000)
     import torch
 
     from worker.app import Options, Worker
-    from worker.engine import EngineError, build_engine_off_main
+    from worker.engine.build import EngineError, build_engine_off_main
 
     if threads:
         torch.set_num_threads(threads)
     obs = None
     if args.metrics_port:
         # Listen before the model loads, so /healthz answers (and /readyz says why not) early.
-        from worker.observe import start_http
+        from worker.ops.http import start_http
         obs = start_http(args.metrics_port)
 
     try:

@@ -25,11 +25,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from loadgen.broker import delete_streams
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml
 from schemas import Job, Result, decode_result, encode
-from worker.engine import build_engine
-from worker.engine import generate as engine_generate
-from worker.kv import padded_tokens
-from worker.sequence import Request
-from worker.topology import DLQ_STREAM, RESULTS_STREAM
+from worker.engine.build import build_engine
+from worker.engine.step import generate as engine_generate
+from worker.engine.blocks import padded_tokens
+from worker.engine.sequence import Request
+from worker.broker.topology import DLQ_STREAM, RESULTS_STREAM
 
 ENGINE = {"model": "builtin:tiny", "device": "cpu", "dtype": "float32",
           "token_budget": 4096, "low_water": 2048, "max_seq_len": 1088}

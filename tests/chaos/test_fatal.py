@@ -80,7 +80,7 @@ async def test_exit_watchdog_ends_a_teardown_that_hangs(broker, fleet, tmp_path)
     cfg, stream, consumer = engine_toml(tmp_path, broker.url)
     provision(cfg, extra_args=["--ack-wait-s", "3"])
     f = fleet(cfg)
-    w1 = f.start("w1", env={"FABRIC_FAILPOINTS": "drain.publish=sleep(60);executor.step=raise@6"})
+    w1 = f.start("w1", env={"FABRIC_FAILPOINTS": "publisher.publish=sleep(60);executor.step=raise@6"})
     reply = "fabric.results.wd"
     jobs = small_jobs("wd", 120, seed=7, reply_to=reply, max_new=32)
     await publish(broker.url, jobs, "fabric.jobs.wd")

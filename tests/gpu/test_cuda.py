@@ -10,8 +10,10 @@ import random
 import pytest
 import torch
 
-from worker.engine import build_engine, generate, overlapped_turn
-from worker.sequence import Request
+from worker.engine.build import build_engine
+
+from worker.engine.step import generate, overlapped_turn
+from worker.engine.sequence import Request
 
 from tests.unit.test_pipelined import run_all
 

@@ -10,19 +10,19 @@ from types import SimpleNamespace
 import pytest
 
 from schemas import ErrorCode, Job, encode
-from worker import failpoints
-from worker.connection import Security, _refused
-from worker.ingress import Limits, Outcome, Ticket, Validator
-from worker.tokenizer import ByteTokenizer
-from worker.topology import _covers, _matches
+from worker.ops import failpoints
+from worker.broker.connection import Security, _refused
+from worker.broker.validate import Limits, Outcome, Ticket, Validator
+from worker.model.tokenizer import ByteTokenizer
+from worker.broker.topology import _covers, _matches
 
 
 def test_failpoint_specs_parse_several_actions_and_job_filters() -> None:
     pts = failpoints.parse("executor.step=sleep(0.5);executor.step=raise@40;"
-                           "drain.publish=exit(3):job=poison-;ingress.fetch=hang@2")
+                           "publisher.publish=exit(3):job=poison-;ingress.fetch=hang@2")
     step = pts["executor.step"]
     assert [(p.action, p.arg, p.after) for p in step] == [("sleep", 0.5, 1), ("raise", 0.0, 40)]
-    assert pts["drain.publish"][0].job_prefix == "poison-"
+    assert pts["publisher.publish"][0].job_prefix == "poison-"
     assert pts["ingress.fetch"][0].after == 2
     with pytest.raises(ValueError, match="cannot parse"):
         failpoints.parse("executor.step=explode")

@@ -21,7 +21,7 @@ import pytest
 from loadgen.broker import EmbeddedNats
 from loadgen.fleet import WorkerProcess, provision, worker_env, write_engine_toml
 from schemas import Job
-from worker.connection import ConnectError, Security, connect
+from worker.broker.connection import ConnectError, Security, connect
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402

@@ -12,8 +12,9 @@ import pytest
 from nats.js.api import StreamConfig
 
 from schemas import Job, encode
-from worker.ingress import Ingress, Limits, Ticket, Validator
-from worker.tokenizer import ByteTokenizer
+from worker.broker.ingress import Ingress
+from worker.broker.validate import Limits, Ticket, Validator
+from worker.model.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -29,7 +29,7 @@ from loadgen.fleet import WorkerProcess, provision
 from loadgen.workload import WorkloadSpec, generate
 from schemas import encode
 from worker.config import config_hash, load_config
-from worker.kv import padded_tokens
+from worker.engine.blocks import padded_tokens
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -165,7 +165,7 @@ async def test_metrics_exist_move_and_stay_bounded_under_load(tmp_engine_toml, s
         depth = by(s, "fabric_queue_depth", "stage")
         cap = by(s, "fabric_queue_capacity", "stage")
         assert depth.keys() == cap.keys() == {"pending", "executor_waiting", "executor_running",
-                                              "drain"}
+                                              "publisher"}
         assert all(0 <= depth[k] <= cap[k] for k in depth), (depth, cap)
         assert 0 <= s[("fabric_inflight_tokens", ())] <= budget
         # Pending is bounded in jobs (each reserves at least one block); in tokens only by

@@ -21,9 +21,9 @@ from loadgen.fleet import WorkerProcess, provision, worker_env
 from loadgen.workload import WorkloadSpec, generate
 from schemas import Job, Sampling, decode_result, encode
 from tests.chaos.harness import log_events
-from worker.engine import build_engine
-from worker.engine import generate as engine_generate
-from worker.sequence import Request
+from worker.engine.build import build_engine
+from worker.engine.step import generate as engine_generate
+from worker.engine.sequence import Request
 
 pytestmark = pytest.mark.timeout(240)
 

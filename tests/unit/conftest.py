@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.engine import Engine, build_engine
+from worker.engine.build import Engine, build_engine
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from worker.checkpoint import BUILTINS, CheckpointError, args_from_hf, load_model
-from worker.engine import EngineError, build_engine
-from worker.model import Transformer, init_random
-from worker.tokenizer import ByteTokenizer, HFTokenizer
+from worker.model.checkpoint import BUILTINS, CheckpointError, args_from_hf, load_model
+from worker.engine.build import EngineError, build_engine
+from worker.model.decoder import Transformer, init_random
+from worker.model.tokenizer import ByteTokenizer, HFTokenizer
 
 CPU = torch.device("cpu")
 

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from worker.cli import build_parser
-from worker.topology import Topology
+from worker.broker.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -387,7 +387,7 @@ def test_worker_permissions_are_least_privilege():
 async def test_live_nats_server_enforces_the_permissions(tmp_path: Path):
     """The compose nats.conf on a real server, driven through the worker's own code paths."""
     nats = pytest.importorskip("nats", reason="nats-py is not installed")
-    from worker.topology import provision, verify
+    from worker.broker.topology import provision, verify
 
     port, http_port = _free_port(), _free_port()
     conf = (NATS_DIR / "nats.conf").read_text()
@@ -544,7 +544,7 @@ def test_nack_resources_describe_the_workers_topology():
 
 def test_fleet_fits_under_max_ack_pending():
     """maxReplicaCount workers, each holding its whole budget in the smallest jobs, fit."""
-    from worker.lanes import LANE_MIN_WIDTH  # the KV block size: the smallest padded job
+    from worker.engine.lanes import LANE_MIN_WIDTH  # the KV block size: the smallest padded job
     most_held_per_worker = _k8s_engine()["token_budget"] // LANE_MIN_WIDTH
     fleet = _doc("worker/scaledobject.yaml")["spec"]["maxReplicaCount"] * most_held_per_worker
     job = build_parser().parse_args(_container("provision/job.yaml")["args"])

@@ -15,9 +15,11 @@ import sys
 import pytest
 import torch
 
-from worker.engine import Engine, EngineError, build_engine, build_engine_off_main, generate
-from worker.kv import padded_tokens
-from worker.sequence import Request
+from worker.engine.build import Engine, EngineError, build_engine, build_engine_off_main
+
+from worker.engine.step import generate
+from worker.engine.blocks import padded_tokens
+from worker.engine.sequence import Request
 
 
 def req(key: int, prompt: list[int], max_new: int, **kw) -> Request:
@@ -141,7 +143,7 @@ def test_kv_pool_returns_to_empty(engine: Engine) -> None:
 
 
 def test_model_refuses_unknown_builtin() -> None:
-    from worker.engine import EngineError
+    from worker.engine.build import EngineError
 
     with pytest.raises(EngineError, match="model: unknown builtin"):
         build_engine("builtin:nope", "cpu", "float32", 4096, 1088)
@@ -154,8 +156,8 @@ def test_model_refuses_unknown_builtin() -> None:
 
 _TEAM_PROBE = """
 import dataclasses, os, sys, time, torch
-from worker.engine import build_engine, build_engine_off_main
-from worker.executor import Executor
+from worker.engine.build import build_engine, build_engine_off_main
+from worker.engine.executor import Executor
 torch.set_num_threads(2)
 base = len(os.listdir("/proc/self/task"))
 where = sys.argv[1]

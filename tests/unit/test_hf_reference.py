@@ -21,8 +21,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from worker.engine import Engine, build_engine, generate  # noqa: E402
-from worker.sequence import Request  # noqa: E402
+from worker.engine.build import Engine, build_engine
+
+from worker.engine.step import generate  # noqa: E402
+from worker.engine.sequence import Request  # noqa: E402
 
 VOCAB = 300
 NEW_TOKENS = 10

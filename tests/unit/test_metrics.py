@@ -1,14 +1,13 @@
 """Metrics, health and the observability port on plain data: no NATS, no model, no GPU.
 
-The worker is a stand-in with the attributes the collector and the probes read; NVML is a
-fake module, so the GPU path is tested on a machine without one.
+The worker is a stand-in with what the collector and the probes read (its `info` and a
+`view()`); NVML is a fake module, so the GPU path is tested on a machine without one.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import queue
 import socket
 import time
 import urllib.error
@@ -26,10 +25,10 @@ import worker
 from schemas import ErrorCode
 from worker.admission import Admission
 from worker.config import EngineConfig, config_hash
-from worker.executor import StepReport
-from worker.health import liveness, readiness
-from worker.kv import BlockAllocator
-from worker.metrics import (
+from worker.engine.blocks import BlockAllocator
+from worker.engine.executor import StepReport
+from worker.ops.health import liveness, readiness
+from worker.ops.metrics import (
     GpuCollector,
     WorkerCollector,
     new_registry,
@@ -38,8 +37,9 @@ from worker.metrics import (
     register_worker,
     step_phase,
 )
-from worker.observe import Observer, start_http
-from worker.stats import WorkerStats
+from worker.ops.http import Observer, start_http
+from worker.ops.stats import WorkerStats
+from worker.ops.view import WorkerInfo, WorkerView
 
 CFG = EngineConfig.model_validate({
     "nats_url": "nats://127.0.0.1:4222", "stream": "JOBS", "consumer": "workers",
@@ -48,23 +48,34 @@ CFG = EngineConfig.model_validate({
 })
 
 
-def fake_worker(*, connected: bool = True, started: bool = True) -> SimpleNamespace:
-    """The attributes of worker.app.Worker that metrics and health read, nothing else."""
-    alloc = BlockAllocator(256)
-    w = SimpleNamespace(
-        cfg=CFG, opts=SimpleNamespace(worker_id="w-test"),
-        engine=SimpleNamespace(block_size=16, pool=SimpleNamespace(allocator=alloc)),
-        stats=WorkerStats(), admission=Admission(4096, 2048), pending=deque(),
-        pending_tokens=0, inflight={}, held={}, ready=False, draining=False,
-    )
-    if started:
-        w.nc = SimpleNamespace(is_connected=connected)
-        w.executor = SimpleNamespace(alive=True, scheduler=SimpleNamespace(running=[]))
-        w.drain = SimpleNamespace(queue=queue.Queue(maxsize=1792), awaiting=0, acked=0, termed=0, naked=0,
-                                  published=0)
-        w.ingress = SimpleNamespace(fetched=0)
-        w.ready = True
-    return w
+class FakeWorker:
+    """What metrics and health read of a worker: `info`, and a `view()` built from `state`
+    (plain fields a test sets), an admission rule and a KV allocator."""
+
+    def __init__(self, connected: bool, started: bool):
+        self.info = WorkerInfo(worker_id="w-test", config_hash=config_hash(CFG), model=CFG.model,
+                               device=CFG.device, dtype=CFG.dtype, token_budget=CFG.token_budget,
+                               low_water=CFG.low_water, max_jobs=CFG.token_budget // 16)
+        self.stats = WorkerStats()
+        self.admission = Admission(4096, 2048)
+        self.alloc = BlockAllocator(256)
+        self.state = SimpleNamespace(
+            ready=started, draining=False, faulted=False, started=started, executor_alive=started,
+            connected=connected if started else None, held=0, pending_jobs=0, pending_tokens=0,
+            inflight_jobs=0, running_jobs=0, publisher_depth=0,
+            publisher_capacity=1792 if started else 0, fetched=0, published=0, acked=0,
+            termed=0, naked=0, dead_lettered=0, last_step_at=0.0)
+
+    def view(self) -> WorkerView:
+        a = self.admission
+        return WorkerView(**vars(self.state), inflight_tokens=a.in_flight_tokens,
+                          occupancy=a.occupancy, admission_holding=a.holding,
+                          kv_used_blocks=self.alloc.used_blocks, kv_blocks=self.alloc.num_blocks,
+                          stats=self.stats)
+
+
+def fake_worker(*, connected: bool = True, started: bool = True) -> FakeWorker:
+    return FakeWorker(connected, started)
 
 
 def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
@@ -84,7 +95,7 @@ def result(ok: bool = True, prompt: int = 10, completion: int = 5, padded: int =
 
 def step(prefill: int, decode: int, rows: int = 64, real: int = 60, padded: int = 80) -> StepReport:
     return StepReport(prefill_seqs=prefill, decode_seqs=decode, rows=rows, attn_real=real,
-                      attn_padded=padded, kv_used_blocks=3, step_s=0.004, idle_s=0.01,
+                      attn_padded=padded, step_s=0.004, idle_s=0.01,
                       idle_while_queued_s=0.002)
 
 
@@ -172,7 +183,7 @@ NAMED = {
     "fabric_executor_steps_total", "fabric_executor_graphed_steps_total",
     "fabric_useful_tokens_total", "fabric_computed_tokens_total",
     "fabric_attention_real_pairs_total", "fabric_attention_computed_pairs_total",
-    "fabric_padding_fraction", "fabric_dead_letters_total", "fabric_job_failures_total",
+    "fabric_padding_fraction", "fabric_dead_letters_total",
     "fabric_executor_last_step_age_seconds", "fabric_step_batch_seqs_count", "fabric_step_tokens_count",
     "fabric_step_seconds_count", "fabric_job_queued_seconds_count",
     "fabric_time_to_first_token_seconds_count", "fabric_job_latency_seconds_count",
@@ -183,21 +194,19 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     w = fake_worker()
     reg = new_registry()
     register_worker(reg, w)
-    w.stats.jobs_ok, w.stats.jobs_error = 7, 2
-    w.stats.errors_by_code.update({"too_long": 2})
-    w.stats.redelivered, w.stats.naked, w.stats.engine_failures = 1, 3, 1
     w.stats.on_step(step(2, 3))
     w.stats.on_result(**result())
-    w.pending.extend(["a", "b"])
-    w.pending_tokens = 96
-    w.inflight.update({1: "x", 2: "y", 3: "z"})
-    w.executor.scheduler.running = ["y"]
+    w.stats.jobs_ok, w.stats.jobs_error = 7, 2
+    w.stats.errors_by_code.update({"too_long": 2})
+    w.stats.redelivered, w.stats.naked = 1, 3
+    w.state.pending_jobs, w.state.pending_tokens = 2, 96
+    w.state.inflight_jobs, w.state.running_jobs = 3, 1
     w.admission.admit(deque([3000, 2000]), lambda c: c)  # the second does not fit: holding
-    w.engine.pool.allocator.allocate(1, 5)
-    w.drain.acked, w.drain.naked, w.drain.published = 6, 1, 7
-    w.held.update({1: "m"})
-    w.drain.dead_lettered = 2
-    w.last_step_at = time.monotonic() - 3.0
+    w.alloc.allocate(1, 5)
+    w.state.acked, w.state.naked, w.state.published = 6, 1, 7
+    w.state.held = 1
+    w.state.dead_lettered = 2
+    w.state.last_step_at = time.monotonic() - 3.0
     got = scrape(reg)
     names = {name for name, _ in got}
     assert NAMED <= names, NAMED - names
@@ -215,9 +224,9 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     assert got[("fabric_settled_total", (("action", "nak"),))] == 1
     depth = {dict(lab)["stage"]: v for (n, lab), v in got.items() if n == "fabric_queue_depth"}
     cap = {dict(lab)["stage"]: v for (n, lab), v in got.items() if n == "fabric_queue_capacity"}
-    assert depth == {"pending": 2, "executor_waiting": 2, "executor_running": 1, "drain": 0}
+    assert depth == {"pending": 2, "executor_waiting": 2, "executor_running": 1, "publisher": 0}
     assert cap == {"pending": 256, "executor_waiting": 256, "executor_running": 256,
-                   "drain": 1792}
+                   "publisher": 1792}
     assert got[("fabric_inflight_tokens", ())] == 3000
     assert got[("fabric_budget_occupancy", ())] == pytest.approx(3000 / 4096)
     assert got[("fabric_admission_state", (("state", "holding"),))] == 1
@@ -227,7 +236,6 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     assert got[("fabric_padding_fraction", (("kind", "attention"),))] == pytest.approx(0.25)
     assert got[("fabric_ready", ())] == 1 and got[("fabric_held_messages", ())] == 1
     assert got[("fabric_dead_letters_total", ())] == 2
-    assert got[("fabric_job_failures_total", ())] == 1
     assert 3.0 <= got[("fabric_executor_last_step_age_seconds", ())] < 60
 
 
@@ -238,11 +246,11 @@ def test_collector_before_connect_and_after_executor_death() -> None:
     got = scrape(reg)
     assert got[("fabric_ready", ())] == 0 and got[("fabric_executor_alive", ())] == 0
     assert got[("fabric_broker_connected", ())] == 0
-    assert got[("fabric_queue_capacity", (("stage", "drain"),))] == 0
+    assert got[("fabric_queue_capacity", (("stage", "publisher"),))] == 0
     w = fake_worker()
     reg = CollectorRegistry()
     reg.register(WorkerCollector(w))
-    w.executor.alive = False
+    w.state.executor_alive = False
     got = scrape(reg)
     assert got[("fabric_ready", ())] == 0 and got[("fabric_executor_alive", ())] == 0
 
@@ -252,38 +260,38 @@ def test_collector_before_connect_and_after_executor_death() -> None:
 
 def test_liveness() -> None:
     assert liveness(None).ok and liveness(None).reason == "loading model"
-    assert liveness(fake_worker(started=False)).reason == "starting"
+    assert liveness(fake_worker(started=False).view()).reason == "starting"
     w = fake_worker()
-    assert liveness(w).ok
-    w.executor.alive = False
-    assert not liveness(w).ok and "executor" in liveness(w).reason
+    assert liveness(w.view()).ok
+    w.state.executor_alive = False
+    assert not liveness(w.view()).ok and "executor" in liveness(w.view()).reason
     w = fake_worker()
-    w.fault = SimpleNamespace(reason="fatal: executor stalled")
-    assert not liveness(w).ok and liveness(w).reason == "fault: exiting"
+    w.state.faulted = True  # fatal: executor stalled
+    assert not liveness(w.view()).ok and liveness(w.view()).reason == "fault: exiting"
 
 
 def test_readiness_through_the_lifecycle() -> None:
     assert readiness(None).reason == "loading model" and not readiness(None).ok
     w = fake_worker(started=False)
-    assert readiness(w).reason == "connecting to the broker"
-    w.nc = SimpleNamespace(is_connected=True)  # connected, verifying the topology
-    assert readiness(w).reason == "starting"
+    assert readiness(w.view()).reason == "connecting to the broker"
+    w.state.connected = True  # connected, verifying the topology
+    assert readiness(w.view()).reason == "starting"
     w = fake_worker()
-    assert readiness(w).ok and readiness(w).reason == "ready"
-    w.nc.is_connected = False
-    assert readiness(w, was_ready=True).reason == "broker disconnected"
-    w.nc.is_connected = True
-    w.ready = False
-    assert readiness(w, was_ready=True).reason == "stopping"
-    w.draining = True
-    assert readiness(w, was_ready=True).reason == "draining"
+    assert readiness(w.view()).ok and readiness(w.view()).reason == "ready"
+    w.state.connected = False
+    assert readiness(w.view(), was_ready=True).reason == "broker disconnected"
+    w.state.connected = True
+    w.state.ready = False
+    assert readiness(w.view(), was_ready=True).reason == "stopping"
+    w.state.draining = True
+    assert readiness(w.view(), was_ready=True).reason == "draining"
     w = fake_worker()
-    w.executor.alive = False
-    assert readiness(w).reason == "executor thread is not running"
+    w.state.executor_alive = False
+    assert readiness(w.view()).reason == "executor thread is not running"
     w = fake_worker()
-    w.draining = True
-    w.fault = SimpleNamespace(reason="fatal: broker unreachable for 121s")
-    assert readiness(w).reason == "fault: exiting"
+    w.state.draining = True
+    w.state.faulted = True  # fatal: broker unreachable for 121s
+    assert readiness(w.view()).reason == "fault: exiting"
 
 
 # -- the HTTP port ----------------------------------------------------------------------
@@ -312,10 +320,10 @@ def test_http_port_serves_health_before_and_after_the_worker_exists() -> None:
         assert code == 200 and ctype.startswith("text/plain") and "fabric_jobs_total" in body
         assert get(obs.port, "/readyz")[0] == 200
         assert get(obs.port, "/readyz?verbose=1")[0] == 200
-        w.draining = True
+        w.state.draining = True
         code, _, body = get(obs.port, "/readyz")
         assert code == 503 and json.loads(body)["reason"] == "draining"
-        w.executor.alive = False
+        w.state.executor_alive = False
         assert get(obs.port, "/healthz")[0] == 503
         assert get(obs.port, "/nope")[0] == 404
     finally:
@@ -455,7 +463,7 @@ def _log_calls(path: Path) -> list[tuple[int, str, set[str]]]:
 
 def test_every_job_log_line_carries_job_and_attempt() -> None:
     root = Path(worker.__file__).parent
-    missing = [f"{p.name}:{line} {event}" for p in sorted(root.glob("*.py"))
+    missing = [f"{p.relative_to(root)}:{line} {event}" for p in sorted(root.rglob("*.py"))
                for line, event, keys in _log_calls(p)
                if ("job" in keys or event.startswith("job_")) and not {"job", "attempt"} <= keys]
     assert not missing, missing
@@ -463,5 +471,5 @@ def test_every_job_log_line_carries_job_and_attempt() -> None:
 
 def test_summary_has_what_an_operator_reads_at_shutdown() -> None:
     keys = set(WorkerStats().summary())
-    assert {"jobs_ok", "jobs_error", "errors_by_code", "redelivered", "naked", "engine_failures",
+    assert {"jobs_ok", "jobs_error", "errors_by_code", "redelivered", "naked",
             "useful_tokens", "compute_padding_fraction", "idle_while_queued_s"} <= keys

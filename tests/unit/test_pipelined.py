@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from worker.engine import Engine, EngineError, build_engine, resolve_runner
-from worker.executor import Executor
-from worker.graphs import DecodeGraphs, bucket, ctx_buckets
-from worker.kv import BlockAllocator
-from worker.runner import Runner
-from worker.scheduler import Scheduler, StepPlan
-from worker.sequence import Request
-from worker.staging import ALIGN, Stager
+from worker.engine.build import Engine, EngineError, build_engine, resolve_runner
+from worker.engine.executor import Executor
+from worker.engine.graphs import DecodeGraphs, bucket, ctx_buckets
+from worker.engine.blocks import BlockAllocator
+from worker.engine.runner import Runner
+from worker.engine.scheduler import Scheduler, StepPlan
+from worker.engine.sequence import Request
+from worker.engine.staging import ALIGN, Stager
 
 from tests.unit.test_engine import req
 
@@ -211,12 +211,6 @@ def test_runner_mode_resolves_per_device() -> None:
     assert resolve_runner("pipelined", cpu) == "pipelined"
     with pytest.raises(EngineError, match="runner"):
         resolve_runner("graphs", cpu)
-
-
-def test_cli_runner_choices_match_the_runner() -> None:
-    from worker import cli, runner
-
-    assert cli.RUNNER_MODES == runner.RUNNER_MODES
 
 
 # -- overlapped steps -------------------------------------------------------------------

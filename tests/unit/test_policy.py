@@ -8,10 +8,10 @@ from collections import deque
 import pytest
 
 from worker.admission import Admission
-from worker.kv import BlockAllocator, OutOfBlocks, padded_tokens
-from worker.lanes import group_by_length, lane_of, lane_width
-from worker.scheduler import Scheduler
-from worker.sequence import Request
+from worker.engine.blocks import BlockAllocator, OutOfBlocks, padded_tokens
+from worker.engine.lanes import group_by_length, lane_of, lane_width
+from worker.engine.scheduler import Scheduler
+from worker.engine.sequence import Request
 
 # -- admission ------------------------------------------------------------------------
 
@@ -185,16 +185,6 @@ def test_scheduler_solo_runs_alone() -> None:
     assert [[x.req.key for x in lane] for lane in p.prefill] == [[2]] and not p.decode
 
 
-def test_scheduler_abort_returns_every_block() -> None:
-    s = _sched()
-    for k in range(20):
-        s.add(_req(k, 30, 10), 0.0)
-    s.postprocess(p := s.schedule(), [1] * len(p.rows), 0.0)
-    done = s.abort_all("device lost")
-    assert len(done) == 20 and all(c.finish_reason == "error" for c in done)
-    assert s.allocator.used_blocks == 0 and not s.has_work()
-
-
 def test_add_all_is_add_one_by_one() -> None:
     reqs = [_req(1, 5, 3), _req(2, 40, 30), _req(3, 7, 1, solo=True), _req(4, 100, 60)]
     one, many = _sched(), _sched()
@@ -213,7 +203,7 @@ def test_add_all_is_add_one_by_one() -> None:
 
 
 def test_padded_prefill_rows() -> None:
-    from worker.runner import SCRATCH_SLOT, _Builder
+    from worker.engine.runner import SCRATCH_SLOT, _Builder
 
     s = _sched()
     a = Request(key=1, prompt=[11, 12], max_new_tokens=1, reserved_tokens=16, temperature=0.0,
@@ -236,9 +226,3 @@ def test_padded_prefill_rows() -> None:
     bld2.prefill(seqs, pad_to=0)  # packed: no padding rows at all
     assert bld2.tokens[0].tolist() == [11, 12, 21, 22, 23, 24]
     assert bld2.positions[0].tolist() == [0, 1, 0, 1, 2, 3] and bld2.logit_rows == [1, 5]
-
-
-def test_cli_policy_choices_match_the_scheduler() -> None:
-    from worker import cli, scheduler
-
-    assert cli.POLICIES == scheduler.POLICIES

@@ -172,7 +172,7 @@ def test_encoding_is_a_plain_msgpack_map() -> None:
 def test_enums_are_strings_with_the_contract_values() -> None:
     assert [c.value for c in ErrorCode] == [
         "bad_payload", "invalid_job", "empty_prompt", "too_long", "forbidden_reply_to",
-        "expired", "bad_token", "poison", "internal", "shutting_down",
+        "expired", "bad_token", "poison",
     ]  # fmt: skip
     assert [f.value for f in FinishReason] == ["length", "stop", "error", "expired"]
     assert ErrorCode.POISON == "poison"
@@ -317,7 +317,7 @@ def result_map(**overrides: Any) -> dict[str, Any]:
     return base
 
 
-BAD_ERROR = {"code": "internal", "message": "boom"}
+BAD_ERROR = {"code": "bad_payload", "message": "boom"}
 
 INVALID_RESULTS = [
     ("ok with error", result_map(error=BAD_ERROR)),

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from worker.model import ModelArgs, Transformer, init_random, rope_inv_freq, rope_tables
-from worker.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from worker.model.decoder import ModelArgs, Transformer, init_random, rope_inv_freq, rope_tables
+from worker.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 

@@ -1,4 +1,4 @@
-"""The drain against a real nats-server: Results confirmed before their jobs are settled,
+"""The Result publisher against a real nats-server: Results confirmed before their jobs are settled,
 and every way a publish can fail ends in a nak (the job comes back), never in an ack."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
-from worker.drain import Delivery, Drain, Settle
+from worker.broker.publisher import Delivery, Publisher, Settle
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,16 +56,16 @@ async def _wait(pred, timeout_s: float = 10.0) -> None:
 def test_results_are_confirmed_then_jobs_acked(nats_url: str) -> None:
     async def main() -> None:
         nc, js, tag, jobs, results, sub, msgs = await _setup(nats_url, 500)
-        drain = Drain(nc, js, maxsize=1000)
-        await drain.start()
-        task = asyncio.create_task(drain.run())
+        pub = Publisher(nc, js, maxsize=1000)
+        await pub.start()
+        task = asyncio.create_task(pub.run())
         settled: dict[int, bool] = {}
         for i, m in enumerate(msgs):
-            drain.put(_delivery(m, tag, i, settled))
+            pub.put(_delivery(m, tag, i, settled))
         # A second Result for job-0 (a replay) is published and acked, and dropped by the stream.
-        assert await drain.flush(10.0)
+        assert await pub.flush(10.0)
         assert len(settled) == 500 and all(settled.values())
-        assert (drain.published, drain.acked, drain.naked) == (500, 500, 0)
+        assert (pub.published, pub.acked, pub.naked) == (500, 500, 0)
         assert (await js.stream_info(results)).state.messages == 500
         info = await js.consumer_info(jobs, "d")
         assert info.num_ack_pending == 0 and info.num_redelivered == 0
@@ -79,15 +79,15 @@ def test_results_are_confirmed_then_jobs_acked(nats_url: str) -> None:
 def test_an_error_puback_naks_the_job(nats_url: str) -> None:
     async def main() -> None:
         nc, js, tag, jobs, results, sub, msgs = await _setup(nats_url, 2, max_result_bytes=64)
-        drain = Drain(nc, js, maxsize=10, publish_give_up_s=1.0)
-        await drain.start()
-        task = asyncio.create_task(drain.run())
+        pub = Publisher(nc, js, maxsize=10, publish_give_up_s=1.0)
+        await pub.start()
+        task = asyncio.create_task(pub.run())
         settled: dict[int, bool] = {}
-        drain.put(_delivery(msgs[0], tag, 0, settled))  # fits
-        drain.put(_delivery(msgs[1], tag, 1, settled, payload=b"x" * 500))  # the stream refuses it
-        assert await drain.flush(10.0)
+        pub.put(_delivery(msgs[0], tag, 0, settled))  # fits
+        pub.put(_delivery(msgs[1], tag, 1, settled, payload=b"x" * 500))  # the stream refuses it
+        assert await pub.flush(10.0)
         assert settled == {0: True, 1: False}
-        assert (drain.acked, drain.naked) == (1, 1)
+        assert (pub.acked, pub.naked) == (1, 1)
         again = await sub.fetch(1, timeout=5)  # the nak'd job is back, on its second delivery
         assert again[0].data == b"job-1" and again[0].metadata.num_delivered == 2
         task.cancel()
@@ -104,14 +104,14 @@ def test_no_stream_for_the_reply_subject(nats_url: str, captured: bool) -> None:
     it is a core-NATS reply subject and the publish is done."""
     async def main() -> None:
         nc, js, tag, jobs, results, sub, msgs = await _setup(nats_url, 1)
-        drain = Drain(nc, js, maxsize=10, publish_give_up_s=1.0, results_captured=captured)
-        await drain.start()
-        task = asyncio.create_task(drain.run())
+        pub = Publisher(nc, js, maxsize=10, publish_give_up_s=1.0, results_captured=captured)
+        await pub.start()
+        task = asyncio.create_task(pub.run())
         settled: dict[int, bool] = {}
-        drain.put(_delivery(msgs[0], tag, 0, settled, subject=f"nowhere.{tag}"))
-        assert await drain.flush(15.0)
+        pub.put(_delivery(msgs[0], tag, 0, settled, subject=f"nowhere.{tag}"))
+        assert await pub.flush(15.0)
         assert settled == {0: not captured}
-        assert (drain.acked, drain.naked) == ((0, 1) if captured else (1, 0))
+        assert (pub.acked, pub.naked) == ((0, 1) if captured else (1, 0))
         task.cancel()
         await _cleanup(js, jobs, results)
         await nc.close()
@@ -122,14 +122,14 @@ def test_no_stream_for_the_reply_subject(nats_url: str, captured: bool) -> None:
 def test_abort_leaves_unconfirmed_deliveries_to_the_caller(nats_url: str) -> None:
     async def main() -> None:
         nc, js, tag, jobs, results, sub, msgs = await _setup(nats_url, 3)
-        drain = Drain(nc, js, maxsize=10)
-        await drain.start()
-        await drain.abort(grace_s=0.1)
-        task = asyncio.create_task(drain.run())  # aborted: takes nothing
+        pub = Publisher(nc, js, maxsize=10)
+        await pub.start()
+        await pub.abort(grace_s=0.1)
+        task = asyncio.create_task(pub.run())  # aborted: takes nothing
         settled: dict[int, bool] = {}
-        drain.put(_delivery(msgs[0], tag, 0, settled))
+        pub.put(_delivery(msgs[0], tag, 0, settled))
         await asyncio.sleep(0.3)
-        assert settled == {} and drain.published == 0
+        assert settled == {} and pub.published == 0
         task.cancel()
         await _cleanup(js, jobs, results)
         await nc.close()

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from worker.lanes import group_by_length
-from worker.model import AttnGroup, StepInput, Transformer
+from worker.engine.lanes import group_by_length
+from worker.model.decoder import AttnGroup, StepInput, Transformer
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256,
                  320, 384, 448, 512)

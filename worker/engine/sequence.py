@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from worker.engine.blocks import padded_tokens
+
 
 @dataclass(slots=True)
 class Request:
@@ -28,8 +30,6 @@ class Request:
     def greedy(cls, key: int, prompt: list[int], max_new_tokens: int, seed: int = 0,
                block_size: int = 16) -> Request:
         """Temperature 0, no stop ids, KV reserved for the whole job: benchmarks and tests."""
-        from worker.kv import padded_tokens
-
         return cls(key=key, prompt=prompt, max_new_tokens=max_new_tokens,
                    reserved_tokens=padded_tokens(len(prompt) + max_new_tokens, block_size),
                    temperature=0.0, top_k=0, top_p=1.0, seed=seed, stop_ids=frozenset())
@@ -39,11 +39,9 @@ class Request:
 class Completion:
     key: int
     tokens: list[int]  # generated ids, a stop token included
-    finish_reason: str  # "length" | "stop" | "error"
+    finish_reason: str  # "length" | "stop"
     computed_tokens: int  # token rows this job occupied in forwards, padding included
     first_token_at: float  # time.monotonic() when the first token was sampled
-    finished_at: float
-    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -55,9 +53,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     computed_tokens: int = 0
     first_token_at: float = 0.0
-    # Static batching (benchmark policies) only: finished, still computing padding rows.
+    # Static batching (the ladder's policies) only: finished, still computing padding rows.
     done: bool = False
-    generated_reason: str = ""
     # Overlapped steps (pipelined runner) only: steps launched with this sequence whose
     # token the host has not seen yet, and whether it has finished (later rows are waste).
     pending: int = 0

@@ -3,7 +3,7 @@
 Off by default and free when off (one dict lookup). In the style of etcd's gofail, the
 environment variable `FABRIC_FAILPOINTS` names points and actions, `;`-separated:
 
-    FABRIC_FAILPOINTS="executor.step=raise@50;drain.publish=sleep(2.0)"
+    FABRIC_FAILPOINTS="executor.step=raise@50;publisher.publish=sleep(2.0)"
     FABRIC_FAILPOINTS="executor.step=raise:job=poison-"
 
 A name may appear more than once; its actions run in order on each hit (for example
@@ -16,7 +16,7 @@ reports a job id starting with PREFIX counts (and fires), so a test can make one
 job kill every worker that runs it -- the poison job of the failure table.
 
 Points in the code today: `executor.step` (before each forward; the worker reports the ids
-of the jobs decoding in that step), `drain.publish` (before each Result publish, with its
+of the jobs decoding in that step), `publisher.publish` (before each Result publish, with its
 job id), `ingress.fetch` (after each fetch, with the fetched job ids unknown: no filter).
 """
 

@@ -2,8 +2,7 @@
 
 Rule: a scrape never waits on the event loop or the executor. Levels (queue depths,
 in-flight tokens, admission state, KV blocks) and counters are read at scrape time from
-the state their owners already keep (Worker, WorkerStats, Drain, the KV allocator) by a
-pull-based collector. Only distributions are pushed, in O(1) where the value is born: per
+the worker's typed view (`worker.ops.view.WorkerView`) by a pull-based collector. Only distributions are pushed, in O(1) where the value is born: per
 step on the executor thread, per Result on the event loop (`Distributions`, owned by
 WorkerStats). Reading another thread's ints and lengths without a lock can be one sample
 stale; it never raises and never blocks the owner.
@@ -19,7 +18,7 @@ import os
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from prometheus_client import (
@@ -37,8 +36,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from schemas import ErrorCode
-from worker.config import config_hash
-from worker.health import readiness
+from worker.ops.health import readiness
+from worker.ops.view import WorkerInfo, WorkerView
 
 log = structlog.get_logger("metrics")
 
@@ -184,37 +183,38 @@ def _counter(name: str, doc: str, value: float):
     return CounterMetricFamily(name, doc, value=value)
 
 
-class WorkerCollector(Collector):
-    """Everything read at scrape time from one Worker's live state."""
+class Observed(Protocol):
+    """What the collector and the HTTP port read: a worker, or a stand-in in tests."""
 
-    def __init__(self, worker: Any):
-        self.w = worker
-        cfg = worker.cfg
-        self._info = {"config_hash": config_hash(cfg), "model": cfg.model, "device": cfg.device,
-                      "dtype": cfg.dtype, "worker": worker.opts.worker_id}
-        # The most jobs that can be in a stage at once: every job reserves >= one KV block.
-        self._max_jobs = cfg.token_budget // worker.engine.block_size
+    info: WorkerInfo
+
+    def view(self) -> WorkerView: ...
+
+
+class WorkerCollector(Collector):
+    """Everything read at scrape time from one worker's view."""
+
+    def __init__(self, worker: Observed):
+        self.worker = worker
+        i = worker.info
+        self._info = {"config_hash": i.config_hash, "model": i.model, "device": i.device,
+                      "dtype": i.dtype, "worker": i.worker_id}
 
     def describe(self) -> Iterator:
         return iter(())  # unchecked collector: its families depend on the live state
 
     def collect(self) -> Iterator:
-        w, cfg = self.w, self.w.cfg
-        stats = w.stats
-        ex = getattr(w, "executor", None)  # set once the worker has connected
-        drain = getattr(w, "drain", None)
-        ingress = getattr(w, "ingress", None)
-        nc = getattr(w, "nc", None)
+        i, v = self.worker.info, self.worker.view()
+        stats = v.stats
 
         info = InfoMetricFamily("fabric_config", "The engine config this worker runs.")
         info.add_metric([], self._info)
         yield info
-        yield _gauge("fabric_ready", "1 when /readyz answers 200.", float(readiness(w).ok))
-        yield _gauge("fabric_draining", "1 while stopping (SIGTERM or fatal).", float(w.draining))
+        yield _gauge("fabric_ready", "1 when /readyz answers 200.", float(readiness(v).ok))
+        yield _gauge("fabric_draining", "1 while stopping (SIGTERM or fatal).", float(v.draining))
         yield _gauge("fabric_executor_alive", "1 while the executor thread runs.",
-                     float(ex is not None and ex.alive))
-        yield _gauge("fabric_broker_connected", "1 while connected to NATS.",
-                     float(nc is not None and nc.is_connected))
+                     float(v.started and v.executor_alive))
+        yield _gauge("fabric_broker_connected", "1 while connected to NATS.", float(bool(v.connected)))
 
         # -- jobs and messages
         jobs = CounterMetricFamily("fabric_jobs", "Jobs answered with a Result, by outcome and "
@@ -226,42 +226,33 @@ class WorkerCollector(Collector):
         for code, n in sorted(by_code.items()):
             jobs.add_metric(["error", code], n)
         yield jobs
-        yield _counter("fabric_job_failures", "Jobs the engine failed: nak'd for a retry, no "
-                       "Result published.", stats.engine_failures)
         yield _counter("fabric_redeliveries", "Messages received with a delivery count above 1.",
                        stats.redelivered)
-        yield _counter("fabric_messages_fetched", "Messages pulled from the consumer.",
-                       ingress.fetched if ingress is not None else 0)
+        yield _counter("fabric_messages_fetched", "Messages pulled from the consumer.", v.fetched)
         settled = CounterMetricFamily(
             "fabric_settled", "Messages settled: ack/term/nak after a Result; release = nak'd "
-            "back without a Result (SIGTERM drain, fatal teardown, a job the engine failed).",
-            labels=["action"])
-        for action, n in (("ack", getattr(drain, "acked", 0)),
-                          ("term", getattr(drain, "termed", 0)),
-                          ("nak", getattr(drain, "naked", 0)), ("release", stats.naked)):
+            "back without a Result (SIGTERM drain, fatal teardown).", labels=["action"])
+        for action, n in (("ack", v.acked), ("term", v.termed), ("nak", v.naked),
+                          ("release", stats.naked)):
             settled.add_metric([action], n)
         yield settled
-        yield _counter("fabric_results_published", "Results confirmed by the broker.",
-                       getattr(drain, "published", 0))
+        yield _counter("fabric_results_published", "Results confirmed by the broker.", v.published)
         yield _counter("fabric_dead_letters", "Jobs moved to the dead-letter stream (poison, or "
-                       "out of deliveries).", getattr(drain, "dead_lettered", 0))
+                       "out of deliveries).", v.dead_lettered)
         yield _gauge("fabric_held_messages", "Messages this worker holds unacked (counts "
-                     "against the consumer's max_ack_pending).", len(w.held))
+                     "against the consumer's max_ack_pending).", v.held)
 
         # -- queues, every one bounded
-        inflight_jobs = len(w.inflight)
-        running = len(ex.scheduler.running) if ex is not None else 0
         depth = GaugeMetricFamily("fabric_queue_depth", "Jobs (or Results) waiting in each "
                                   "bounded stage.", labels=["stage"])
         cap = GaugeMetricFamily("fabric_queue_capacity", "The bound of each stage's queue.",
                                 labels=["stage"])
         for stage, n, limit in (
-            ("pending", len(w.pending), self._max_jobs),
-            ("executor_waiting", max(0, inflight_jobs - running), self._max_jobs),
-            ("executor_running", running, self._max_jobs),
+            ("pending", v.pending_jobs, i.max_jobs),
+            ("executor_waiting", max(0, v.inflight_jobs - v.running_jobs), i.max_jobs),
+            ("executor_running", v.running_jobs, i.max_jobs),
             # Results waiting to be published, and published awaiting their PubAck.
-            ("drain", drain.queue.qsize() + drain.awaiting if drain is not None else 0,
-             drain.queue.maxsize if drain is not None else 0),
+            ("publisher", v.publisher_depth, v.publisher_capacity),
         ):
             depth.add_metric([stage], n)
             cap.add_metric([stage], limit)
@@ -269,31 +260,29 @@ class WorkerCollector(Collector):
         yield cap
 
         # -- admission and the token budget
-        adm = w.admission
         yield _gauge("fabric_pending_tokens", "Padded tokens fetched but not yet admitted.",
-                     w.pending_tokens)
+                     v.pending_tokens)
         yield _gauge("fabric_inflight_tokens", "Padded tokens admitted and not yet finished.",
-                     adm.in_flight_tokens)
+                     v.inflight_tokens)
         yield _gauge("fabric_budget_tokens", "token_budget: admission's high-water mark.",
-                     cfg.token_budget)
+                     i.token_budget)
         yield _gauge("fabric_low_water_tokens", "low_water: admission resumes at or below this.",
-                     cfg.low_water)
+                     i.low_water)
         yield _gauge("fabric_budget_occupancy", "In-flight padded tokens over the budget.",
-                     adm.occupancy)
+                     v.occupancy)
         occ = stats.occupancy_while_queued
         yield _gauge("fabric_budget_occupancy_while_queued", "Time-weighted budget occupancy "
                      "while jobs waited for admission, since start.", occ if occ is not None else 0)
         state = GaugeMetricFamily("fabric_admission_state", "1 for the current admission state: "
                                   "open, or holding (hit high water, waits for low water).",
                                   labels=["state"])
-        state.add_metric(["open"], float(not adm.holding))
-        state.add_metric(["holding"], float(adm.holding))
+        state.add_metric(["open"], float(not v.admission_holding))
+        state.add_metric(["holding"], float(v.admission_holding))
         yield state
-        alloc = w.engine.pool.allocator
         yield _gauge("fabric_kv_blocks_used", "KV cache blocks reserved by admitted jobs.",
-                     alloc.used_blocks)
+                     v.kv_used_blocks)
         yield _gauge("fabric_kv_blocks_capacity", "KV cache blocks in the preallocated pool.",
-                     alloc.num_blocks)
+                     v.kv_blocks)
 
         # -- executor work, real versus computed
         yield _counter("fabric_executor_busy_seconds", "Time the executor spent in steps.",
@@ -304,10 +293,9 @@ class WorkerCollector(Collector):
         yield _counter("fabric_executor_graphed_steps", "Steps whose decode rows ran at a fixed "
                        "shape (pipelined runner; a CUDA graph replay on a GPU).",
                        stats.graphed_steps)
-        last_step = getattr(w, "last_step_at", 0.0)
         yield _gauge("fabric_executor_last_step_age_seconds", "Seconds since the last step "
                      "finished (large with jobs in flight: a stalled executor).",
-                     time.monotonic() - last_step if last_step else 0.0)
+                     time.monotonic() - v.last_step_at if v.last_step_at else 0.0)
         yield _counter("fabric_executor_idle_while_queued_seconds", "Time the executor waited "
                        "for work while jobs waited for admission (should stay near 0).",
                        stats.idle_while_queued_s)
@@ -424,13 +412,13 @@ class GpuCollector(Collector):
             yield _gauge(name, doc, value, {"device": self.device})
 
 
-def register_worker(registry: CollectorRegistry, worker: Any,
+def register_worker(registry: CollectorRegistry, worker: Observed,
                     gpu: GpuCollector | None = None) -> None:
     """Put one worker's metrics, its histograms, process and GPU metrics into `registry`."""
     registry.register(WorkerCollector(worker))
-    for c in worker.stats.dist.collectors():
+    for c in worker.view().stats.dist.collectors():
         registry.register(c)
-    registry.register(gpu if gpu is not None else GpuCollector(worker.cfg.device))
+    registry.register(gpu if gpu is not None else GpuCollector(worker.info.device))
 
 
 def new_registry() -> CollectorRegistry:

@@ -9,14 +9,14 @@
   draining. Workers pull, so nothing routes to them; readiness is for rollouts, compose's
   `depends_on` and humans, and the reason says which condition is missing.
 
-Pure functions of a Worker (or None before one exists); they read attributes the worker
-sets as it goes (`nc`, `executor`, `ready`, `draining`, `fault`) and never call into it.
+Pure functions of a `WorkerView` (or None before a worker exists).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from worker.ops.view import WorkerView
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,35 +28,32 @@ class Verdict:
         return {"ok": self.ok, "reason": self.reason}
 
 
-def liveness(worker: Any | None) -> Verdict:
-    if worker is None:
+def liveness(v: WorkerView | None) -> Verdict:
+    if v is None:
         return Verdict(True, "loading model")
-    if getattr(worker, "fault", None) is not None:
+    if v.faulted:
         return Verdict(False, "fault: exiting")
-    ex = getattr(worker, "executor", None)
-    if ex is None:
+    if not v.started:
         return Verdict(True, "starting")
-    if ex.alive:
+    if v.executor_alive:
         return Verdict(True, "alive")
     return Verdict(False, "executor thread is not running")
 
 
-def readiness(worker: Any | None, was_ready: bool = False) -> Verdict:
+def readiness(v: WorkerView | None, was_ready: bool = False) -> Verdict:
     """`was_ready`: the worker has been ready before, so not-ready-now means stopping."""
-    if worker is None:
+    if v is None:
         return Verdict(False, "loading model")
-    if getattr(worker, "fault", None) is not None:
+    if v.faulted:
         return Verdict(False, "fault: exiting")
-    if worker.draining:
+    if v.draining:
         return Verdict(False, "draining")
-    nc = getattr(worker, "nc", None)
-    ex = getattr(worker, "executor", None)
-    if (worker.ready or was_ready) and (ex is None or not ex.alive):
+    if (v.ready or was_ready) and not (v.started and v.executor_alive):
         return Verdict(False, "executor thread is not running")
-    if not worker.ready:
+    if not v.ready:
         if was_ready:
             return Verdict(False, "stopping")
-        return Verdict(False, "connecting to the broker" if nc is None else "starting")
-    if nc is None or not nc.is_connected:
+        return Verdict(False, "connecting to the broker" if v.connected is None else "starting")
+    if not v.connected:
         return Verdict(False, "broker disconnected")
     return Verdict(True, "ready")

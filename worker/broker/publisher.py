@@ -1,4 +1,4 @@
-"""The completion drain: publish each Result, wait until it is durable, then settle the job.
+"""The Result publisher: publish each Result, wait until it is durable, then settle the job.
 
 Order is the whole point: a job is acked (or terminated) only after its Result is
 confirmed by the results stream, so a crash at any instant leaves the job either answered
@@ -14,7 +14,7 @@ is known to capture every allowed reply subject, "no stream answered" means JetS
 not ready yet (a restart recovering its store), so it is retried too; otherwise it means a
 core-NATS-only reply subject and the publish is done.
 
-The fast path has no task, future or timer per Result (see `Drain`); the queue in front
+The fast path has no task, future or timer per Result (see `Publisher`); the queue in front
 is bounded by what admission lets into flight. `abort` is the fatal path: Results already
 published get a short grace for their PubAcks, the rest are left to the caller to nak.
 """
@@ -36,9 +36,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from worker import failpoints
+from worker.ops import failpoints
 
-log = structlog.get_logger("drain")
+log = structlog.get_logger("publisher")
 
 
 class Settle(Enum):
@@ -68,7 +68,7 @@ class Delivery:
     dead_letter: DeadLetter | None = None  # published first, when the job is poison
 
 
-class Drain:
+class Publisher:
     """Publishes Results and settles their jobs; see the module docstring for the order.
 
     The fast path costs one publish and one PubAck callback per Result: every Result is
@@ -116,6 +116,15 @@ class Drain:
         """Results published and waiting for their PubAck (fast path) or being retried."""
         return len(self._awaiting) + len(self._slow)
 
+    @property
+    def depth(self) -> int:
+        """Results not yet settled: queued, or published and awaiting their PubAck."""
+        return self.queue.qsize() + self.awaiting
+
+    @property
+    def capacity(self) -> int:
+        return self.queue.maxsize
+
     async def run(self) -> None:
         sweep = asyncio.ensure_future(self._sweep())
         try:
@@ -135,7 +144,7 @@ class Drain:
             await self._settle(d, d.settle)  # nobody to answer: settle only
             return
         try:
-            failpoints.hit("drain.publish", jobs=lambda: (d.job_id,))
+            failpoints.hit("publisher.publish", jobs=lambda: (d.job_id,))
         except Exception as e:  # noqa: BLE001 - a raise failpoint: the publish failed
             log.warning("publish_failed", job=d.job_id, attempt=d.attempt, error=repr(e),
                         dead_letter=False)
@@ -230,7 +239,7 @@ class Drain:
 
     async def _publish(self, subject: str, data: bytes, headers: dict[str, str],
                        d: Delivery) -> None:
-        failpoints.hit("drain.publish", jobs=lambda: (d.job_id,))
+        failpoints.hit("publisher.publish", jobs=lambda: (d.job_id,))
         try:
             # The fast path: one try, no retry machinery (tenacity costs more than a publish).
             return await self._publish_once(subject, data, headers)

@@ -14,8 +14,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from worker.executor import StepReport
-from worker.metrics import Distributions, padding_fraction
+from typing import TYPE_CHECKING
+
+from worker.ops.metrics import Distributions, padding_fraction
+
+if TYPE_CHECKING:
+    from worker.engine.executor import StepReport
 
 
 @dataclass(slots=True)
@@ -24,12 +28,9 @@ class WorkerStats:
     jobs_error: int = 0
     errors_by_code: Counter = field(default_factory=Counter)
     redelivered: int = 0  # messages seen with a delivery count above 1
-    naked: int = 0  # messages nak'd back without a Result (SIGTERM drain, fault, engine failure)
-    engine_failures: int = 0  # jobs the engine failed: nak'd for a retry, no Result published
+    naked: int = 0  # messages nak'd back without a Result (SIGTERM drain, fatal teardown)
     # executor steps
     steps: int = 0
-    prefill_seqs: int = 0
-    decode_rows: int = 0
     rows: int = 0
     attn_real: int = 0
     attn_padded: int = 0
@@ -50,8 +51,6 @@ class WorkerStats:
 
     def on_step(self, r: StepReport) -> None:
         self.steps += 1
-        self.prefill_seqs += r.prefill_seqs
-        self.decode_rows += r.decode_seqs
         self.rows += r.rows
         self.attn_real += r.attn_real
         self.attn_padded += r.attn_padded
@@ -61,11 +60,20 @@ class WorkerStats:
         self.idle_while_queued_s += r.idle_while_queued_s
         self.dist.on_step(r.prefill_seqs, r.decode_seqs, r.rows, r.step_s)
 
+    def on_edge_answer(self, ok: bool, error_code: str | None) -> None:
+        """A Result decided without the device (bad input, expired, poison...)."""
+        if ok:
+            self.jobs_ok += 1
+        else:
+            self.jobs_error += 1
+            self.errors_by_code[error_code] += 1
+
     def on_result(self, *, ok: bool, prompt_tokens: int, completion_tokens: int,
                   padded_tokens: int, queued_ms: float, first_token_ms: float | None,
                   total_ms: float) -> None:
-        """A Result for a job the executor ran (edge answers are counted by the worker)."""
+        """A Result for a job the executor ran (`on_edge_answer` counts the others)."""
         if ok:
+            self.jobs_ok += 1
             self.useful_tokens += prompt_tokens + completion_tokens
             self.computed_tokens += padded_tokens
         self.dist.on_result(ok, queued_ms, first_token_ms, total_ms)
@@ -87,7 +95,7 @@ class WorkerStats:
         return {
             "jobs_ok": self.jobs_ok, "jobs_error": self.jobs_error,
             "errors_by_code": dict(self.errors_by_code), "redelivered": self.redelivered,
-            "naked": self.naked, "engine_failures": self.engine_failures, "steps": self.steps,
+            "naked": self.naked, "steps": self.steps,
             "mean_batch_rows": round(self.rows / self.steps, 2) if self.steps else 0.0,
             "graphed_step_fraction": round(self.graphed_steps / self.steps, 4) if self.steps else 0.0,
             "attn_padding_fraction": round(padding_fraction(self.attn_real, self.attn_padded), 4),

@@ -3,7 +3,7 @@
 Rule: the server runs on its own daemon threads and only reads; the event loop and the
 executor never wait for a scrape or a probe. It can start before the worker exists (while
 the model loads it answers `/healthz` 200 and `/readyz` 503 "loading model") and is
-pointed at the worker with `attach`; `serve_http(worker, port)` does both at once.
+pointed at the worker with `attach`.
 
 The bind address is `FABRIC_METRICS_ADDR` (default 0.0.0.0, all interfaces: probes and
 scrapers come from outside the container); an IPv6 literal binds IPv6.
@@ -22,10 +22,10 @@ from typing import Any
 import structlog
 from prometheus_client.exposition import choose_encoder
 
-from worker.health import Verdict, liveness, readiness
-from worker.metrics import new_registry, register_worker
+from worker.ops.health import Verdict, liveness, readiness
+from worker.ops.metrics import Observed, new_registry, register_worker
 
-log = structlog.get_logger("observe")
+log = structlog.get_logger("http")
 
 DEFAULT_ADDR = "0.0.0.0"
 EXIT_CONFIG = 2  # the port cannot be bound: an option to fix, not a crash to retry
@@ -84,7 +84,7 @@ class Observer:
 
     def __init__(self, port: int, addr: str | None = None):
         self.registry = new_registry()
-        self.worker: Any | None = None
+        self.worker: Observed | None = None
         self._was_ready = False
         addr = addr or os.environ.get("FABRIC_METRICS_ADDR") or DEFAULT_ADDR
         cls = _Server6 if ":" in addr else _Server
@@ -100,15 +100,15 @@ class Observer:
                  paths=["/metrics", "/healthz", "/readyz"])
         return self
 
-    def attach(self, worker: Any) -> None:
+    def attach(self, worker: Observed) -> None:
         register_worker(self.registry, worker)
         self.worker = worker
 
     def liveness(self) -> Verdict:
-        return liveness(self.worker)
+        return liveness(self.worker.view() if self.worker is not None else None)
 
     def readiness(self) -> Verdict:
-        v = readiness(self.worker, self._was_ready)
+        v = readiness(self.worker.view() if self.worker is not None else None, self._was_ready)
         self._was_ready = self._was_ready or v.ok
         return v
 
@@ -125,10 +125,3 @@ def start_http(port: int, addr: str | None = None) -> Observer:
         print(f"fabric-worker: --metrics-port {port}: cannot listen "
               f"({e.strerror or e})", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
-
-
-def serve_http(worker: Any, port: int, addr: str | None = None) -> Observer:
-    """Serve `/metrics`, `/healthz`, `/readyz` for `worker` on `port` from daemon threads."""
-    obs = start_http(port, addr)
-    obs.attach(worker)
-    return obs

@@ -23,7 +23,6 @@ class ByteTokenizer:
     """ids 0..255 are bytes; 256 = BOS, 257 = EOS."""
 
     vocab_size = 258
-    bos_id = 256
     eos_id = 257
 
     def encode(self, text: str) -> list[int]:

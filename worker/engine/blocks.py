@@ -1,20 +1,13 @@
-"""The KV cache: one tensor allocated at start-up, handed out in fixed-size blocks.
+"""KV blocks as plain data: the budget's unit and the allocator that hands blocks out.
 
-The pool holds `num_blocks` blocks of `block_size` token slots for every layer. A sequence
-reserves, when it enters the executor, all the blocks its padded length can ever need
-(prompt + max_new_tokens, rounded up to the block size) and returns them when it ends, so
-the step loop never allocates and never runs out: admission keeps the sum of padded
-tokens under the budget, and the pool is sized from that budget.
-
-`BlockAllocator` is plain Python on plain data (tested without a device); `KVPool` is the
-tensor plus the allocator.
+A sequence reserves, when it enters the executor, every block its padded length can ever
+need (prompt + max_new_tokens, rounded up to the block size) and returns them when it ends,
+so the step loop never allocates and never runs out: admission keeps the sum of padded
+tokens under the budget, and the pool is sized from that budget. No torch here: the
+broker side sizes jobs with `padded_tokens`, and the allocator is tested without a device.
 """
 
 from __future__ import annotations
-
-import torch
-
-from worker.model import ModelArgs
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -69,31 +62,3 @@ class BlockAllocator:
 
     def holders(self) -> int:
         return len(self._owner)
-
-
-class KVPool:
-    """k/v for every layer: `tensor` is [L, S, 2, Hkv, D], S = (num_blocks + 1) * block_size.
-
-    Block 0 is scratch (`SCRATCH_SLOT` lies in it): rows that are padding, never a real
-    token, write their k/v there.
-    """
-
-    SCRATCH_SLOT = 0
-
-    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        slots = (num_blocks + 1) * block_size
-        self.tensor = torch.zeros(
-            (args.n_layers, slots, 2, args.n_kv_heads, args.hd), dtype=dtype, device=device
-        )
-        self.allocator = BlockAllocator(num_blocks, first=1)
-
-    @property
-    def nbytes(self) -> int:
-        return self.tensor.numel() * self.tensor.element_size()
-
-    @staticmethod
-    def bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
-        return args.n_layers * 2 * args.n_kv_heads * args.hd * torch.finfo(dtype).bits // 8

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import nats.js.errors
 from nats.js import JetStreamContext
 
-from worker.topology import Topology
+from worker.broker.topology import Topology
 
 
 @dataclass(frozen=True, slots=True)

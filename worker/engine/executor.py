@@ -5,7 +5,7 @@ a callback the event loop provides (it must not block: the event loop side uses
 `call_soon_threadsafe`). The loop is schedule, run, postprocess; with the pipelined
 runner it is schedule, launch, then postprocess the step launched before (overlap: the
 device runs step N+1 while the host reads step N's tokens and builds N+2, see
-`worker.scheduler`). The thread never awaits,
+`worker.engine.scheduler`). The thread never awaits,
 never touches NATS, and treats any exception as fatal: it reports it through `on_fatal`
 and stops, because a device in an unknown state must not serve another job.
 """
@@ -21,11 +21,13 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from worker import failpoints
-from worker.engine import Engine, off_main, overlapped_turn, turn
-from worker.runner import Launched
-from worker.scheduler import StepPlan
-from worker.sequence import Completion, Request
+from worker.ops import failpoints
+from worker.engine.build import Engine
+from worker.engine.runner import Launched
+from worker.engine.scheduler import StepPlan
+from worker.engine.sequence import Completion, Request
+from worker.engine.step import overlapped_turn, turn
+from worker.engine.threads import off_main
 
 log = structlog.get_logger("executor")
 
@@ -39,7 +41,6 @@ class StepReport:
     rows: int  # packed token rows through the dense layers
     attn_real: int  # attention query x key pairs needed
     attn_padded: int  # attention pairs computed, padding included
-    kv_used_blocks: int
     step_s: float
     idle_s: float  # time the executor waited for work before this step
     idle_while_queued_s: float  # part of idle_s during which jobs waited upstream
@@ -92,6 +93,24 @@ class Executor:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    # -- read from other threads (unlocked: a stale value, never a wrong one) ----------
+
+    def running_keys(self) -> list[int]:
+        """The keys of the sequences in the running batch."""
+        return [seq.req.key for seq in list(self.scheduler.running)]
+
+    @property
+    def running_jobs(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def kv_used_blocks(self) -> int:
+        return self.pool.allocator.used_blocks
+
+    @property
+    def kv_blocks(self) -> int:
+        return self.pool.allocator.num_blocks
 
     # -- the thread --------------------------------------------------------------------
 
@@ -152,6 +171,5 @@ class Executor:
             prefill_seqs=sum(len(lane) for lane in plan.prefill), decode_seqs=len(plan.decode),
             rows=shape.rows, attn_real=shape.attn_real, attn_padded=shape.attn_padded,
             graphed=shape.graphed,
-            kv_used_blocks=self.pool.allocator.used_blocks,
             step_s=time.perf_counter() - t0, idle_s=idle_s, idle_while_queued_s=idle_queued_s,
         ))

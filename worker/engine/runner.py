@@ -8,8 +8,8 @@ Two modes (`RUNNER_MODES`):
 - `eager`: every step runs the packed forward as built, each input tensor handed over as
   is (on the CPU, `torch.from_numpy` views: no copy at all).
 - `pipelined` (the default on CUDA; rung 5 of the ladder): a step's metadata goes to the
-  device in one asynchronous copy from pinned memory (`worker.staging`), and a decode-only
-  step runs at a fixed bucketed shape, replaying a captured CUDA graph (`worker.graphs`)
+  device in one asynchronous copy from pinned memory (`worker.engine.staging`), and a decode-only
+  step runs at a fixed bucketed shape, replaying a captured CUDA graph (`worker.engine.graphs`)
   where that pays. Prefill and mixed steps run the packed forward.
 """
 
@@ -22,18 +22,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worker.graphs import DecodeGraphs, GraphStep
-from worker.kv import KVPool
-from worker.lanes import group_by_length
-from worker.model import AttnGroup, StepInput, Transformer
-from worker.sampling import SamplingBatch, sample
-from worker.scheduler import StepPlan
-from worker.sequence import Sequence
-from worker.staging import Stager
+from worker.engine.graphs import DecodeGraphs, GraphStep
+from worker.engine.kv import KVPool
+from worker.engine.modes import RUNNER_MODES
+from worker.engine.lanes import group_by_length
+from worker.model.decoder import AttnGroup, StepInput, Transformer
+from worker.engine.sampling import SamplingBatch, sample
+from worker.engine.scheduler import StepPlan
+from worker.engine.sequence import Sequence
+from worker.engine.staging import Stager
 
 
 SCRATCH_SLOT = KVPool.SCRATCH_SLOT
-RUNNER_MODES: tuple[str, ...] = ("eager", "pipelined")
 
 
 @dataclass(slots=True)

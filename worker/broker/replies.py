@@ -1,0 +1,70 @@
+"""What a worker sends back: Result payloads and dead letters, built from plain data.
+
+Pure functions (no I/O, no clock of their own): the worker passes the times in, so every
+field of what goes on the wire is decided here and tested here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from schemas import FinishReason, Result, Timing, Usage, encode_completion
+from worker.broker.publisher import DeadLetter
+from worker.broker.validate import Outcome, Ticket
+
+if TYPE_CHECKING:  # the engine's record, read by attribute (no engine import at run time)
+    from worker.engine.sequence import Completion
+
+
+def edge_result(o: Outcome, worker_id: str, now: float) -> Result:
+    """The Result of a job answered without the device (bad input, expired, poison...)."""
+    return Result(id=o.job_id, ok=o.error is None, finish_reason=o.finish_reason, error=o.error,
+                  usage=Usage(prompt_tokens=o.prompt_tokens),
+                  timing=Timing(total_ms=(now - o.arrived_at) * 1e3),
+                  worker=worker_id, attempt=o.attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class JobTimes:
+    """A job's timings from its arrival at this worker, in milliseconds."""
+
+    queued_ms: float  # until admitted
+    first_token_ms: float
+    total_ms: float  # until its Result was built
+
+    @classmethod
+    def of(cls, t: Ticket, c: Completion, now: float) -> JobTimes:
+        return cls((t.admitted_at - t.arrived_at) * 1e3, (c.first_token_at - t.arrived_at) * 1e3,
+                   (now - t.arrived_at) * 1e3)
+
+
+def completion_payload(t: Ticket, c: Completion, text: str, worker_id: str,
+                       times: JobTimes) -> bytes:
+    """The encoded Result of a job the executor ran (built without a pydantic model: the
+    hot path, one per job)."""
+    return encode_completion(
+        id=t.job.id, tokens=c.tokens, text=text, finish_reason=FinishReason(c.finish_reason),
+        prompt_tokens=len(t.prompt), completion_tokens=len(c.tokens),
+        padded_tokens=c.computed_tokens, queued_ms=times.queued_ms,
+        first_token_ms=times.first_token_ms, total_ms=times.total_ms, worker=worker_id,
+        attempt=t.attempt)
+
+
+def dead_letter(o: Outcome, dlq_subject: str, worker_id: str, now_unix: float) -> DeadLetter:
+    """The job's original bytes with its provenance, for the dead-letter stream."""
+    md = o.msg.metadata
+    headers = {
+        # One dead letter per stored job message, however often it is dead-lettered.
+        "Nats-Msg-Id": f"{md.stream}:{md.sequence.stream}",
+        "Fabric-Job-Id": o.job_id,
+        "Fabric-Stream": md.stream,
+        "Fabric-Stream-Seq": str(md.sequence.stream),
+        "Fabric-Subject": o.msg.subject,
+        "Fabric-Deliveries": str(o.attempt),
+        "Fabric-Error": o.dead_letter or "",
+        "Fabric-Worker": worker_id,
+        "Fabric-Dead-At": f"{now_unix:.3f}",
+    }
+    return DeadLetter(dlq_subject, o.msg.data, headers)
+

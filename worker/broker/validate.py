@@ -1,0 +1,147 @@
+"""Validation: each delivery becomes a `Ticket` (valid work) or an `Outcome` (an answer).
+
+An `Outcome` is decided at the edge without the device: bad input, a reply subject outside
+the result prefix, a deadline already past, zero tokens to generate, poison. So bad input
+never reaches the executor and never stops the worker.
+
+Poison: a message on its last allowed delivery (the consumer's `max_deliver`) has already
+been handed out that many times without an answer -- every worker that took it died or
+failed. It is not run again: it becomes a dead letter before anything else is done with
+it, even decoding (decoding may be what kills us).
+
+Pure apart from the clock: no I/O, no torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+
+from schemas import DecodeError, ErrorCode, ErrorInfo, FinishReason, Job, decode_job
+from worker.engine.blocks import padded_tokens
+from worker.model.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class Ticket:
+    """A valid job held by this worker, from fetch to ack."""
+
+    msg: Msg
+    job: Job
+    key: int
+    attempt: int  # JetStream delivery count, 1 on first delivery
+    prompt: list[int]
+    reserved_tokens: int  # the admission/KV unit: prompt + max_new_tokens in whole blocks
+    arrived_at: float  # time.monotonic() when fetched
+    admitted_at: float = 0.0  # time.monotonic() when admitted (0 while pending)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """An answer decided at the edge, without the device."""
+
+    msg: Msg
+    job_id: str
+    reply_to: str | None  # None: nobody we may answer; the message is only terminated
+    attempt: int
+    arrived_at: float
+    finish_reason: FinishReason
+    error: ErrorInfo | None = None
+    prompt_tokens: int = 0
+    terminate: bool = True  # term (never redeliver) rather than ack
+    dead_letter: str | None = None  # why it goes to the dead-letter stream (poison)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    vocab_size: int
+    max_seq_len: int
+    budget_tokens: int
+    block_size: int
+    reply_prefix: str
+    max_deliver: int = 0  # the consumer's; a message on this delivery is poison (<= 0: never)
+
+
+class Validator:
+    """Message -> Ticket | Outcome. Pure apart from the clock; no I/O."""
+
+    def __init__(self, limits: Limits, tokenizer: Tokenizer):
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self._next_key = 0
+
+    def _reply_ok(self, subject: str | None) -> bool:
+        return bool(subject) and subject.startswith(self.limits.reply_prefix)
+
+    def check(self, msg: Msg, now: float) -> Ticket | Outcome:
+        lim = self.limits
+        attempt = _attempt(msg)
+        if 0 < lim.max_deliver <= attempt:
+            return self._poison(msg, attempt, now)
+        try:
+            job = decode_job(msg.data)
+        except DecodeError as e:
+            reply = e.reply_to if self._reply_ok(e.reply_to) else None
+            return Outcome(msg, e.job_id, reply, attempt, now, FinishReason.ERROR,
+                           ErrorInfo(code=e.code, message=e.message))
+
+        def fail(code: ErrorCode, message: str, reply: str | None = job.reply_to,
+                 reason: FinishReason = FinishReason.ERROR) -> Outcome:
+            return Outcome(msg, job.id, reply, attempt, now, reason, ErrorInfo(code=code, message=message))
+
+        if not self._reply_ok(job.reply_to):
+            return fail(ErrorCode.FORBIDDEN_REPLY_TO,
+                        f"reply_to must start with {lim.reply_prefix!r}", reply=None)
+        if job.deadline_s is not None and job.deadline_s <= time.time():
+            return fail(ErrorCode.EXPIRED, "deadline passed before the job started",
+                        reason=FinishReason.EXPIRED)
+        text = isinstance(job.prompt, str)
+        prompt = self.tokenizer.encode(job.prompt) if text else job.prompt
+        if not prompt:
+            return fail(ErrorCode.EMPTY_PROMPT, "the prompt encodes to no tokens")
+        if max(prompt) >= lim.vocab_size:
+            return fail(ErrorCode.BAD_TOKEN, f"token id {max(prompt)} is outside the "
+                        f"vocabulary (size {lim.vocab_size})")
+        total = len(prompt) + job.max_new_tokens
+        reserved = padded_tokens(total, lim.block_size)
+        if total > lim.max_seq_len or reserved > lim.budget_tokens:
+            return fail(ErrorCode.TOO_LONG, f"prompt ({len(prompt)}) + max_new_tokens "
+                        f"({job.max_new_tokens}) = {total} is over max_seq_len {lim.max_seq_len}")
+        if job.max_new_tokens == 0:
+            return Outcome(msg, job.id, job.reply_to, attempt, now, FinishReason.LENGTH,
+                           prompt_tokens=len(prompt), terminate=False)
+        self._next_key += 1
+        return Ticket(msg=msg, job=job, key=self._next_key, attempt=attempt, prompt=prompt,
+                      reserved_tokens=reserved, arrived_at=now)
+
+
+    def _poison(self, msg: Msg, attempt: int, now: float) -> Outcome:
+        why = (f"delivered {attempt} times (max_deliver {self.limits.max_deliver}) without an "
+               "answer: every worker that took it crashed, stalled or failed on it")
+        try:
+            job = decode_job(msg.data)
+            job_id, reply = job.id, job.reply_to
+        except DecodeError as e:
+            job_id, reply = e.job_id, e.reply_to
+        return Outcome(msg, job_id, reply if self._reply_ok(reply) else None, attempt, now,
+                       FinishReason.ERROR, ErrorInfo(code=ErrorCode.POISON, message=why),
+                       dead_letter=why)
+
+
+def _attempt(msg: Msg) -> int:
+    # The delivery count is a token of the ack subject: `$JS.ACK.<stream>.<consumer>.<n>...`
+    # (9 tokens), or with a domain and account hash in front (12 or more). Read it directly;
+    # nats-py's `metadata` parses every token into a dataclass.
+    reply = getattr(msg, "reply", None)
+    if reply:
+        parts = reply.split(".")
+        if len(parts) == 9 or len(parts) >= 12:
+            with contextlib.suppress(ValueError):
+                return int(parts[4 if len(parts) == 9 else 6])
+    try:
+        return msg.metadata.num_delivered
+    except Exception:  # noqa: BLE001 - a non-JetStream message has no metadata
+        return 1

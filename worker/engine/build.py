@@ -1,0 +1,115 @@
+"""Building the device-side engine from the config.
+
+`build_engine` does everything that can fail before the worker touches the broker: load
+the weights, check that the budget and the longest job fit the model and the device, and
+allocate the KV pool once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.engine.blocks import blocks_for
+from worker.engine.kv import KVPool
+from worker.engine.ladder import make_scheduler
+from worker.engine.lanes import LANE_MIN_WIDTH
+from worker.engine.modes import RUNNER_MODES
+from worker.engine.runner import Runner
+from worker.engine.scheduler import Scheduler
+from worker.engine.threads import off_main
+from worker.model.checkpoint import CheckpointError, LoadedModel, load_model
+
+BLOCK_SIZE = LANE_MIN_WIDTH
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineError(ValueError):
+    """The engine cannot start with this config; the message names the field."""
+
+
+@dataclass(slots=True)
+class Engine:
+    loaded: LoadedModel
+    pool: KVPool
+    device: torch.device
+    block_size: int
+    max_step_tokens: int  # packed tokens per forward
+    policy: str = "continuous"  # worker.engine.modes.POLICIES; others are the ladder's
+    runner_mode: str = "eager"  # worker.engine.modes.RUNNER_MODES; "pipelined" is CUDA's default
+    max_seq_len: int = 0  # the longest job (prompt + generation); bounds decode graph shapes
+
+    def scheduler(self, overlap: bool = False) -> Scheduler:
+        return make_scheduler(self.policy, self.pool.allocator, self.block_size,
+                              self.max_step_tokens, self.loaded.eos_ids, overlap=overlap)
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether the executor launches a step before reading the last one's tokens."""
+        return self.runner_mode == "pipelined" and self.policy == "continuous"
+
+    def runner(self) -> Runner:
+        runner = Runner(self.loaded.model, self.pool.tensor, self.device, self.runner_mode,
+                        self.block_size, self.max_seq_len,
+                        max_batch=min(512, self.pool.num_blocks))
+        if runner.graphs is not None:
+            runner.graphs.self_check()
+        return runner
+
+
+def resolve_runner(mode: str, device: torch.device) -> str:
+    """`auto`: pipelined (pinned staging, decode graphs) on CUDA, eager on the CPU, where a
+    fixed-shape step only adds padding and a copy buys nothing."""
+    if mode == "auto":
+        return "pipelined" if device.type == "cuda" else "eager"
+    if mode not in RUNNER_MODES:
+        raise EngineError(f"runner: {mode!r} is not one of auto, {', '.join(RUNNER_MODES)}")
+    return mode
+
+
+def resolve_device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError(f"device: {name!r} requested but CUDA is not available here")
+        idx = dev.index or 0
+        if idx >= torch.cuda.device_count():
+            raise EngineError(f"device: {name!r} but only {torch.cuda.device_count()} GPU(s)")
+        return torch.device("cuda", idx)
+    if dev.type != "cpu":
+        raise EngineError(f"device: {name!r} is not supported (cpu or cuda:N)")
+    return dev
+
+
+def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq_len: int,
+                 max_step_tokens: int | None = None, policy: str = "continuous",
+                 runner: str = "auto") -> Engine:
+    dev = resolve_device(device)
+    mode = resolve_runner(runner, dev)
+    dt = DTYPES[dtype]
+    try:
+        loaded = load_model(model, dt, dev)
+    except CheckpointError as e:
+        raise EngineError(f"model: {e}") from None
+    if max_seq_len > loaded.args.max_position:
+        raise EngineError(f"max_seq_len: {max_seq_len} is over the model's "
+                          f"{loaded.args.max_position} positions")
+    # Every job is rounded up to whole blocks, so the pool holds the whole budget exactly.
+    num_blocks = blocks_for(token_budget, BLOCK_SIZE)
+    need = num_blocks * BLOCK_SIZE * KVPool.bytes_per_token(loaded.args, dt)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        if need > free * 0.9:
+            raise EngineError(f"token_budget: the KV pool needs {need / 2**30:.1f} GiB, "
+                              f"{free / 2**30:.1f} GiB free on {dev}")
+    pool = KVPool(loaded.args, num_blocks, BLOCK_SIZE, dt, dev)
+    # A step is the running batch (at most one row per admitted job) plus whole prompts; the
+    # cap keeps one step's activations bounded while letting the longest prompt through.
+    step_cap = max_step_tokens or max(max_seq_len, 2048)
+    return Engine(loaded, pool, dev, BLOCK_SIZE, step_cap, policy, mode, max_seq_len)
+
+
+def build_engine_off_main(*args, **kwargs) -> Engine:
+    """`build_engine` on a short-lived thread (`off_main`)."""
+    return off_main(build_engine, *args, **kwargs)

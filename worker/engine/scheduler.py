@@ -1,0 +1,201 @@
+"""What the next step runs: every running sequence decodes, waiting prompts fill the rest.
+
+Design, once: a step is one packed forward over (a) one new token for every running
+sequence and (b) whole prompts taken from the waiting lanes, oldest lane head first, until
+the step's token cap. Sequences join the running set the step they are prefilled and leave
+it the step they finish, so the batch is continuous. Every sequence already holds its KV
+blocks (reserved on entry), so scheduling never fails for memory and no sequence is ever
+preempted. Taking the lane whose head has waited longest first is what keeps a long prompt
+from starving behind a stream of short ones.
+
+Overlap (`overlap=True`, the pipelined runner): the executor launches step N+1 before it
+reads step N's tokens, so the device never waits for the host. The next step is then
+scheduled one token behind: every running sequence decodes again (its input token is taken
+from step N's output on the device), except one whose step-N token is its last by length,
+which the host knows in advance. A sequence that stops on a stop token at N has also been
+launched in N+1; that row is wasted and dropped when N+1 is postprocessed (its KV write
+lands in its own, just released blocks, before any later step can reuse them: steps run
+in order on the device). Tokens are the same as without overlap; completions are reported
+one step later.
+
+The benchmark ladder's older policies (serial and static batching) subclass this in
+`worker.engine.ladder`. Pure Python on plain data: tested without a model or a device.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from worker.engine.blocks import BlockAllocator
+from worker.engine.lanes import lane_of
+from worker.engine.sequence import Completion, Request, Sequence
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """The scheduler's decision for one step."""
+
+    prefill: list[list[Sequence]] = field(default_factory=list)  # one list per lane
+    decode: list[Sequence] = field(default_factory=list)  # running sequences, one token each
+    pad_to: int = 0  # static batching (ladder only): prompts padded to this length; 0 = none
+
+    @property
+    def rows(self) -> list[Sequence]:
+        """Sequences in logit-row order: prefills (lane by lane), then decodes."""
+        return [s for lane in self.prefill for s in lane] + self.decode
+
+    def __bool__(self) -> bool:
+        return bool(self.prefill or self.decode)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_step_tokens: int,
+                 eos_ids: tuple[int, ...], overlap: bool = False):
+        self.overlap = overlap
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_step_tokens = max_step_tokens  # cap on packed tokens per forward
+        self.eos_ids = frozenset(eos_ids)
+        self.lanes: dict[int, deque[Sequence]] = {}
+        self.running: list[Sequence] = []
+        self.solo: deque[Sequence] = deque()  # suspected poison jobs, each alone
+
+    # -- entry and exit ---------------------------------------------------------------
+
+    def add(self, req: Request, now: float) -> None:
+        """Reserve the request's blocks and queue it in its lane. OutOfBlocks is a bug upstream."""
+        self.add_all((req,), now)
+
+    def add_all(self, reqs: Iterable[Request], now: float) -> None:
+        """`add` for a submission at once: one numpy pass maps all their blocks to KV slots."""
+        reqs = list(reqs)
+        bs = self.block_size
+        blocks = [self.allocator.allocate(r.key, r.reserved_tokens // bs) for r in reqs]
+        flat = np.fromiter(itertools.chain.from_iterable(blocks), np.int64,
+                           sum(map(len, blocks)))
+        slots = (flat[:, None] * bs + np.arange(bs, dtype=np.int64)[None, :]).reshape(-1)
+        at = 0
+        for req, got in zip(reqs, blocks):
+            n = len(got) * bs
+            seq = Sequence(req=req, slots=slots[at:at + n], lane=self._lane(req),
+                           waiting_since=now)
+            at += n
+            if req.solo:
+                self.solo.append(seq)
+            else:
+                q = self.lanes.get(seq.lane)
+                if q is None:
+                    q = self.lanes[seq.lane] = deque()
+                q.append(seq)
+
+    def _lane(self, req: Request) -> int:
+        return lane_of(len(req.prompt))
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.solo or self.lanes)
+
+    # -- the step ---------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        if self.solo and not self.running:
+            # A suspected poison job runs with nothing else, so if it kills the step it dies alone.
+            plan = StepPlan(prefill=[[self.solo.popleft()]])
+            if self.overlap:
+                self.running.extend(plan.prefill[0])  # running from launch on, as below
+            return plan
+        if self.overlap:
+            # One token behind: skip a sequence whose in-flight token is its last by length.
+            plan = StepPlan(decode=[s for s in self.running
+                                    if len(s.generated) + s.pending < s.req.max_new_tokens])
+        else:
+            plan = StepPlan(decode=list(self.running))
+        if not self.solo:  # else let the running set drain before the solo job
+            self._add_prompts(plan)
+        return plan
+
+    def _add_prompts(self, plan: StepPlan) -> None:
+        """Fill the step's remaining token room with waiting prompts."""
+        self._fill(plan, self.max_step_tokens - len(plan.decode))
+        if self.overlap:
+            for lane in plan.prefill:  # running from launch on, not from postprocess
+                self.running.extend(lane)
+
+    def _oldest_lane(self) -> int:
+        return min(self.lanes, key=lambda k: self.lanes[k][0].waiting_since)
+
+    def _fill(self, plan: StepPlan, room: int, max_seqs: int = 1 << 30) -> None:
+        """Whole prompts, oldest lane head first, while they fit `room` tokens."""
+        while self.lanes and room > 0 and max_seqs > 0:
+            lane = self._oldest_lane()
+            q = self.lanes[lane]
+            taken: list[Sequence] = []
+            while q and max_seqs > 0 and (
+                    len(q[0].req.prompt) <= room or not (plan.prefill or taken or plan.decode)):
+                s = q.popleft()
+                room -= len(s.req.prompt)
+                max_seqs -= 1
+                taken.append(s)
+            if not q:
+                del self.lanes[lane]
+            if not taken:
+                break  # the oldest lane's head does not fit this step: it goes first next step
+            plan.prefill.append(taken)
+
+    def launched(self, plan: StepPlan) -> None:
+        """Overlap only: the plan is on the device; its tokens come back at postprocess."""
+        for s in plan.rows:
+            s.pending += 1
+
+    def postprocess(self, plan: StepPlan, tokens: list[int], now: float) -> list[Completion]:
+        """Append each row's sampled token; retire finished sequences. tokens follow plan.rows."""
+        if self.overlap:
+            return self._postprocess_overlapped(plan, tokens, now)
+        done: list[Completion] = []
+        still: list[Sequence] = []
+        for seq, tok in zip(plan.rows, tokens, strict=True):
+            reason = self._append(seq, tok, len(seq.req.prompt), now)
+            if reason is None:
+                still.append(seq)
+            else:
+                done.append(self._finish(seq, reason, now))
+        self.running = still
+        return done
+
+    def _append(self, seq: Sequence, tok: int, prompt_rows: int, now: float) -> str | None:
+        """Record a sampled token and the rows it cost; the finish reason, if it is the last.
+
+        `prompt_rows`: the rows its prefill occupied (the prompt, or more when padded)."""
+        prefilled = not seq.generated
+        seq.computed_tokens += (prompt_rows if prefilled else 0) + 1
+        if prefilled:
+            seq.first_token_at = now
+        seq.generated.append(tok)
+        if tok in seq.req.stop_ids or tok in self.eos_ids:
+            return "stop"
+        return "length" if len(seq.generated) >= seq.req.max_new_tokens else None
+
+    def _postprocess_overlapped(self, plan: StepPlan, tokens: list[int],
+                                now: float) -> list[Completion]:
+        done: list[Completion] = []
+        for seq, tok in zip(plan.rows, tokens, strict=True):
+            seq.pending -= 1
+            if seq.retired:
+                continue  # launched before the host saw its stop token: a wasted row
+            reason = self._append(seq, tok, len(seq.req.prompt), now)
+            if reason is not None:
+                seq.retired = True
+                done.append(self._finish(seq, reason, now))
+        if done:
+            self.running = [s for s in self.running if not s.retired]
+        return done
+
+    def _finish(self, seq: Sequence, reason: str, now: float) -> Completion:
+        self.allocator.release(seq.req.key)
+        return Completion(key=seq.req.key, tokens=seq.generated, finish_reason=reason,
+                          computed_tokens=seq.computed_tokens,
+                          first_token_at=seq.first_token_at or now)

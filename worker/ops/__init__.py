@@ -1,0 +1,1 @@
+"""Operations: metrics, stats, health, the HTTP port, logging, failpoints."""

@@ -1,0 +1,57 @@
+"""What metrics and health may know about a worker: one typed view, read at scrape time.
+
+The worker builds a `WorkerView` on demand (`Worker.view()`, from the HTTP thread); the
+collector and the probes are functions of it, never of the worker's attributes. Reads are
+unlocked: a value torn by a concurrent update costs one sample, never correctness.
+`WorkerInfo` is what does not change while the worker runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.ops.stats import WorkerStats
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    worker_id: str
+    config_hash: str
+    model: str
+    device: str
+    dtype: str
+    token_budget: int
+    low_water: int
+    max_jobs: int  # the most jobs a stage can hold: every job reserves at least one KV block
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    ready: bool  # serving: connected, topology verified, executor started
+    draining: bool  # stopping (SIGTERM or a fault): fetching nothing new
+    faulted: bool  # a fault was declared; the process is exiting
+    started: bool  # the executor exists (the worker has connected)
+    executor_alive: bool
+    connected: bool | None  # to the broker; None before the first connection
+    held: int  # messages held unacked (they count against the consumer's max_ack_pending)
+    pending_jobs: int  # fetched, waiting for admission
+    pending_tokens: int
+    inflight_jobs: int  # admitted, not finished
+    running_jobs: int  # of those, in the executor's running batch
+    inflight_tokens: int
+    occupancy: float  # in-flight padded tokens over the budget
+    admission_holding: bool  # hit high water, waiting for low water
+    kv_used_blocks: int
+    kv_blocks: int
+    publisher_depth: int  # Results queued or awaiting their PubAck
+    publisher_capacity: int
+    fetched: int  # messages pulled from the consumer
+    published: int  # Results confirmed by the broker
+    acked: int
+    termed: int
+    naked: int  # nak'd after a failed publish
+    dead_lettered: int
+    last_step_at: float  # monotonic end of the executor's last step (0: none yet)
+    stats: WorkerStats  # the counters and histograms (live: read, never written)

@@ -28,11 +28,13 @@ from worker.broker.validate import Limits, Outcome, Ticket, Validator
 from worker.config import EngineConfig, config_hash
 from worker.engine.build import Engine
 from worker.engine.executor import Executor, StepReport
+from worker.engine.governor import ThreadGovernor
 from worker.engine.sampling import fold_seed
 from worker.engine.sequence import Completion, Request
 from worker.lifecycle import (FaultKind, Lifecycle, Stages, Watch, quiet, teardown_fatal,
                               teardown_graceful)
 from worker.ops import failpoints
+from worker.ops.cpu import IdleCpus, Starvation, process_wait_s
 from worker.ops.stats import WorkerStats
 from worker.ops.view import WorkerInfo, WorkerView
 
@@ -56,6 +58,8 @@ class Options:
     step_timeout_s: float = 60.0  # jobs in flight and no step finished this long: a hang, fatal
     broker_give_up_s: float = 120.0  # disconnected this long: fatal (held jobs wait the ack wait)
     publish_give_up_s: float = 60.0  # a Result publish is retried this long, then the job is nak'd
+    threads: int = 1  # intra-op threads the worker may use (worker.ops.cpu.cpu_budget)
+    adapt_threads: bool = False  # choose 1..threads by measured speed (engine.governor)
 
 
 class Worker:
@@ -76,6 +80,7 @@ class Worker:
         self.ingress: Ingress | None = None
         self.publisher: Publisher | None = None
         self.last_step_at = 0.0  # monotonic end of the last executor step (executor thread)
+        self.starvation = Starvation(cpus=opts.threads)
         self._rng = random.Random()
         self._admit_soon = False  # an _admit is scheduled for this loop pass
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -100,6 +105,8 @@ class Worker:
             on_fatal=lambda e: self._fault(FaultKind.EXECUTOR_FAILED, f"executor failed: {e!r}"),
             backlog=lambda: len(self.intake.pending),
             failpoint=self._failpoint,
+            governor=(ThreadGovernor(self.opts.threads, spare=IdleCpus())
+                      if self.opts.adapt_threads else None),
         )
         self.publisher = Publisher(self.nc, js, maxsize=self.intake.held_cap + 1024,
                                    publish_give_up_s=self.opts.publish_give_up_s,
@@ -173,7 +180,11 @@ class Worker:
             fetched=ing.fetched if ing else 0, published=pub.published if pub else 0,
             acked=pub.acked if pub else 0, termed=pub.termed if pub else 0,
             naked=pub.naked if pub else 0, dead_lettered=pub.dead_lettered if pub else 0,
-            last_step_at=self.last_step_at, stats=self.stats)
+            last_step_at=self.last_step_at,
+            intra_op_threads=ex.threads if ex else self.opts.threads,
+            thread_probes=ex.governor.probes if ex and ex.governor else 0,
+            cpu_wait_s=process_wait_s(), cpu_wait_ratio=self.starvation.wait_ratio,
+            cpu_starved=self.starvation.starved, stats=self.stats)
 
     # -- ingress and admission ---------------------------------------------------------
 
@@ -311,11 +322,24 @@ class Worker:
                 return
             if now - last_sweep >= 1.0:
                 last_sweep = now
+                self._check_cpu(now)
                 expired = self.intake.expire_pending(time.time())
                 for t in expired:
                     self._expire(t, "deadline passed while the job waited for admission")
                 if expired:
                     self.ingress.room_changed.set()
+
+    def _check_cpu(self, now: float) -> None:
+        s = self.starvation
+        changed = s.update(now, process_wait_s(), busy=bool(self.intake.inflight))
+        if changed is True:
+            log.warning("cpu_starved", wait_ratio=round(s.wait_ratio, 3),
+                        threads=self.executor.threads,
+                        why="this worker's threads wait for CPUs other processes hold: "
+                            "give it its own cores (--cpus, a CPU limit) or fewer neighbours")
+        elif changed is False:
+            log.info("cpu_starvation_over", wait_ratio=round(s.wait_ratio, 3),
+                     threads=self.executor.threads)
 
     async def _burst_watch(self, js) -> None:
         while True:

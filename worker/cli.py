@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import os
 import re
@@ -20,6 +21,7 @@ import structlog
 
 from worker.engine.modes import POLICIES, RUNNER_MODES
 from worker.ops import log as logsetup
+from worker.ops.cpu import cpu_budget
 from worker.config import ConfigError, EngineConfig, cfg_summary, config_hash, load_config
 from worker.broker.connection import ConnectError, Security, connect
 from worker.broker.topology import Topology, TopologyError, provision
@@ -94,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="retry a Result publish this long, then nak the job")
     run.add_argument("--cpus", default=os.environ.get("FABRIC_CPUS", ""),
                      help="pin the worker to these CPU ids (comma-separated), e.g. one core each")
+    run.add_argument("--threads", type=int, default=int(os.environ.get("FABRIC_THREADS", 0)),
+                     help="intra-op threads (or FABRIC_THREADS; default: the CPUs the worker "
+                          "may use, by affinity and cgroup quota, adapted on the CPU to what "
+                          "runs fastest when it shares its cores)")
     run.add_argument("--burst", action="store_true",
                      help="exit 0 once the consumer has nothing pending and nothing is held")
     run.add_argument("--max-step-tokens", type=int, default=None)
@@ -187,18 +193,19 @@ def _settle_heap() -> None:
 
 
 def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
-    threads = None  # torch's intra-op threads; None: torch's own choice
-    if args.cpus:
+    cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
+    if cpus:
         # Before torch starts its thread pool: every thread it makes inherits the mask.
-        cpus = {int(c) for c in args.cpus.split(",")}
         os.sched_setaffinity(0, cpus)
-        threads = len(cpus)
-    elif cfg.model == "builtin:null":
+    budget = cpu_budget(args.threads or None, cpus)
+    if cfg.model == "builtin:null" and not budget.explicit:
         # The null model has nothing to compute in parallel: one intra-op thread, or an
         # OpenMP team spins on another core and takes it from the broker path it measures.
-        threads = 1
-    if threads:
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        budget = dataclasses.replace(budget, threads=1, source="null model", explicit=True)
+    # Size OpenMP's pool before torch starts it (an operator's OMP_NUM_THREADS stays).
+    os.environ.setdefault("OMP_NUM_THREADS", str(budget.threads))
+    adapt = not budget.explicit and budget.threads > 1 and cfg.device == "cpu"
+    log.info("cpu_budget", **budget.describe(), adaptive=adapt)
     # The event loop and the executor thread share one GIL. When the loop wakes (a socket is
     # readable) while the executor runs Python, it waits up to the switch interval before it
     # may run: at Python's 5 ms the broker path stalls for whole milliseconds per wake-up.
@@ -208,8 +215,7 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     from worker.app import Options, Worker
     from worker.engine.build import EngineError, build_engine_off_main
 
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(budget.threads)
     obs = None
     if args.metrics_port:
         # Listen before the model loads, so /healthz answers (and /readyz says why not) early.
@@ -239,7 +245,8 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     opts = Options(worker_id=args.worker_id, grace_s=args.grace_s,
                    solo_from_attempt=args.solo_from_attempt, burst=args.burst,
                    connect_give_up_s=args.connect_give_up_s, step_timeout_s=args.step_timeout_s,
-                   broker_give_up_s=args.broker_give_up_s, publish_give_up_s=args.publish_give_up_s)
+                   broker_give_up_s=args.broker_give_up_s, publish_give_up_s=args.publish_give_up_s,
+                   threads=budget.threads, adapt_threads=adapt)
     worker = Worker(cfg, opts, engine, _topology(cfg, args), _security(args))
     if obs is not None:
         obs.attach(worker)

@@ -49,25 +49,28 @@ def test_ladder_smoke(tmp_path) -> None:
 
 
 
-def test_fleet_burst_and_sustained(tmp_path) -> None:
+def test_fleet_burst_and_sustained_pinned_and_colocated(tmp_path) -> None:
     cfg = BenchConfig(model="builtin:tiny", token_budget=2048, low_water=1024, fleet_jobs=40,
                       fleet_sustained_s=6.0)
     with EmbeddedNats() as broker:
         fleet = run_fleet(cfg, broker, tmp_path, log=lambda m: None)
-    assert fleet["one"]["jobs_ok"] == fleet["two"]["jobs_ok"] == 40
-    assert fleet["ratio"] == fleet["two"]["jobs_per_s"] / fleet["one"]["jobs_per_s"]
-    st = fleet["sustained"]
-    for name, workers in (("one", 1), ("two", 2)):
-        run = st[name]
-        # Both workers of the pair took jobs off the one consumer.
-        assert len(run["jobs_by_worker"]) == workers, run["jobs_by_worker"]
-        w = run["sustained"]
-        assert (w["start_s"], w["end_s"]) == (1.5, 6.0)
-        # The closed loop kept going until the deadline: jobs were left when it stopped.
-        assert 0 < w["jobs"] < run["jobs_ok"] < run["jobs"]
-        assert w["jobs_per_s"] == w["jobs"] / 4.5 and w["useful_tokens_per_s"] > w["jobs_per_s"]
-    assert st["ratio"] == (st["two"]["sustained"]["jobs_per_s"]
-                           / st["one"]["sustained"]["jobs_per_s"])
+    # The pinned pair at the top level, as before; the pair sharing the cores beside it.
+    for f in (fleet, fleet["colocated"]):
+        assert f["one"]["jobs_ok"] == f["two"]["jobs_ok"] == 40
+        assert f["ratio"] == f["two"]["jobs_per_s"] / f["one"]["jobs_per_s"]
+        st = f["sustained"]
+        for name, workers in (("one", 1), ("two", 2)):
+            run = st[name]
+            # Both workers of the pair took jobs off the one consumer.
+            assert len(run["jobs_by_worker"]) == workers, run["jobs_by_worker"]
+            w = run["sustained"]
+            assert (w["start_s"], w["end_s"]) == (1.5, 6.0)
+            # The closed loop kept going until the deadline: jobs were left when it stopped.
+            assert 0 < w["jobs"] < run["jobs_ok"] < run["jobs"]
+            assert w["jobs_per_s"] == w["jobs"] / 4.5 and w["useful_tokens_per_s"] > w["jobs_per_s"]
+        assert st["ratio"] == (st["two"]["sustained"]["jobs_per_s"]
+                               / st["one"]["sustained"]["jobs_per_s"])
+    assert "colocated" not in fleet["colocated"]
 
 
 def test_ladder_sustained(tmp_path) -> None:

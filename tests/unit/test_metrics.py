@@ -64,7 +64,8 @@ class FakeWorker:
             connected=connected if started else None, held=0, pending_jobs=0, pending_tokens=0,
             inflight_jobs=0, running_jobs=0, publisher_depth=0,
             publisher_capacity=1792 if started else 0, fetched=0, published=0, acked=0,
-            termed=0, naked=0, dead_lettered=0, last_step_at=0.0)
+            termed=0, naked=0, dead_lettered=0, last_step_at=0.0, intra_op_threads=2,
+            thread_probes=0, cpu_wait_s=0.0, cpu_wait_ratio=0.0, cpu_starved=False)
 
     def view(self) -> WorkerView:
         a = self.admission
@@ -183,7 +184,9 @@ NAMED = {
     "fabric_executor_steps_total", "fabric_executor_graphed_steps_total",
     "fabric_useful_tokens_total", "fabric_computed_tokens_total",
     "fabric_attention_real_pairs_total", "fabric_attention_computed_pairs_total",
-    "fabric_padding_fraction", "fabric_dead_letters_total",
+    "fabric_padding_fraction", "fabric_dead_letters_total", "fabric_intra_op_threads",
+    "fabric_intra_op_thread_probes_total", "fabric_cpu_wait_seconds_total",
+    "fabric_cpu_wait_ratio", "fabric_cpu_starved",
     "fabric_executor_last_step_age_seconds", "fabric_step_batch_seqs_count", "fabric_step_tokens_count",
     "fabric_step_seconds_count", "fabric_job_queued_seconds_count",
     "fabric_time_to_first_token_seconds_count", "fabric_job_latency_seconds_count",
@@ -207,6 +210,8 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     w.state.held = 1
     w.state.dead_lettered = 2
     w.state.last_step_at = time.monotonic() - 3.0
+    w.state.thread_probes, w.state.cpu_wait_s, w.state.cpu_wait_ratio = 4, 12.5, 0.6
+    w.state.cpu_starved, w.state.intra_op_threads = True, 1
     got = scrape(reg)
     names = {name for name, _ in got}
     assert NAMED <= names, NAMED - names
@@ -237,6 +242,10 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     assert got[("fabric_ready", ())] == 1 and got[("fabric_held_messages", ())] == 1
     assert got[("fabric_dead_letters_total", ())] == 2
     assert 3.0 <= got[("fabric_executor_last_step_age_seconds", ())] < 60
+    assert got[("fabric_intra_op_threads", ())] == 1
+    assert got[("fabric_intra_op_thread_probes_total", ())] == 4
+    assert got[("fabric_cpu_wait_seconds_total", ())] == 12.5
+    assert got[("fabric_cpu_wait_ratio", ())] == 0.6 and got[("fabric_cpu_starved", ())] == 1
 
 
 def test_collector_before_connect_and_after_executor_death() -> None:

@@ -23,6 +23,7 @@ import torch
 
 from worker.ops import failpoints
 from worker.engine.build import Engine
+from worker.engine.governor import ThreadGovernor
 from worker.engine.runner import Launched
 from worker.engine.scheduler import StepPlan
 from worker.engine.sequence import Completion, Request
@@ -53,8 +54,16 @@ class Executor:
                  on_step: Callable[[StepReport], None],
                  on_fatal: Callable[[BaseException], None],
                  backlog: Callable[[], int] = lambda: 0,
-                 failpoint: Callable[[str], None] = failpoints.hit):
+                 failpoint: Callable[[str], None] = failpoints.hit,
+                 governor: ThreadGovernor | None = None):
         self.pool = engine.pool
+        # Intra-op threads: fixed (torch's count when the thread starts), or chosen by
+        # measurement (`governor`, CPU workers whose count was not set explicitly).
+        self.governor = governor
+        self.threads = governor.threads if governor else torch.get_num_threads()
+        args = engine.loaded.args
+        # An attention pair's cost in token rows: 4*dim flops a layer against 2 per parameter.
+        self._attn_per_row = 2 * args.dim * args.n_layers / max(1, args.num_params())
         self.runner = off_main(engine.runner)  # its buffers: no OpenMP team on this thread
         self.overlap = engine.overlaps
         self._inflight: Launched | None = None  # overlap: the step on the device
@@ -127,6 +136,8 @@ class Executor:
         try:
             if self.runner.device.type == "cuda":
                 torch.cuda.set_device(self.runner.device)  # this thread's kernels, streams, events
+            if self.governor is not None:
+                torch.set_num_threads(self.threads)  # OpenMP's count is per thread: this one's
             idle_since: float | None = None
             idle_queued = 0.0
             while not self._stop.is_set():
@@ -167,9 +178,26 @@ class Executor:
         if step is None:
             return
         shape = step.shape
+        step_s = time.perf_counter() - t0
         self._on_step(StepReport(
             prefill_seqs=sum(len(lane) for lane in plan.prefill), decode_seqs=len(plan.decode),
             rows=shape.rows, attn_real=shape.attn_real, attn_padded=shape.attn_padded,
             graphed=shape.graphed,
-            step_s=time.perf_counter() - t0, idle_s=idle_s, idle_while_queued_s=idle_queued_s,
+            step_s=step_s, idle_s=idle_s, idle_while_queued_s=idle_queued_s,
         ))
+        if self.governor is not None:
+            self._govern(shape.rows + shape.attn_padded * self._attn_per_row, step_s)
+
+    def _govern(self, work: float, step_s: float) -> None:
+        g = self.governor
+        decided = g.last
+        n = g.on_step(work, step_s)
+        if n is not None:
+            torch.set_num_threads(n)
+            self.threads = n
+        if g.last is not decided:
+            # A change is news; a probe that confirms the count is not.
+            changed = decided is None or g.last.threads != decided.threads
+            (log.info if changed else log.debug)(
+                "intra_op_threads", threads=g.last.threads, reason=g.last.reason,
+                work_per_s={k: round(v) for k, v in sorted(g.last.rates.items())})

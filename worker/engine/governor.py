@@ -3,21 +3,28 @@
 A worker alone on its cores is fastest with a thread per core. Two workers that each run a
 team the size of the same cores collapse: an OpenMP team spins at every op's barrier
 waiting for a teammate that the other worker's team has pushed off its core, and both
-workers crawl (38x slower on 2 cores). One thread each avoids the collapse but leaves a
+workers crawl (40x slower on 2 cores). One thread each avoids the collapse but leaves a
 lone worker slower. No fixed setting is right for both, and a worker cannot see its
-neighbours -- but it can see its own speed. So the governor tries each thread count of a
-halving ladder (n, n/2, ..., 1) for a short window of busy time, keeps the fastest, and
-tries again every `reprobe_s`, or at once when the speed it chose falls by half (a
-neighbour arrived). Speed is work per second of step time, work being the step's token
-rows plus its attention pairs weighed by their cost relative to a row.
+neighbours -- but it can see its own speed and the CPUs nobody is using.
+
+So the governor starts at one thread and measures. A probe runs each candidate count of a
+halving ladder (n, n/2, ..., 1) for a short window of busy time, twice, alternating, and
+keeps the fastest. Going up is tried only with spare CPUs (idle time on the worker's own
+CPUs, `spare`): a count the CPUs cannot hold is the collapse, and one step of it can last
+seconds. Going down is always tried. Probes come every `reprobe_s` of busy time, at once
+when the speed of the chosen count falls below `drop` of what it measured (a neighbour
+arrived), and when spare CPUs appear below the largest count (a neighbour left). Speed is
+work per second of step time, work being the step's token rows plus its attention pairs
+weighed by their cost relative to a row.
 
 Plain data, fed by the executor thread after every step; it returns a new count when the
 executor should switch. Only CPU workers whose thread count was not set explicitly have
-one (`--threads`, `--cpus` or `OMP_NUM_THREADS` pin it).
+one (`--threads`, `--cpus` or `OMP_NUM_THREADS` fix it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -43,20 +50,22 @@ class _Tally:
 class Decision:
     threads: int  # the count chosen
     rates: dict[int, float]  # work per busy second measured for each count tried
-    reason: str  # why it was measured: "start", "schedule" (every reprobe_s), "drop" (speed fell)
+    reason: str  # what started the probe: "start", "schedule", "drop" (speed fell), "spare"
 
 
 @dataclass(slots=True)
 class ThreadGovernor:
     max_threads: int
+    spare: Callable[[], float] = lambda: 0.0  # idle CPUs of ours since the last call
     window_s: float = 0.25  # busy seconds each count is measured for, per round
     rounds: int = 2  # rounds of the ladder per probe (alternating evens out the workload)
-    reprobe_s: float = 30.0  # busy seconds between probes
-    drop: float = 0.35  # re-probe at once when the chosen count's speed falls below this
-    # share of what it measured, two windows running (a busy step mix moves it by less)
+    reprobe_s: float = 30.0  # busy seconds between scheduled probes
+    drop: float = 0.35  # probe when the chosen count's speed falls below this share of what
+    # it measured, two windows running (a change of step mix moves it by less)
     counts: tuple[int, ...] = field(init=False)
     threads: int = field(init=False)  # the count in force
-    probing: bool = field(init=False, default=True)
+    probing: bool = field(init=False, default=False)
+    probes: int = field(init=False, default=0)
     last: Decision | None = field(init=False, default=None)
     _tallies: dict[int, _Tally] = field(init=False, default_factory=dict)
     _order: list[int] = field(init=False, default_factory=list)  # counts still to measure
@@ -65,12 +74,13 @@ class ThreadGovernor:
     _since_probe_s: float = field(init=False, default=0.0)
     _chosen_rate: float = field(init=False, default=0.0)
     _low: int = field(init=False, default=0)  # consecutive windows below the drop line
-    _reason: str = field(init=False, default="start")  # why the probe under way began
+    _roomy: int = field(init=False, default=0)  # consecutive windows with spare CPUs above
+    _spare: float = field(init=False, default=0.0)
+    _reason: str = field(init=False, default="start")
 
     def __post_init__(self) -> None:
         self.counts = ladder(self.max_threads)
-        self.threads = self.counts[0]
-        self._start_probe()
+        self.threads = 1  # the first full window starts a probe (`last` is None)
 
     @property
     def adaptive(self) -> bool:
@@ -84,11 +94,14 @@ class ThreadGovernor:
             self._skip = False
             return None
         w = self._window
+        if w.busy_s == 0.0:
+            self.spare()  # the idle reading covers this window only, not an idle spell before
         w.work += work
         w.busy_s += step_s
         if w.busy_s < self.window_s:
             return None
         self._window = _Tally()
+        self._spare = self.spare()
         if self.probing:
             t = self._tallies.setdefault(self.threads, _Tally())
             t.work += w.work
@@ -98,24 +111,35 @@ class ThreadGovernor:
             return self._decide()
         self._since_probe_s += w.busy_s
         self._low = self._low + 1 if w.rate < self.drop * self._chosen_rate else 0
+        up = self._up_to()
+        self._roomy = self._roomy + 1 if up > self.threads else 0
+        if self.last is None:
+            return self._probe("start")
         if self._low >= 2:
-            return self._reprobe("drop")
+            return self._probe("drop")
+        if self._roomy >= 2:
+            return self._probe("spare")
         if self._since_probe_s >= self.reprobe_s:
-            return self._reprobe("schedule")
+            return self._probe("schedule")
         return None
 
-    def _start_probe(self, reason: str = "start") -> None:
+    def _up_to(self) -> int:
+        """The largest count the spare CPUs can hold beside the threads now running."""
+        room = self.threads + int(self._spare + 0.25)
+        return max(c for c in self.counts if c <= room or c == 1)
+
+    def _probe(self, reason: str) -> int | None:
         self.probing = True
+        self.probes += 1
         self._reason = reason
-        self._low = 0
+        self._low = self._roomy = 0
         self._tallies = {}
-        order = [c for _ in range(self.rounds) for c in self.counts]
+        top = max(self._up_to(), self.threads)
+        cands = [c for c in self.counts if c <= top]
+        order = [c for _ in range(self.rounds) for c in cands]
         # Start from the count in force: no switch until its window is measured.
         i = order.index(self.threads)
         self._order = order[i + 1:] + order[:i]
-
-    def _reprobe(self, reason: str) -> int | None:
-        self._start_probe(reason)
         return None
 
     def _switch(self, n: int) -> int | None:
@@ -127,7 +151,7 @@ class ThreadGovernor:
 
     def _decide(self) -> int | None:
         rates = {n: t.rate for n, t in self._tallies.items()}
-        best = max(rates, key=lambda n: (rates[n], n))
+        best = max(rates, key=lambda n: (rates[n], -n))  # a tie: fewer threads
         self.probing = False
         self._since_probe_s = 0.0
         self._chosen_rate = rates[best]

@@ -184,3 +184,36 @@ class Starvation:
             return None
         self.starved, self._since = not self.starved, None
         return self.starved
+
+
+class IdleCpus:
+    """Idle CPUs among `cpus` since the previous call, from /proc/stat (host-wide counters:
+    in a container too, idle time on a CPU is idle for everyone)."""
+
+    def __init__(self, cpus: set[int] | None = None, stat: Path = Path("/proc/stat")):
+        self.cpus = cpus if cpus is not None else os.sched_getaffinity(0)
+        self._stat = stat
+        self._last = self._read()
+
+    def _read(self) -> tuple[int, int] | None:
+        """(idle, total) jiffies summed over our CPUs."""
+        idle = total = 0
+        try:
+            lines = self._stat.read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            name, _, rest = line.partition(" ")
+            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in self.cpus:
+                continue
+            v = [int(x) for x in rest.split()]
+            idle += v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+            total += sum(v[:8])  # user..steal; guest time is counted in user already
+        return (idle, total) if total else None
+
+    def __call__(self) -> float:
+        now, last = self._read(), self._last
+        self._last = now
+        if now is None or last is None or now[1] <= last[1]:
+            return 0.0
+        return len(self.cpus) * (now[0] - last[0]) / (now[1] - last[1])

@@ -307,6 +307,18 @@ class WorkerCollector(Collector):
                        stats.attn_real)
         yield _counter("fabric_attention_computed_pairs", "Attention query x key pairs computed, "
                        "padding included.", stats.attn_padded)
+        yield _gauge("fabric_intra_op_threads", "Threads the executor's CPU ops run on now.",
+                     v.intra_op_threads)
+        yield _counter("fabric_intra_op_thread_probes", "Times the thread count was measured "
+                       "against its alternatives (0 when fixed by --threads or --cpus).",
+                       v.thread_probes)
+        if v.cpu_wait_s is not None:
+            yield _counter("fabric_cpu_wait_seconds", "Time this process's threads were "
+                           "runnable but waiting for a CPU (schedstat run delay).", v.cpu_wait_s)
+        yield _gauge("fabric_cpu_wait_ratio", "Of that, per second and per CPU the worker "
+                     "expects to use, over the last second.", v.cpu_wait_ratio)
+        yield _gauge("fabric_cpu_starved", "1 while the worker is starved of CPU: its threads "
+                     "kept waiting for CPUs others hold while it had work.", float(v.cpu_starved))
         pad = GaugeMetricFamily("fabric_padding_fraction", "Share of computed work that was "
                                 "padding since start: compute (token rows) and attention.",
                                 labels=["kind"])

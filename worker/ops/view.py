@@ -54,4 +54,9 @@ class WorkerView:
     naked: int  # nak'd after a failed publish
     dead_lettered: int
     last_step_at: float  # monotonic end of the executor's last step (0: none yet)
+    intra_op_threads: int  # the executor's thread count now
+    thread_probes: int  # times the thread governor measured the counts (0: fixed count)
+    cpu_wait_s: float | None  # the process's threads' time runnable but waiting for a CPU
+    cpu_wait_ratio: float  # of that, per second per expected CPU, over the last second
+    cpu_starved: bool  # that ratio stayed high while busy (worker.ops.cpu.Starvation)
     stats: WorkerStats  # the counters and histograms (live: read, never written)

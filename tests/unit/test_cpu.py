@@ -182,8 +182,23 @@ def test_a_neighbour_leaving_lets_it_go_back_up() -> None:
 
 def test_the_first_step_after_a_switch_is_not_counted() -> None:
     g = ThreadGovernor(2, spare=lambda: 1.0, window_s=0.25)
-    for _ in range(6):  # a window starts the probe, the next measures 1 thread, then 2
+    for _ in range(3):  # the first window measures one thread; then it tries two
         g.on_step(100.0, 0.1)
     assert g.threads == 2
     g.on_step(10_000.0, 100.0)  # the wake-up step: huge, and ignored
     assert g._window.busy_s == 0.0
+
+
+def test_where_one_thread_is_faster_spare_cpus_do_not_make_it_probe_again_and_again() -> None:
+    g = ThreadGovernor(2, spare=lambda: 1.0, reprobe_s=30.0)
+    drive(g, {1: 1500.0, 2: 1000.0}.__getitem__, 1000)  # about 67 busy seconds
+    assert g.threads == 1 and 2 <= g.probes <= 4  # the start, then every 30 busy seconds
+
+
+def test_the_start_takes_two_windows() -> None:
+    g = ThreadGovernor(2, spare=lambda: 1.0, window_s=0.25)
+    seen = drive(g, {1: 1000.0, 2: 1500.0}.__getitem__, 12, step_work=100.0)
+    # 0.1 s steps at one thread: window 1 is steps 0-2; the switch's first step is not
+    # counted; window 2 (two threads) then decides.
+    assert seen[:3] == [1, 1, 2] and g.last is not None and g.last.reason == "start"
+    assert g.threads == 2

@@ -69,6 +69,7 @@ class Executor:
         self._inflight: Launched | None = None  # overlap: the step on the device
         g = self.runner.graphs
         log.info("runner_ready", mode=self.runner.mode, overlap=self.overlap,
+                 intra_op_threads=self.threads, adaptive_threads=governor is not None,
                  decode_graphs=None if g is None else g.status,
                  batch_buckets=None if g is None else list(g.batch_buckets),
                  ctx_buckets=None if g is None else list(g.ctx_buckets))

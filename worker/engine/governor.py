@@ -68,7 +68,7 @@ class ThreadGovernor:
     probes: int = field(init=False, default=0)
     last: Decision | None = field(init=False, default=None)
     _tallies: dict[int, _Tally] = field(init=False, default_factory=dict)
-    _order: list[int] = field(init=False, default_factory=list)  # counts still to measure
+    _order: list[int] | None = field(init=False, default_factory=list)  # counts to measure
     _window: _Tally = field(init=False, default_factory=_Tally)
     _skip: bool = field(init=False, default=False)  # the first step after a switch
     _since_probe_s: float = field(init=False, default=0.0)
@@ -77,10 +77,13 @@ class ThreadGovernor:
     _roomy: int = field(init=False, default=0)  # consecutive windows with spare CPUs above
     _spare: float = field(init=False, default=0.0)
     _reason: str = field(init=False, default="start")
+    _decided_up_to: int = field(init=False, default=1)  # the spare CPUs' reach at the decision
 
     def __post_init__(self) -> None:
         self.counts = ladder(self.max_threads)
-        self.threads = 1  # the first full window starts a probe (`last` is None)
+        self.threads = 1
+        self.probing = True  # from the first window: it measures one thread
+        self._order = None  # the candidates, once the first window has read the spare CPUs
 
     @property
     def adaptive(self) -> bool:
@@ -106,15 +109,16 @@ class ThreadGovernor:
             t = self._tallies.setdefault(self.threads, _Tally())
             t.work += w.work
             t.busy_s += w.busy_s
+            if self._order is None:  # the first window: one round is enough to start
+                self._plan(rounds=1)
+                self._order.pop(0)  # this window was it for the count in force
             if self._order:
                 return self._switch(self._order.pop(0))
             return self._decide()
         self._since_probe_s += w.busy_s
         self._low = self._low + 1 if w.rate < self.drop * self._chosen_rate else 0
-        up = self._up_to()
-        self._roomy = self._roomy + 1 if up > self.threads else 0
-        if self.last is None:
-            return self._probe("start")
+        # Spare CPUs beyond what the last probe could use: a neighbour left.
+        self._roomy = self._roomy + 1 if self._up_to() > self._decided_up_to else 0
         if self._low >= 2:
             return self._probe("drop")
         if self._roomy >= 2:
@@ -130,17 +134,23 @@ class ThreadGovernor:
 
     def _probe(self, reason: str) -> int | None:
         self.probing = True
-        self.probes += 1
         self._reason = reason
         self._low = self._roomy = 0
         self._tallies = {}
-        top = max(self._up_to(), self.threads)
-        cands = [c for c in self.counts if c <= top]
-        order = [c for _ in range(self.rounds) for c in cands]
-        # Start from the count in force: no switch until its window is measured.
-        i = order.index(self.threads)
-        self._order = order[i + 1:] + order[:i]
+        self._plan(self.rounds)
+        # The count in force is measured first: no switch until its window is done.
+        self._order = self._order[1:]
         return None
+
+    def _plan(self, rounds: int) -> None:
+        """The probe's order of counts, from the one in force; larger ones only as far as
+        the spare CPUs reach."""
+        self.probes += 1
+        self._decided_up_to = top = max(self._up_to(), self.threads)
+        cands = [c for c in self.counts if c <= top]
+        order = [c for _ in range(rounds) for c in cands]
+        i = order.index(self.threads)
+        self._order = order[i:] + order[:i]
 
     def _switch(self, n: int) -> int | None:
         if n == self.threads:

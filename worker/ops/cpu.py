@@ -160,7 +160,7 @@ class Starvation:
     """
 
     cpus: int
-    threshold: float = 0.5
+    threshold: float = 0.25  # alone on its cores: about 0.05; collapsed with a neighbour: 0.5
     hold_s: float = 3.0
     starved: bool = False
     wait_ratio: float = 0.0

@@ -47,7 +47,7 @@ def test_cuda_bfloat16_runs_and_frees_everything() -> None:
     eng = build_engine("builtin:small", "cuda:0", "bfloat16", 65536, 1088)
     out = generate(eng, ragged(128, seed=2))
     assert len(out) == 128 and all(c.tokens for c in out)
-    assert eng.pool.allocator.used_blocks == 0
+    assert eng.pool.blocks.used_blocks == 0
 
 
 def test_pipelined_runner_replays_graphs_and_matches_eager() -> None:
@@ -64,14 +64,14 @@ def test_pipelined_runner_replays_graphs_and_matches_eager() -> None:
     same = [sum(1 for a, b in zip(eager[k], piped[k]) if a == b) / max(1, len(eager[k]))
             for k in eager]
     assert sum(same) / len(same) > 0.95
-    assert eng.pool.allocator.used_blocks == 0
+    assert eng.pool.blocks.used_blocks == 0
 
 
 def test_pipelined_runner_bfloat16_runs() -> None:
     eng = build_engine("builtin:small", "cuda:0", "bfloat16", 65536, 1088, runner="pipelined")
     out, graphed, runner = run_all(eng, ragged(128, seed=4))
     assert len(out) == 128 and all(out.values()) and runner.graphs.disabled is None
-    assert graphed > 0 and eng.pool.allocator.used_blocks == 0
+    assert graphed > 0 and eng.pool.blocks.used_blocks == 0
 
 
 def _overlapped(eng, runner, reqs):
@@ -103,4 +103,4 @@ def test_overlapped_steps_never_sync_the_host_but_to_read_tokens() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert second == first and len(runner.graphs.graphs) == captured
-    assert runner.graphs.replays > 0 and eng.pool.allocator.used_blocks == 0
+    assert runner.graphs.replays > 0 and eng.pool.blocks.used_blocks == 0

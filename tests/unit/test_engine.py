@@ -70,7 +70,7 @@ def test_join_and_leave_mid_decode(engine: Engine) -> None:
     assert mixed_steps > 5, "the workload did not exercise joins during decode"
     for r in reqs:
         assert done[r.key].tokens == alone(engine, r)
-    assert small.pool.allocator.used_blocks == 0
+    assert small.pool.blocks.used_blocks == 0
 
 
 def test_stop_tokens_end_a_sequence_early(engine: Engine) -> None:
@@ -126,7 +126,7 @@ def test_ladder_policies_compute_the_same_tokens(engine: Engine, policy: str) ->
         assert c.computed_tokens >= real
         padded += c.computed_tokens - real
     assert (padded > 0) == (policy != "serial")
-    assert other.pool.allocator.used_blocks == 0
+    assert other.pool.blocks.used_blocks == 0
 
 
 def test_computed_tokens_have_no_padding(engine: Engine) -> None:
@@ -138,8 +138,8 @@ def test_computed_tokens_have_no_padding(engine: Engine) -> None:
 
 def test_kv_pool_returns_to_empty(engine: Engine) -> None:
     generate(engine, ragged(30, seed=7))
-    assert engine.pool.allocator.used_blocks == 0
-    assert engine.pool.allocator.holders() == 0
+    assert engine.pool.blocks.used_blocks == 0
+    assert engine.pool.blocks.holders() == 0
 
 
 def test_model_refuses_unknown_builtin() -> None:

@@ -88,7 +88,7 @@ def prefill_logits(engine: Engine, ps: list[list[int]]) -> list[torch.Tensor]:
     with torch.inference_mode():
         logits = engine.loaded.model(inp, engine.pool.tensor)  # [B, V]
     for i in range(len(ps)):
-        engine.pool.allocator.release(i)  # never decoded: hand the blocks back directly
+        engine.pool.blocks.release(i)  # never decoded: hand the blocks back directly
     by_key = {s.req.key: logits[j] for j, s in enumerate(plan.rows)}
     return [by_key[i] for i in range(len(ps))]
 

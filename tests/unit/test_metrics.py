@@ -25,7 +25,7 @@ import worker
 from schemas import ErrorCode
 from worker.admission import Admission
 from worker.config import EngineConfig, config_hash
-from worker.engine.blocks import BlockAllocator
+from worker.engine.blocks import BlockPool
 from worker.engine.executor import StepReport
 from worker.ops.health import liveness, readiness
 from worker.ops.metrics import (
@@ -50,7 +50,7 @@ CFG = EngineConfig.model_validate({
 
 class FakeWorker:
     """What metrics and health read of a worker: `info`, and a `view()` built from `state`
-    (plain fields a test sets), an admission rule and a KV allocator."""
+    (plain fields a test sets), an admission rule and a KV block pool."""
 
     def __init__(self, connected: bool, started: bool):
         self.info = WorkerInfo(worker_id="w-test", config_hash=config_hash(CFG), model=CFG.model,
@@ -58,7 +58,7 @@ class FakeWorker:
                                low_water=CFG.low_water, max_jobs=CFG.token_budget // 16)
         self.stats = WorkerStats()
         self.admission = Admission(4096, 2048)
-        self.alloc = BlockAllocator(256)
+        self.alloc = BlockPool(256, 16, first=0)
         self.state = SimpleNamespace(
             ready=started, draining=False, faulted=False, started=started, executor_alive=started,
             connected=connected if started else None, held=0, pending_jobs=0, pending_tokens=0,
@@ -205,7 +205,7 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     w.state.pending_jobs, w.state.pending_tokens = 2, 96
     w.state.inflight_jobs, w.state.running_jobs = 3, 1
     w.admission.admit(deque([3000, 2000]), lambda c: c)  # the second does not fit: holding
-    w.alloc.allocate(1, 5)
+    w.alloc.reserve(1, (), 5)
     w.state.acked, w.state.naked, w.state.published = 6, 1, 7
     w.state.held = 1
     w.state.dead_lettered = 2

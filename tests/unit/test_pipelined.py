@@ -21,7 +21,7 @@ import torch
 from worker.engine.build import Engine, EngineError, build_engine, resolve_runner
 from worker.engine.executor import Executor
 from worker.engine.graphs import DecodeGraphs, bucket, ctx_buckets
-from worker.engine.blocks import BlockAllocator
+from worker.engine.blocks import BlockPool
 from worker.engine.runner import Runner
 from worker.engine.scheduler import Scheduler, StepPlan
 from worker.engine.sequence import Request
@@ -42,7 +42,9 @@ def ragged(n: int, seed: int, sampled_every: int = 0) -> list[Request]:
 
 
 def run_all(engine: Engine, reqs: list[Request]) -> tuple[dict[int, list[int]], int, Runner]:
-    """`generate`, keeping the runner and counting the fixed-shape steps."""
+    """`generate`, keeping the runner and counting the fixed-shape steps. From a cold cache:
+    what the steps look like must not depend on what ran before."""
+    engine.pool.blocks.drop_cached()
     sched, runner = engine.scheduler(), engine.runner()
     sched.add_all(reqs, time.monotonic())
     out, graphed = {}, 0
@@ -54,7 +56,7 @@ def run_all(engine: Engine, reqs: list[Request]) -> tuple[dict[int, list[int]], 
         runner.mixed += step.inp is not None and step.graph is not None
         for c in sched.postprocess(plan, runner.run(step), time.monotonic()):
             out[c.key] = c.tokens
-    assert engine.pool.allocator.used_blocks == 0
+    assert engine.pool.blocks.used_blocks == 0
     return out, graphed, runner
 
 
@@ -160,7 +162,7 @@ def test_fixed_shape_decode_gives_the_eager_logits(engine: Engine) -> None:
     for s, row in zip(live, got):
         torch.testing.assert_close(row, want[s.req.key], rtol=1e-5, atol=1e-5)
     for s in live:
-        sched.allocator.release(s.req.key)
+        sched.pool.release(s.req.key)
     sched.running = []
 
 
@@ -224,8 +226,8 @@ def _fake_run(reqs: list[Request], overlap: bool) -> tuple[dict[int, list[int]],
     """Drive the scheduler as the executor does, with a "device" whose token for a
     sequence depends only on (job, position); overlap launches a step before reading the
     last. Returns tokens, rows computed per job, and how many blocks are still held."""
-    alloc = BlockAllocator(4096, first=1)
-    sched = Scheduler(alloc, 16, 256, eos_ids=(0,), overlap=overlap)
+    pool = BlockPool(4096, 16, first=1)
+    sched = Scheduler(pool, 16, 256, eos_ids=(0,), overlap=overlap)
     sched.add_all(reqs, 0.0)
     out: dict[int, list[int]] = {}
     rows: Counter = Counter()
@@ -246,7 +248,7 @@ def _fake_run(reqs: list[Request], overlap: bool) -> tuple[dict[int, list[int]],
             for c in sched.postprocess(*inflight, 0.0):
                 out[c.key] = c.tokens
         inflight = launched
-    return out, rows, alloc.used_blocks
+    return out, rows, pool.used_blocks
 
 
 def test_overlapped_scheduling_samples_the_same_tokens_one_step_behind() -> None:
@@ -302,7 +304,7 @@ def test_executor_overlaps_steps_and_answers_like_the_eager_engine(engine: Engin
     assert finished.wait(120), f"{len(got)} of {len(reqs)} answered, fatal={fatal}"
     assert ex.stop(10) and not fatal
     assert got == want
-    assert engine.pool.allocator.used_blocks == 0
+    assert engine.pool.blocks.used_blocks == 0
     assert any(r.graphed and r.prefill_seqs for r in steps)  # prompts beside a decode graph
     assert any(r.graphed and not r.prefill_seqs for r in steps)
 

@@ -1,4 +1,4 @@
-"""Admission, lanes, the KV allocator and the scheduler on plain data: no NATS, no device."""
+"""Admission, lanes, the KV block pool and the scheduler on plain data: no NATS, no device."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import deque
 import pytest
 
 from worker.admission import Admission
-from worker.engine.blocks import BlockAllocator, OutOfBlocks, padded_tokens
+from worker.engine.blocks import BlockPool, OutOfBlocks, padded_tokens
 from worker.engine.lanes import group_by_length, lane_of, lane_width
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import Request
@@ -68,12 +68,12 @@ def test_admission_group_enters_at_once_after_low_water() -> None:
     assert len(adm.admit(pending, lambda c: c)) == 5
 
 
-# -- KV allocator ---------------------------------------------------------------------
+# -- KV block pool --------------------------------------------------------------------
 
 
 def test_allocator_never_leaks_after_any_mix() -> None:
     rng = random.Random(1)
-    a = BlockAllocator(256)
+    a = BlockPool(256, 16, first=0, caching=False)
     held: dict[int, int] = {}
     for key in range(5000):
         if held and rng.random() < 0.5:
@@ -81,12 +81,12 @@ def test_allocator_never_leaks_after_any_mix() -> None:
             assert a.release(k) == held.pop(k)
         n = rng.randint(1, 40)
         if n <= a.free_blocks:
-            blocks = a.allocate(key, n)
+            blocks = a.reserve(key, (), n).blocks
             assert len(set(blocks)) == n
             held[key] = n
         else:
             with pytest.raises(OutOfBlocks):
-                a.allocate(key, n)
+                a.reserve(key, (), n)
         assert a.used_blocks == sum(held.values())
     for k in list(held):
         a.release(k)
@@ -124,13 +124,14 @@ def test_group_by_length_bounds_spread() -> None:
 
 
 def _req(key: int, plen: int, max_new: int, solo: bool = False, stop=frozenset()) -> Request:
-    return Request(key=key, prompt=[1] * plen, max_new_tokens=max_new,
+    # A prompt of its own per job: nothing shared by content (tests/unit/test_prefix.py shares).
+    return Request(key=key, prompt=[key % 250 + 1] * plen, max_new_tokens=max_new,
                    reserved_tokens=padded_tokens(plen + max_new, 16), temperature=0.0,
                    top_k=0, top_p=1.0, seed=0, stop_ids=stop, solo=solo)
 
 
 def _sched(blocks: int = 1024, cap: int = 512) -> Scheduler:
-    return Scheduler(BlockAllocator(blocks), 16, cap, eos_ids=(999,))
+    return Scheduler(BlockPool(blocks, 16), 16, cap, eos_ids=(999,))
 
 
 def test_scheduler_continuous_batching_join_and_leave() -> None:
@@ -149,7 +150,7 @@ def test_scheduler_continuous_batching_join_and_leave() -> None:
     done = s.postprocess(p, [8], 3.0)
     assert [c.key for c in done] == [1] and done[0].tokens == [5, 7, 8]
     assert done[0].finish_reason == "length"
-    assert not s.has_work() and s.allocator.used_blocks == 0
+    assert not s.has_work() and s.pool.used_blocks == 0
 
 
 def test_scheduler_stop_token_and_eos() -> None:
@@ -159,7 +160,7 @@ def test_scheduler_stop_token_and_eos() -> None:
     p = s.schedule()
     done = s.postprocess(p, [42, 999], 1.0)
     assert {c.key: c.finish_reason for c in done} == {1: "stop", 2: "stop"}
-    assert s.allocator.used_blocks == 0
+    assert s.pool.used_blocks == 0
 
 
 def test_scheduler_oldest_lane_first_no_starvation() -> None:

@@ -1,13 +1,34 @@
-"""KV blocks as plain data: the budget's unit and the allocator that hands blocks out.
+"""KV blocks as plain data: the budget's unit, and the pool that hands blocks out by content.
 
-A sequence reserves, when it enters the executor, every block its padded length can ever
-need (prompt + max_new_tokens, rounded up to the block size) and returns them when it ends,
-so the step loop never allocates and never runs out: admission keeps the sum of padded
-tokens under the budget, and the pool is sized from that budget. No torch here: the
-broker side sizes jobs with `padded_tokens`, and the allocator is tested without a device.
+A job reserves, when it is admitted, every block its padded length can ever need (prompt +
+max_new_tokens, rounded up to the block size) and returns them when it ends, so the step
+loop never allocates and never runs out: admission keeps the blocks in use under the
+budget, and the pool is sized from that budget.
+
+Blocks are content-addressed. A full block's key chains its parent's key with its own token
+ids (`block_hashes`), so equal prefixes map to equal keys; a job's reservation takes every
+leading block whose key the pool already knows -- held by another job or kept after its
+job ended -- and counts only what it adds. Blocks are reference-counted: a block whose
+count falls to zero keeps its content and its key (cached, evictable) until its space is
+needed, least recently used first. A block reserved but not yet computed carries its key
+too, so jobs admitted together share a prefix that nobody has computed yet: the first one
+scheduled computes it, the others read it (`ready` says which blocks hold their KV).
+
+Thread-safe: admission (the event loop) reserves, the executor thread marks blocks ready,
+registers blocks of generated tokens and releases; one lock, held for microseconds.
+No torch here: the broker side sizes jobs with `padded_tokens` and hashes prompts with
+`block_hashes`, and the pool is tested without a device.
 """
 
 from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -19,46 +40,212 @@ def padded_tokens(num_tokens: int, block_size: int) -> int:
     return blocks_for(num_tokens, block_size) * block_size
 
 
+def block_hashes(tokens: Sequence[int], block_size: int, parent: bytes = b"",
+                 start: int = 0) -> list[bytes]:
+    """Content keys of the full blocks of `tokens` from block `start` on (`parent`: the key
+    of block `start - 1`). 16-byte BLAKE2b: a collision would hand a job another prompt's
+    KV, so the key is a cryptographic digest, not Python's 64-bit hash."""
+    ids = np.asarray(tokens, dtype=np.int64).astype(np.int32, copy=False)
+    out: list[bytes] = []
+    for i in range(start, len(ids) // block_size):
+        parent = hashlib.blake2b(parent + ids[i * block_size:(i + 1) * block_size].tobytes(),
+                                 digest_size=16).digest()
+        out.append(parent)
+    return out
+
+
 class OutOfBlocks(RuntimeError):
     """Admission let in more than the pool holds: a bug upstream, fatal by design."""
 
 
-class BlockAllocator:
-    """A LIFO free list of block ids; LIFO so recently freed (cache-warm) blocks go first.
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    blocks: tuple[int, ...]  # every block the job may use, in position order
+    shared: int  # leading blocks found by content (cached, or held by another job)
+    added: int  # blocks it took from the free pool: what it costs the budget
 
-    Ids start at `first`: the pool keeps block 0 as a scratch block that padding rows
-    write into and nothing ever reads as a real key.
+
+class BlockPool:
+    """Block ids `first .. first + num_blocks - 1`; id 0 stays scratch (padding rows write
+    there and nothing reads it as a real key).
+
+    Every block is in exactly one state: held (reference count above zero), cached (zero,
+    with content and key: evictable, least recently used first) or empty (zero, no content).
     """
 
-    def __init__(self, num_blocks: int, first: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, first: int = 1, caching: bool = True):
         self.num_blocks = num_blocks
-        self._free = list(range(first + num_blocks - 1, first - 1, -1))
-        self._owner: dict[int, list[int]] = {}  # sequence key -> its blocks
+        self.block_size = block_size
+        self.caching = caching  # off: no keys are kept, every job computes its whole prompt
+        end = first + num_blocks
+        self._ref = [0] * end
+        self._key: list[bytes | None] = [None] * end
+        self.ready = [False] * end  # the block's KV has been written (a launched step did)
+        self._index: dict[bytes, int] = {}  # key -> block
+        self._empty = list(range(end - 1, first - 1, -1))  # LIFO: recently freed first
+        self._cached: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self._owner: dict[int, tuple[int, ...]] = {}  # job key -> its blocks
+        self._lock = threading.Lock()
+        self.evictions = 0  # cached blocks whose space was taken for another job
+        self.hit_blocks = 0  # blocks reservations found by content
 
-    @property
-    def free_blocks(self) -> int:
-        return len(self._free)
+    # -- reading (any thread; a stale value at worst) ------------------------------------
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        """Held by at least one job: what the budget counts."""
+        return self.num_blocks - len(self._empty) - len(self._cached)
 
-    def allocate(self, key: int, n: int) -> list[int]:
-        if key in self._owner:
-            raise ValueError(f"sequence {key} already holds blocks")
-        if n > len(self._free):
-            raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free of {self.num_blocks}")
-        got = [self._free.pop() for _ in range(n)]
-        self._owner[key] = got
-        return got
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._cached)
 
-    def release(self, key: int) -> int:
-        """Return a sequence's blocks; releasing an unknown key is a no-op (idempotent)."""
-        got = self._owner.pop(key, None)
-        if got is None:
-            return 0
-        self._free.extend(reversed(got))
-        return len(got)
+    @property
+    def free_blocks(self) -> int:
+        """Empty or evictable."""
+        return len(self._empty) + len(self._cached)
 
     def holders(self) -> int:
         return len(self._owner)
+
+    def blocks_of(self, key: int) -> tuple[int, ...]:
+        return self._owner[key]
+
+    # -- admission (event loop) ----------------------------------------------------------
+
+    def _hits(self, hashes: Sequence[bytes], n_blocks: int) -> list[int]:
+        hits: list[int] = []
+        if self.caching:
+            for h in hashes[:n_blocks]:
+                b = self._index.get(h)
+                if b is None:
+                    break
+                hits.append(b)
+        return hits
+
+    def cost(self, hashes: Sequence[bytes], n_blocks: int) -> int:
+        """Blocks a reservation of `n_blocks` would take out of the free pool now."""
+        with self._lock:
+            hits = self._hits(hashes, n_blocks)
+            return n_blocks - len(hits) + sum(1 for b in hits if self._ref[b] == 0)
+
+    def reserve(self, key: int, hashes: Sequence[bytes], n_blocks: int,
+                limit: int | None = None) -> Reservation | None:
+        """Take `n_blocks` for job `key`, sharing every leading block whose content key is
+        known. With `limit`, only if the blocks held afterwards stay within it (None: it
+        would not fit). OutOfBlocks when the pool itself is short: a bug upstream."""
+        with self._lock:
+            if key in self._owner:
+                raise ValueError(f"job {key} already holds blocks")
+            hits = self._hits(hashes, n_blocks)
+            revived = sum(1 for b in hits if self._ref[b] == 0)  # cached: leave the free pool
+            fresh = n_blocks - len(hits)
+            added = fresh + revived
+            if limit is not None and self.used_blocks + added > limit:
+                return None
+            if fresh > self.free_blocks - revived:
+                raise OutOfBlocks(f"need {fresh} blocks, {self.free_blocks - revived} free "
+                                  f"of {self.num_blocks}")
+            for b in hits:
+                if self._ref[b] == 0:
+                    del self._cached[b]
+                self._ref[b] += 1
+            blocks = hits + [self._take() for _ in range(fresh)]
+            # Key the prompt's own full blocks now, computed or not: a job admitted after
+            # this one shares them (and waits for them, or computes them first).
+            for i in range(len(hits), min(len(hashes), n_blocks)):
+                self._set_key(blocks[i], hashes[i])
+            self._owner[key] = res = tuple(blocks)
+            self.hit_blocks += len(hits)
+            return Reservation(res, len(hits), added)
+
+    def _take(self) -> int:
+        if self._empty:
+            b = self._empty.pop()
+        else:
+            b, _ = self._cached.popitem(last=False)  # the least recently used
+            self._drop_key(b)
+            self.evictions += 1
+        self._ref[b] = 1
+        self.ready[b] = False
+        return b
+
+    def _set_key(self, b: int, h: bytes) -> None:
+        if self.caching and h not in self._index and self._key[b] is None:
+            self._key[b] = h
+            self._index[h] = b
+
+    def _drop_key(self, b: int) -> None:
+        h = self._key[b]
+        if h is not None:
+            self._key[b] = None
+            if self._index.get(h) == b:
+                del self._index[h]
+
+    # -- the executor --------------------------------------------------------------------
+
+    def mark_ready(self, blocks: Sequence[int]) -> None:
+        """These blocks' KV is written (the step that writes it has been launched)."""
+        for b in blocks:
+            self.ready[b] = True
+
+    def register(self, b: int, h: bytes) -> None:
+        """Give a block whose KV is written (generated tokens) its content key."""
+        with self._lock:
+            self.ready[b] = True
+            self._set_key(b, h)
+
+    def release(self, key: int) -> int:
+        """Return a job's blocks (idempotent). Blocks nobody holds any more keep their content
+        as cached blocks if it was computed; the prefix goes to the cache last, so it is
+        evicted last."""
+        with self._lock:
+            blocks = self._owner.pop(key, None)
+            if blocks is None:
+                return 0
+            for b in reversed(blocks):
+                self._ref[b] -= 1
+                if self._ref[b] < 0:
+                    raise AssertionError(f"block {b} released more often than held")
+                if self._ref[b] == 0:
+                    if self._key[b] is not None and self.ready[b]:
+                        self._cached[b] = None
+                    else:
+                        self._drop_key(b)
+                        self.ready[b] = False
+                        self._empty.append(b)
+            return len(blocks)
+
+    def drop_cached(self) -> int:
+        """Forget every cached block (their space becomes empty); held blocks are untouched."""
+        with self._lock:
+            n = len(self._cached)
+            while self._cached:
+                b, _ = self._cached.popitem(last=False)
+                self._drop_key(b)
+                self.ready[b] = False
+                self._empty.append(b)
+            return n
+
+    def check(self) -> None:
+        """The invariants (tests): every block in exactly one state, keys consistent."""
+        with self._lock:
+            held = {b for bs in self._owner.values() for b in bs}
+            empty, cached = set(self._empty), set(self._cached)
+            assert len(empty) == len(self._empty) and not (empty & cached)
+            assert not (held & (empty | cached)), "a block both free and referenced"
+            assert len(held | empty | cached) == self.num_blocks
+            for b in range(len(self._ref)):
+                assert self._ref[b] >= 0
+                assert (self._ref[b] > 0) == (b in held), b
+            refs: dict[int, int] = {}
+            for bs in self._owner.values():
+                for b in bs:
+                    refs[b] = refs.get(b, 0) + 1
+            assert all(self._ref[b] == n for b, n in refs.items())
+            for h, b in self._index.items():
+                assert self._key[b] == h
+            for b in cached:
+                assert self._key[b] is not None and self.ready[b], "cached without content"
+            for b in empty:
+                assert self._key[b] is None

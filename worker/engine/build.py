@@ -41,7 +41,7 @@ class Engine:
     max_seq_len: int = 0  # the longest job (prompt + generation); bounds decode graph shapes
 
     def scheduler(self, overlap: bool = False) -> Scheduler:
-        return make_scheduler(self.policy, self.pool.allocator, self.block_size,
+        return make_scheduler(self.policy, self.pool.blocks, self.block_size,
                               self.max_step_tokens, self.loaded.eos_ids, overlap=overlap)
 
     @property
@@ -84,7 +84,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq_len: int,
                  max_step_tokens: int | None = None, policy: str = "continuous",
-                 runner: str = "auto") -> Engine:
+                 runner: str = "auto", prefix_cache: bool = True) -> Engine:
     dev = resolve_device(device)
     mode = resolve_runner(runner, dev)
     dt = DTYPES[dtype]
@@ -103,7 +103,11 @@ def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq
         if need > free * 0.9:
             raise EngineError(f"token_budget: the KV pool needs {need / 2**30:.1f} GiB, "
                               f"{free / 2**30:.1f} GiB free on {dev}")
-    pool = KVPool(loaded.args, num_blocks, BLOCK_SIZE, dt, dev)
+    # Prefix caching is the product's; the ladder's older policies predate it (their
+    # padding rows would also write into shared blocks), and `prefix_cache=False` is the
+    # benchmark's way to measure what it buys.
+    pool = KVPool(loaded.args, num_blocks, BLOCK_SIZE, dt, dev,
+                  caching=prefix_cache and policy == "continuous")
     # A step is the running batch (at most one row per admitted job) plus whole prompts; the
     # cap keeps one step's activations bounded while letting the longest prompt through.
     step_cap = max_step_tokens or max(max_seq_len, 2048)

@@ -116,11 +116,11 @@ class Executor:
 
     @property
     def kv_used_blocks(self) -> int:
-        return self.pool.allocator.used_blocks
+        return self.pool.blocks.used_blocks
 
     @property
     def kv_blocks(self) -> int:
-        return self.pool.allocator.num_blocks
+        return self.pool.blocks.num_blocks
 
     # -- the thread --------------------------------------------------------------------
 

@@ -16,29 +16,29 @@ order.
 
 from __future__ import annotations
 
-from worker.engine.blocks import BlockAllocator
+from worker.engine.blocks import BlockPool
 from worker.engine.modes import POLICIES
 from worker.engine.scheduler import Scheduler, StepPlan
 from worker.engine.sequence import Completion, Request, Sequence
 
 
-def make_scheduler(policy: str, allocator: BlockAllocator, block_size: int,
+def make_scheduler(policy: str, pool: BlockPool, block_size: int,
                    max_step_tokens: int, eos_ids: tuple[int, ...],
                    overlap: bool = False) -> Scheduler:
     """The product's scheduler for `continuous`, else the ladder rung named."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r} (have {', '.join(POLICIES)})")
     if policy == "continuous":
-        return Scheduler(allocator, block_size, max_step_tokens, eos_ids, overlap=overlap)
+        return Scheduler(pool, block_size, max_step_tokens, eos_ids, overlap=overlap)
     if overlap:
         raise ValueError("overlapped steps need the continuous policy")
-    return LadderScheduler(policy, allocator, block_size, max_step_tokens, eos_ids)
+    return LadderScheduler(policy, pool, block_size, max_step_tokens, eos_ids)
 
 
 class LadderScheduler(Scheduler):
-    def __init__(self, policy: str, allocator: BlockAllocator, block_size: int,
+    def __init__(self, policy: str, pool: BlockPool, block_size: int,
                  max_step_tokens: int, eos_ids: tuple[int, ...], window_max_jobs: int = 32):
-        super().__init__(allocator, block_size, max_step_tokens, eos_ids)
+        super().__init__(pool, block_size, max_step_tokens, eos_ids)
         self.policy = policy
         self.window_max_jobs = window_max_jobs
         self._reasons: dict[int, str] = {}  # static batch: finished members' finish reasons

@@ -61,41 +61,61 @@ class _Builder:
         self.attn_padded = 0
 
     def prefill(self, seqs: list[Sequence], pad_to: int) -> None:
-        """Whole prompts; with `pad_to`, each is padded to that many rows (static batching).
+        """Prompts from each one's `start` (the KV before it is already in the pool); with
+        `pad_to` (static batching, starts at 0), each padded to that many rows.
 
         Vectorized over the lane: the per-sequence Python is a length, a chain over the
-        prompt ids and one slice of KV slots each (host time per step is device idle time)."""
+        prompt ids and slices of KV slots (host time per step is device idle time)."""
         b = len(seqs)
         lens = np.fromiter((len(s.req.prompt) for s in seqs), np.int64, b)  # [B]
-        rows = np.maximum(lens, pad_to) if pad_to else lens  # [B] rows each sequence occupies
-        width = int(rows.max())
+        starts = np.fromiter((s.start for s in seqs), np.int64, b)  # [B]
+        cached = np.fromiter((s.cached for s in seqs), np.int64, b)  # [B] KV there up to here
+        q = lens - starts  # [B] prompt rows computed
+        rows = np.maximum(q, pad_to) if pad_to else q  # [B] rows each sequence occupies
+        width = int(rows.max())  # Q
+        kwidth = int((starts + rows).max())  # K: keys up to each one's last row
         ends = np.cumsum(rows)
-        starts = self.rows + ends - rows  # [B]
-        ar = np.arange(width, dtype=np.int64)  # [W]
-        valid = ar[None, :] < rows[:, None]  # [B, W] rows that exist in the packed tensor
-        real = ar[None, :] < lens[:, None] if pad_to else valid  # [B, W] prompt tokens
-        total = int(lens.sum())
-        # Row-major boolean assignment fills each sequence's row in order: exactly the
-        # concatenation of the prompts (and of their first len(prompt) KV slots).
-        kv_slots = np.full((b, width), SCRATCH_SLOT, dtype=np.int64)  # [B, W]
-        kv_slots[real] = np.concatenate([s.slots[:n] for s, n in zip(seqs, lens.tolist())])
-        tokens = np.fromiter(itertools.chain.from_iterable(s.req.prompt for s in seqs),
-                             np.int64, total)
+        first = self.rows + ends - rows  # [B]
+        ar = np.arange(width, dtype=np.int64)  # [Q]
+        valid = ar[None, :] < rows[:, None]  # [B, Q] rows that exist in the packed tensor
+        real = ar[None, :] < q[:, None]  # [B, Q] rows that are prompt tokens
+        pos = starts[:, None] + ar[None, :]  # [B, Q] positions
+        qs, ls, cs = starts.tolist(), lens.tolist(), cached.tolist()
+        tokens = np.fromiter(itertools.chain.from_iterable(
+            s.req.prompt[a:] if a else s.req.prompt for s, a in zip(seqs, qs)),
+            np.int64, int(q.sum()))
         if pad_to:
             padded = np.zeros((b, width), dtype=np.int64)
             padded[real] = tokens
             tokens = padded[valid]
         self.tokens.append(tokens)
-        self.positions.append(np.broadcast_to(ar, (b, width))[valid])
-        self.slots.append(kv_slots[valid])  # padding rows write to scratch
-        q_rows = np.where(valid, starts[:, None] + ar[None, :], 0)  # [B, W]
+        self.positions.append(pos[valid])
+        # KV writes: the rows computed, except a position whose KV is already there (the
+        # last token of a prompt found whole): padding and those write to scratch.
+        write = np.full((b, width), SCRATCH_SLOT, dtype=np.int64)  # [B, Q]
+        fresh = real & (pos >= cached[:, None])
+        if fresh.any():
+            write[fresh] = np.concatenate([s.slots[max(a, c):n] for s, a, c, n
+                                           in zip(seqs, qs, cs, ls)])
+        self.slots.append(write[valid])
+        ak = np.arange(kwidth, dtype=np.int64)  # [K]
+        kv_slots = np.full((b, kwidth), SCRATCH_SLOT, dtype=np.int64)  # [B, K]
+        kv_slots[ak[None, :] < lens[:, None]] = np.concatenate(
+            [s.slots[:n] for s, n in zip(seqs, ls)])
+        mask = None
+        if starts.any():
+            # Queries start at different positions: key j is visible to query row i of
+            # sequence b iff j <= starts[b] + i (causal, offset by what was cached).
+            mask = (ak[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, Q, K]
+        q_rows = np.where(valid, first[:, None] + ar[None, :], 0)  # [B, Q]
         out_sel = np.flatnonzero(valid)
-        self.groups.append(dict(kv_slots=kv_slots, mask=None, q_rows=q_rows,
+        self.groups.append(dict(kv_slots=kv_slots, mask=mask, q_rows=q_rows,
                                 out_rows=q_rows.reshape(-1)[out_sel], out_sel=out_sel))
-        self.logit_rows.extend((starts + lens - 1).tolist())
+        self.logit_rows.extend((first + q - 1).tolist())
         self.rows += int(ends[-1])
-        self.attn_real += int((lens * (lens + 1) // 2).sum())
-        self.attn_padded += b * width * (width + 1) // 2  # causal: the lower triangle
+        self.attn_real += int((q * starts + q * (q + 1) // 2).sum())
+        self.attn_padded += (b * width * kwidth if mask is not None
+                             else b * width * (width + 1) // 2)  # causal: the lower triangle
 
     def decode(self, seqs: list[Sequence]) -> None:
         """One row per sequence. Reorders `seqs` in place so that each attention group is

@@ -8,6 +8,16 @@ blocks (reserved on entry), so scheduling never fails for memory and no sequence
 preempted. Taking the lane whose head has waited longest first is what keeps a long prompt
 from starving behind a stream of short ones.
 
+Shared prefixes: a sequence's blocks may hold a prefix another job computed (the block
+pool found them by content when the job was reserved). At prefill it computes only from
+its first block whose KV is neither written nor being written earlier in the same step
+(`start`): the first sequence scheduled with an uncomputed shared prefix computes it, and
+the others in the same step read it -- every layer writes the step's KV before any
+attention reads it. A prompt found whole still computes its last token, for its logits.
+A block's KV counts as written once its step is planned: steps run in order. Full blocks
+of generated tokens get their content keys as they fill, so the next turn of a
+conversation finds this one's reply too.
+
 Overlap (`overlap=True`, the pipelined runner): the executor launches step N+1 before it
 reads step N's tokens, so the device never waits for the host. The next step is then
 scheduled one token behind: every running sequence decodes again (its input token is taken
@@ -31,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from worker.engine.blocks import BlockAllocator
+from worker.engine.blocks import BlockPool, block_hashes
 from worker.engine.lanes import lane_of
 from worker.engine.sequence import Completion, Request, Sequence
 
@@ -54,10 +64,10 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_step_tokens: int,
+    def __init__(self, pool: BlockPool, block_size: int, max_step_tokens: int,
                  eos_ids: tuple[int, ...], overlap: bool = False):
         self.overlap = overlap
-        self.allocator = allocator
+        self.pool = pool
         self.block_size = block_size
         self.max_step_tokens = max_step_tokens  # cap on packed tokens per forward
         self.eos_ids = frozenset(eos_ids)
@@ -72,18 +82,23 @@ class Scheduler:
         self.add_all((req,), now)
 
     def add_all(self, reqs: Iterable[Request], now: float) -> None:
-        """`add` for a submission at once: one numpy pass maps all their blocks to KV slots."""
+        """`add` for a submission at once: one numpy pass maps all their blocks to KV slots.
+        A request without a reservation (offline use) reserves its blocks here."""
         reqs = list(reqs)
         bs = self.block_size
-        blocks = [self.allocator.allocate(r.key, r.reserved_tokens // bs) for r in reqs]
+        for r in reqs:
+            if not r.hashes and self.pool.caching:
+                r.hashes = tuple(block_hashes(r.prompt, bs))
+        blocks = [(r.reservation or self.pool.reserve(r.key, r.hashes, r.reserved_tokens // bs))
+                  .blocks for r in reqs]
         flat = np.fromiter(itertools.chain.from_iterable(blocks), np.int64,
                            sum(map(len, blocks)))
         slots = (flat[:, None] * bs + np.arange(bs, dtype=np.int64)[None, :]).reshape(-1)
         at = 0
         for req, got in zip(reqs, blocks):
             n = len(got) * bs
-            seq = Sequence(req=req, slots=slots[at:at + n], lane=self._lane(req),
-                           waiting_since=now)
+            seq = Sequence(req=req, blocks=got, slots=slots[at:at + n], lane=self._lane(req),
+                           waiting_since=now, keys=list(req.hashes))
             at += n
             if req.solo:
                 self.solo.append(seq)
@@ -102,9 +117,12 @@ class Scheduler:
     # -- the step ---------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
+        self._planned: set[int] = set()  # blocks a sequence earlier in this step computes
         if self.solo and not self.running:
             # A suspected poison job runs with nothing else, so if it kills the step it dies alone.
-            plan = StepPlan(prefill=[[self.solo.popleft()]])
+            seq = self.solo.popleft()
+            self._set_start(seq)
+            plan = StepPlan(prefill=[[seq]])
             if self.overlap:
                 self.running.extend(plan.prefill[0])  # running from launch on, as below
             return plan
@@ -129,15 +147,21 @@ class Scheduler:
         return min(self.lanes, key=lambda k: self.lanes[k][0].waiting_since)
 
     def _fill(self, plan: StepPlan, room: int, max_seqs: int = 1 << 30) -> None:
-        """Whole prompts, oldest lane head first, while they fit `room` tokens."""
+        """Whole prompts (what of them is not computed yet), oldest lane head first, while
+        they fit `room` tokens."""
         while self.lanes and room > 0 and max_seqs > 0:
             lane = self._oldest_lane()
             q = self.lanes[lane]
             taken: list[Sequence] = []
-            while q and max_seqs > 0 and (
-                    len(q[0].req.prompt) <= room or not (plan.prefill or taken or plan.decode)):
+            while q and max_seqs > 0:
+                head = q[0]
+                start = self._start_of(head)
+                cost = len(head.req.prompt) - start
+                if cost > room and (plan.prefill or taken or plan.decode):
+                    break
                 s = q.popleft()
-                room -= len(s.req.prompt)
+                self._set_start(s, start)
+                room -= cost
                 max_seqs -= 1
                 taken.append(s)
             if not q:
@@ -145,6 +169,33 @@ class Scheduler:
             if not taken:
                 break  # the oldest lane's head does not fit this step: it goes first next step
             plan.prefill.append(taken)
+
+    def _start_of(self, seq: Sequence) -> int:
+        """Prompt tokens `seq` need not compute: its leading full blocks whose KV is written,
+        or computed earlier in this step. Never the whole prompt: the last token's logits
+        are wanted."""
+        return min(self._cached_of(seq), len(seq.req.prompt) - 1)
+
+    def _cached_of(self, seq: Sequence) -> int:
+        if not self.pool.caching:
+            return 0
+        ready, planned = self.pool.ready, self._planned
+        n = 0
+        for b in seq.blocks[:len(seq.keys)]:
+            if not (ready[b] or b in planned):
+                break
+            n += 1
+        return n * self.block_size
+
+    def _set_start(self, seq: Sequence, start: int | None = None) -> None:
+        """`seq` is prefilled in this step from `start`: its full prompt blocks from there
+        on are written by this step, for anyone scheduled after it."""
+        seq.cached = self._cached_of(seq)
+        seq.start = min(seq.cached, len(seq.req.prompt) - 1) if start is None else start
+        bs = self.block_size
+        mine = seq.blocks[seq.cached // bs:len(seq.req.prompt) // bs]
+        self._planned.update(mine)
+        self.pool.mark_ready(mine)
 
     def launched(self, plan: StepPlan) -> None:
         """Overlap only: the plan is on the device; its tokens come back at postprocess."""
@@ -158,7 +209,7 @@ class Scheduler:
         done: list[Completion] = []
         still: list[Sequence] = []
         for seq, tok in zip(plan.rows, tokens, strict=True):
-            reason = self._append(seq, tok, len(seq.req.prompt), now)
+            reason = self._append(seq, tok, len(seq.req.prompt) - seq.start, now)
             if reason is None:
                 still.append(seq)
             else:
@@ -175,6 +226,8 @@ class Scheduler:
         if prefilled:
             seq.first_token_at = now
         seq.generated.append(tok)
+        if self.pool.caching:
+            self._key_full_blocks(seq)
         if tok in seq.req.stop_ids or tok in self.eos_ids:
             return "stop"
         return "length" if len(seq.generated) >= seq.req.max_new_tokens else None
@@ -186,7 +239,7 @@ class Scheduler:
             seq.pending -= 1
             if seq.retired:
                 continue  # launched before the host saw its stop token: a wasted row
-            reason = self._append(seq, tok, len(seq.req.prompt), now)
+            reason = self._append(seq, tok, len(seq.req.prompt) - seq.start, now)
             if reason is not None:
                 seq.retired = True
                 done.append(self._finish(seq, reason, now))
@@ -194,8 +247,22 @@ class Scheduler:
             self.running = [s for s in self.running if not s.retired]
         return done
 
+    def _key_full_blocks(self, seq: Sequence) -> None:
+        """Give content keys to the blocks whose every position's KV is written: all the
+        sequence's tokens but the newest (its KV is written when it is fed back)."""
+        bs = self.block_size
+        full = min((seq.num_tokens - 1) // bs, len(seq.blocks))
+        if full <= len(seq.keys):
+            return
+        tokens = seq.req.prompt + seq.generated
+        for j, key in enumerate(block_hashes(tokens[:full * bs], bs,
+                                             seq.keys[-1] if seq.keys else b"",
+                                             start=len(seq.keys)), start=len(seq.keys)):
+            seq.keys.append(key)
+            self.pool.register(seq.blocks[j], key)
+
     def _finish(self, seq: Sequence, reason: str, now: float) -> Completion:
-        self.allocator.release(seq.req.key)
+        self.pool.release(seq.req.key)
         return Completion(key=seq.req.key, tokens=seq.generated, finish_reason=reason,
                           computed_tokens=seq.computed_tokens,
-                          first_token_at=seq.first_token_at or now)
+                          first_token_at=seq.first_token_at or now, cached_tokens=seq.start)

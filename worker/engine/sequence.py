@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from worker.engine.blocks import padded_tokens
+from worker.engine.blocks import Reservation, padded_tokens
 
 
 @dataclass(slots=True)
@@ -25,6 +25,10 @@ class Request:
     seed: int  # folded to 32 bits
     stop_ids: frozenset[int]
     solo: bool = False  # run in a batch of its own (suspected poison job)
+    # The prompt's full blocks' content keys (`worker.engine.blocks.block_hashes`), and the
+    # blocks admission reserved for the job; None: the scheduler reserves them itself.
+    hashes: tuple[bytes, ...] = ()
+    reservation: Reservation | None = None
 
     @classmethod
     def greedy(cls, key: int, prompt: list[int], max_new_tokens: int, seed: int = 0,
@@ -42,15 +46,21 @@ class Completion:
     finish_reason: str  # "length" | "stop"
     computed_tokens: int  # token rows this job occupied in forwards, padding included
     first_token_at: float  # time.monotonic() when the first token was sampled
+    cached_tokens: int = 0  # prompt tokens whose KV it found computed (by a job before it)
 
 
 @dataclass(slots=True)
 class Sequence:
     req: Request
+    blocks: tuple[int, ...]  # its KV blocks, in position order (some shared by content)
     slots: np.ndarray  # [reserved_tokens] int64 flat KV slots, in position order
     lane: int  # prefill lane: prompts of similar length share attention calls
     waiting_since: float  # monotonic; the oldest lane head is prefilled first
+    keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks so far
     generated: list[int] = field(default_factory=list)
+    start: int = 0  # its first prompt token computed at prefill (before it: KV was there)
+    cached: int = 0  # prompt tokens whose KV was there (start, or one more: the last token
+    # of a prompt found whole is computed for its logits, its KV not written again)
     computed_tokens: int = 0
     first_token_at: float = 0.0
     # Static batching (the ladder's policies) only: finished, still computing padding rows.

@@ -65,7 +65,8 @@ class AttnGroup:
     # Decode: [Bg, 1, 1, K] bool, True = attend (lengths differ within a group). Prefill: None,
     # plain causal attention: a real query row never reaches a key past its own position, so
     # the right padding of shorter prompts is invisible to it, and the kernel skips the
-    # masked half instead of computing it.
+    # masked half instead of computing it; or, when prompts start after a cached prefix,
+    # [Bg, 1, Q, K] bool: query i of sequence b sees keys up to its own position.
     mask: Tensor | None
     rows: tuple[int, int] | None = None  # decode: packed rows start..stop, one per sequence
     q_rows: Tensor | None = None  # prefill: [Bg, Q] rows of the packed tokens (padding -> 0)
@@ -178,7 +179,10 @@ class Attention(nn.Module):
             else:
                 nq = g.q_rows.shape[1]
                 qg = q.index_select(0, g.q_rows.view(-1)).view(bg, nq, self.n_heads, self.hd)
-                og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg, vg, is_causal=True,
+                # Plain causal when every prompt starts at 0 (the kernel skips the masked
+                # half); an explicit mask when some start after a cached prefix.
+                og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg, vg,
+                                                    attn_mask=g.mask, is_causal=g.mask is None,
                                                     enable_gqa=True)  # [Bg, H, Q, D]
                 og = og.transpose(1, 2).reshape(bg * nq, self.n_heads * self.hd)  # [Bg*Q, H*D]
                 out.index_copy_(0, g.out_rows, og.index_select(0, g.out_sel))

@@ -1,12 +1,14 @@
-"""Admission: a job enters the executor only if its padded tokens fit under the budget.
+"""Admission: a job enters the executor only if the KV it adds fits under the budget.
 
-A job's padded tokens are its prompt plus `max_new_tokens`, rounded up to whole KV
-blocks; that is exactly the KV it will reserve, so everything downstream may assume the
-memory exists. Admission is FIFO and stops at the first job that does not fit (it stays
-at the front, so nothing overtakes it and nothing starves). Stopping switches admission to
-*holding*: nothing more enters until the in-flight tokens fall to `low_water`, and then a
-whole group enters at once. That hysteresis keeps prefill batches large instead of
-trickling in one job per finished job.
+A job's padded tokens are its prompt plus `max_new_tokens`, rounded up to whole KV blocks;
+admission reserves exactly those blocks in the pool before the job goes on, so everything
+downstream may assume the memory exists. What a job costs the budget is what it adds: a
+prefix whose blocks another held job has, or the pool kept from an earlier job, is counted
+once (`worker.engine.blocks.BlockPool.reserve`). Admission is FIFO and stops at the first
+job that does not fit (it stays at the front, so nothing overtakes it and nothing starves).
+Stopping switches admission to *holding*: nothing more enters until the tokens held fall
+to `low_water`, and then a whole group enters at once. That hysteresis keeps prefill
+batches large instead of trickling in one job per finished job.
 
 `Intake` is the state around that rule: what was fetched and waits (pending), what was
 admitted and runs (in flight), every message held unsettled, and how many more messages
@@ -23,43 +25,38 @@ from typing import TypeVar
 from nats.aio.msg import Msg
 
 from worker.broker.validate import Ticket
+from worker.engine.blocks import BlockPool
 
 T = TypeVar("T")
 
 
 class Admission:
+    """The rule: FIFO, stop at the first job that does not fit, then hold until the tokens
+    in flight fall to low water. Whether a job fits is the caller's `take` (which also
+    reserves it): the block pool knows what a job shares."""
+
     def __init__(self, budget_tokens: int, low_water_tokens: int):
         if not 0 <= low_water_tokens < budget_tokens:
             raise ValueError("need 0 <= low_water < budget")
         self.budget_tokens = budget_tokens
         self.low_water_tokens = low_water_tokens
-        self.in_flight_tokens = 0
         self.holding = False  # True from the first job that did not fit until low water
 
-    def admit(self, pending: deque[T], cost: Callable[[T], int]) -> list[T]:
-        """Pop from the front of `pending` every job admitted now, in order."""
+    def admit(self, pending: deque[T], in_flight_tokens: int,
+              take: Callable[[T], bool]) -> list[T]:
+        """Pop from the front of `pending` every job admitted now, in order. `take(job)`
+        reserves the job and says True, or says False when it does not fit."""
         if self.holding:
-            if self.in_flight_tokens > self.low_water_tokens:
+            if in_flight_tokens > self.low_water_tokens:
                 return []
             self.holding = False
         out: list[T] = []
         while pending:
-            c = cost(pending[0])
-            if self.in_flight_tokens + c > self.budget_tokens:
+            if not take(pending[0]):
                 self.holding = True
                 break
-            self.in_flight_tokens += c
             out.append(pending.popleft())
         return out
-
-    def release(self, tokens: int) -> None:
-        self.in_flight_tokens -= tokens
-        if self.in_flight_tokens < 0:
-            raise AssertionError("released more tokens than were admitted")
-
-    @property
-    def occupancy(self) -> float:
-        return self.in_flight_tokens / self.budget_tokens
 
 
 @dataclass(slots=True)
@@ -71,10 +68,6 @@ class Admitted:
 
     def __bool__(self) -> bool:
         return bool(self.run or self.expired)
-
-
-def _cost(t: Ticket) -> int:
-    return t.reserved_tokens
 
 
 class Intake:
@@ -92,8 +85,12 @@ class Intake:
     that kills the engine takes as few bystanders with it as possible.
     """
 
-    def __init__(self, token_budget: int, low_water: int, max_seq_len: int, block_size: int,
+    def __init__(self, pool: BlockPool, token_budget: int, low_water: int, max_seq_len: int,
                  fetch_batch: int, solo_from_attempt: int):
+        block_size = pool.block_size
+        self.pool = pool  # the engine's KV blocks: admission reserves them
+        self.block_size = block_size
+        self.budget_blocks = token_budget // block_size
         self.admission = Admission(token_budget, low_water)
         self.fetch_batch = fetch_batch  # most messages one pull asks for
         self.solo_from_attempt = solo_from_attempt
@@ -151,34 +148,44 @@ class Intake:
     def is_solo(self, t: Ticket) -> bool:
         return t.attempt >= self.solo_from_attempt
 
+    @property
+    def in_flight_tokens(self) -> int:
+        """Tokens of the KV blocks held by admitted jobs, shared blocks once."""
+        return self.pool.used_blocks * self.block_size
+
+    @property
+    def occupancy(self) -> float:
+        return self.in_flight_tokens / self.admission.budget_tokens
+
     def admit(self, now: float, now_unix: float) -> Admitted:
-        """Every pending job admission lets in now, in order. One that expired while it
-        waited is not run: its tokens go straight back, which may let more in."""
+        """Every pending job admission lets in now, in order, its KV blocks reserved. One
+        that expired while it waited is let through without blocks, to be answered."""
         out = Admitted()
-        while admitted := self.admission.admit(self.pending, _cost):
-            expired = 0
-            for t in admitted:
-                self.pending_tokens -= t.reserved_tokens
-                if t.job.deadline_s is not None and t.job.deadline_s <= now_unix:
-                    self.admission.release(t.reserved_tokens)
-                    out.expired.append(t)
-                    expired += 1
-                    continue
-                if not self.inflight:
-                    self.busy_since = now
-                t.admitted_at = now
-                self.inflight[t.key] = t
-                self.solo_inflight += self.is_solo(t)
-                out.run.append(t)
-            if not expired:
-                break
+
+        def take(t: Ticket) -> bool:
+            if t.job.deadline_s is not None and t.job.deadline_s <= now_unix:
+                out.expired.append(t)
+                return True
+            t.reservation = self.pool.reserve(t.key, t.hashes, t.reserved_tokens // self.block_size,
+                                              limit=self.budget_blocks)
+            return t.reservation is not None
+
+        for t in self.admission.admit(self.pending, self.in_flight_tokens, take):
+            self.pending_tokens -= t.reserved_tokens
+            if t.reservation is None:
+                continue  # expired: answered, never reserved
+            if not self.inflight:
+                self.busy_since = now
+            t.admitted_at = now
+            self.inflight[t.key] = t
+            self.solo_inflight += self.is_solo(t)
+            out.run.append(t)
         return out
 
     def finished(self, key: int) -> Ticket | None:
-        """The job `key` left the executor: its tokens go back to the budget."""
+        """The job `key` left the executor (which gave its blocks back to the pool)."""
         t = self.inflight.pop(key, None)
         if t is not None:
-            self.admission.release(t.reserved_tokens)
             self.solo_inflight -= self.is_solo(t)
         return t
 

@@ -66,8 +66,8 @@ class Worker:
     def __init__(self, cfg: EngineConfig, opts: Options, engine: Engine, topo: Topology,
                  security: Security):
         self.cfg, self.opts, self.engine, self.topo, self.security = cfg, opts, engine, topo, security
-        self.intake = Intake(cfg.token_budget, cfg.low_water, cfg.max_seq_len, engine.block_size,
-                             opts.fetch_batch, opts.solo_from_attempt)
+        self.intake = Intake(engine.pool.blocks, cfg.token_budget, cfg.low_water,
+                             cfg.max_seq_len, opts.fetch_batch, opts.solo_from_attempt)
         self.stats = WorkerStats()
         self.life = Lifecycle()
         self.info = WorkerInfo(worker_id=opts.worker_id, config_hash=config_hash(cfg),
@@ -166,15 +166,15 @@ class Worker:
 
     def view(self) -> WorkerView:
         """What metrics and health read (any thread)."""
-        ex, pub, ing, adm = self.executor, self.publisher, self.ingress, self.intake.admission
+        ex, pub, ing, intake = self.executor, self.publisher, self.ingress, self.intake
         return WorkerView(
             ready=self.ready, draining=self.intake.draining, faulted=self.life.fault is not None,
             started=ex is not None, executor_alive=ex is not None and ex.alive,
             connected=None if self.nc is None else self.nc.is_connected,
             held=len(self.intake.held), pending_jobs=len(self.intake.pending),
             pending_tokens=self.intake.pending_tokens, inflight_jobs=len(self.intake.inflight),
-            running_jobs=ex.running_jobs if ex else 0, inflight_tokens=adm.in_flight_tokens,
-            occupancy=adm.occupancy, admission_holding=adm.holding,
+            running_jobs=ex.running_jobs if ex else 0, inflight_tokens=intake.in_flight_tokens,
+            occupancy=intake.occupancy, admission_holding=intake.admission.holding,
             kv_used_blocks=ex.kv_used_blocks if ex else 0, kv_blocks=self.engine.pool.num_blocks,
             publisher_depth=pub.depth if pub else 0, publisher_capacity=pub.capacity if pub else 0,
             fetched=ing.fetched if ing else 0, published=pub.published if pub else 0,
@@ -211,7 +211,7 @@ class Worker:
             self.executor.submit([self._request(t) for t in got.run])
         if got:
             self.ingress.room_changed.set()
-        self.stats.occupancy(self.intake.admission.occupancy, queued=bool(self.intake.pending))
+        self.stats.occupancy(self.intake.occupancy, queued=bool(self.intake.pending))
 
     def _request(self, t: Ticket) -> Request:
         solo = self.intake.is_solo(t)
@@ -222,7 +222,8 @@ class Worker:
         return Request(key=t.key, prompt=t.prompt, max_new_tokens=t.job.max_new_tokens,
                        reserved_tokens=t.reserved_tokens, temperature=s.temperature,
                        top_k=s.top_k, top_p=s.top_p, seed=fold_seed(seed),
-                       stop_ids=frozenset(s.stop_token_ids), solo=solo)
+                       stop_ids=frozenset(s.stop_token_ids), solo=solo, hashes=t.hashes,
+                       reservation=t.reservation)
 
     def _expire(self, t: Ticket, why: str) -> None:
         self._answer(Outcome(t.msg, t.job.id, t.job.reply_to, t.attempt, t.arrived_at,

@@ -16,7 +16,7 @@ from schemas import ErrorCode, ErrorInfo, FinishReason, Job, decode_result
 from worker.admission import Intake
 from worker.broker.replies import JobTimes, completion_payload, dead_letter, edge_result
 from worker.broker.validate import Outcome, Ticket
-from worker.engine.blocks import padded_tokens
+from worker.engine.blocks import BlockPool, block_hashes, padded_tokens
 from worker.engine.sequence import Completion
 from worker.lifecycle import FaultKind, Lifecycle, Watch
 
@@ -24,7 +24,19 @@ BUDGET, LOW, MAX_SEQ, BLOCK = 4096, 2048, 1088, 16
 
 
 def intake(fetch_batch: int = 64, solo_from: int = 3) -> Intake:
-    return Intake(BUDGET, LOW, MAX_SEQ, BLOCK, fetch_batch, solo_from)
+    return Intake(BlockPool(BUDGET // BLOCK, BLOCK), BUDGET, LOW, MAX_SEQ, fetch_batch, solo_from)
+
+
+def done(i: Intake, t: Ticket) -> None:
+    """The executor finished `t`: its blocks go back to the pool, then the loop hears of it."""
+    i.pool.release(t.key)
+    i.finished(t.key)
+
+
+def fill(i: Intake) -> None:
+    """Hold the whole budget (an earlier job that is still running)."""
+    i.pool.reserve(-1, (), i.budget_blocks)
+    i.admission.holding = True
 
 
 class Msg(SimpleNamespace):
@@ -37,10 +49,12 @@ _keys = iter(range(1, 1 << 30))
 def ticket(tokens: int = 100, attempt: int = 1, deadline_s: float | None = None,
            job_id: str | None = None) -> Ticket:
     key = next(_keys)
-    job = Job(id=job_id or f"j{key}", prompt=[1] * (tokens - 10), max_new_tokens=10,
+    # A prompt of its own per job, so nothing is shared (test_prefix.py shares).
+    job = Job(id=job_id or f"j{key}", prompt=[key % 200 + 1] * (tokens - 10), max_new_tokens=10,
               reply_to="fabric.results.t", deadline_s=deadline_s)
     return Ticket(msg=Msg(key=key), job=job, key=key, attempt=attempt, prompt=job.prompt,
-                  reserved_tokens=padded_tokens(tokens, BLOCK), arrived_at=time.monotonic())
+                  reserved_tokens=padded_tokens(tokens, BLOCK), arrived_at=time.monotonic(),
+                  hashes=tuple(block_hashes(job.prompt, BLOCK)))
 
 
 def arrive(i: Intake, t: Ticket, last_fetch_len: int = 64) -> bool:
@@ -67,7 +81,7 @@ def test_a_suspect_makes_the_worker_cautious_and_while_it_runs_nothing_is_pulled
     assert i.cautious and i.room() == 1
     got = i.admit(time.monotonic(), time.time())
     assert suspect in got.run and i.solo_inflight == 1 and i.room() == 0
-    i.finished(suspect.key)
+    done(i, suspect)
     assert i.solo_inflight == 0 and i.room() == 1
 
 
@@ -79,10 +93,9 @@ def test_the_pull_is_sized_to_one_admission_group_by_the_recent_job_size() -> No
     assert i.room() == (BUDGET - LOW) // 256
     for _ in range(200):  # jobs of 112 tokens, admitted as they come, pull the estimate down
         arrive(i, ticket(112))
-        i.finished(i.admit(time.monotonic(), time.time()).run[0].key)
+        done(i, i.admit(time.monotonic(), time.time()).run[0])
     assert (BUDGET - LOW) // 140 < i.room() <= (BUDGET - LOW) // 112
-    i.admission.holding = True  # nothing is admitted: the pending queue fills to its cap
-    i.admission.in_flight_tokens = BUDGET
+    fill(i)  # nothing is admitted: the pending queue fills to its cap
     while i.room():
         arrive(i, ticket(112))
     assert i.pending_tokens >= i.pending_cap_tokens - 2 * 112
@@ -119,9 +132,9 @@ def test_admission_admits_a_group_then_holds_until_low_water() -> None:
     assert i.admission.holding and i.busy_since == 1.0
     assert [t.admitted_at for t in first.run] == [1.0] * 4
     assert i.pending_tokens == 2 * 1008
-    i.finished(tickets[0].key)  # 3024 in flight: above low water, still holding
+    done(i, tickets[0])  # 3024 in flight: above low water, still holding
     assert not i.admit(2.0, time.time())
-    i.finished(tickets[1].key)  # 2016: at low water, the next group enters
+    done(i, tickets[1])  # 2016: at low water, the next group enters
     assert i.admit(3.0, time.time()).run == tickets[4:]
     assert i.busy_since == 1.0  # never idle in between
     assert i.finished(12345) is None  # unknown (already finished) keys are ignored
@@ -130,21 +143,21 @@ def test_admission_admits_a_group_then_holds_until_low_water() -> None:
 def test_a_job_that_expired_waiting_is_answered_and_its_room_goes_to_the_next() -> None:
     i = intake()
     now = time.time()
-    big = ticket(2000)  # with `late` under the budget, `after` does not fit: holding ...
-    late = ticket(2000, deadline_s=now - 1)
-    after = ticket(1000)  # ... until `late`'s tokens go back: low water, `after` enters
+    big = ticket(2000)
+    late = ticket(2000, deadline_s=now - 1)  # never reserved: its room goes to `after`
+    after = ticket(2000)
     for t in (big, late, after):
         arrive(i, t)
     got = i.admit(1.0, now)
     assert got.run == [big, after] and got.expired == [late]
-    assert i.admission.in_flight_tokens == big.reserved_tokens + after.reserved_tokens
+    assert i.in_flight_tokens == big.reserved_tokens + after.reserved_tokens
     assert i.pending_tokens == 0 and late.key not in i.inflight
 
 
 def test_pending_jobs_past_their_deadline_are_swept() -> None:
     i = intake()
     now = time.time()
-    i.admission.holding, i.admission.in_flight_tokens = True, BUDGET  # nothing admits
+    fill(i)  # nothing admits
     keep, late = ticket(200, deadline_s=now + 60), ticket(300, deadline_s=now - 1)
     for t in (keep, late):
         arrive(i, t)
@@ -256,3 +269,22 @@ def test_only_suspects_run_solo(attempt: int) -> None:
     i = intake(solo_from=2)
     t = ticket(attempt=attempt)
     assert i.is_solo(t) == (attempt >= 2)
+
+
+def test_jobs_sharing_a_prefix_cost_the_budget_what_they_add() -> None:
+    i = intake()
+    system = list(range(1, 1001))  # 62 full blocks shared by every job
+    tickets = []
+    for n in range(8):
+        t = ticket(20)
+        prompt = system + [n + 1] * 10
+        t.job = t.job.model_copy(update={"prompt": prompt})
+        t.prompt, t.hashes = prompt, tuple(block_hashes(prompt, BLOCK))
+        t.reserved_tokens = padded_tokens(len(prompt) + 10, BLOCK)  # 1024: 4 would fill it
+        tickets.append(t)
+        arrive(i, t)
+    got = i.admit(1.0, time.time())
+    assert got.run == tickets and not i.admission.holding  # all eight, in one budget
+    assert i.in_flight_tokens == (64 + 7 * 2) * BLOCK  # the prefix once, two blocks each after
+    assert [t.reservation.shared for t in tickets] == [0] + [62] * 7
+    i.pool.check()

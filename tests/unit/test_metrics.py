@@ -69,8 +69,9 @@ class FakeWorker:
 
     def view(self) -> WorkerView:
         a = self.admission
-        return WorkerView(**vars(self.state), inflight_tokens=a.in_flight_tokens,
-                          occupancy=a.occupancy, admission_holding=a.holding,
+        held = self.alloc.used_blocks * 16
+        return WorkerView(**vars(self.state), inflight_tokens=held,
+                          occupancy=held / CFG.token_budget, admission_holding=a.holding,
                           kv_used_blocks=self.alloc.used_blocks, kv_blocks=self.alloc.num_blocks,
                           stats=self.stats)
 
@@ -204,8 +205,8 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     w.stats.redelivered, w.stats.naked = 1, 3
     w.state.pending_jobs, w.state.pending_tokens = 2, 96
     w.state.inflight_jobs, w.state.running_jobs = 3, 1
-    w.admission.admit(deque([3000, 2000]), lambda c: c)  # the second does not fit: holding
-    w.alloc.reserve(1, (), 5)
+    w.alloc.reserve(1, (), 188)  # 3008 tokens held
+    w.admission.admit(deque([3000, 2000]), 0, lambda c: c > 2000)  # the second: holding
     w.state.acked, w.state.naked, w.state.published = 6, 1, 7
     w.state.held = 1
     w.state.dead_lettered = 2
@@ -232,11 +233,11 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     assert depth == {"pending": 2, "executor_waiting": 2, "executor_running": 1, "publisher": 0}
     assert cap == {"pending": 256, "executor_waiting": 256, "executor_running": 256,
                    "publisher": 1792}
-    assert got[("fabric_inflight_tokens", ())] == 3000
-    assert got[("fabric_budget_occupancy", ())] == pytest.approx(3000 / 4096)
+    assert got[("fabric_inflight_tokens", ())] == 3008
+    assert got[("fabric_budget_occupancy", ())] == pytest.approx(3008 / 4096)
     assert got[("fabric_admission_state", (("state", "holding"),))] == 1
     assert got[("fabric_admission_state", (("state", "open"),))] == 0
-    assert got[("fabric_kv_blocks_used", ())] == 5
+    assert got[("fabric_kv_blocks_used", ())] == 188
     assert got[("fabric_useful_tokens_total", ())] == 15
     assert got[("fabric_padding_fraction", (("kind", "attention"),))] == pytest.approx(0.25)
     assert got[("fabric_ready", ())] == 1 and got[("fabric_held_messages", ())] == 1

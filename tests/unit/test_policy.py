@@ -16,56 +16,78 @@ from worker.engine.sequence import Request
 # -- admission ------------------------------------------------------------------------
 
 
+class Ledger:
+    """Tokens in flight, for the rule alone: `take` reserves a job of c tokens if it fits
+    (the block pool plays this part in the worker, sharing prefixes)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+
+    def take(self, c: int) -> bool:
+        if self.used + c > self.budget:
+            return False
+        self.used += c
+        return True
+
+    def release(self, c: int) -> None:
+        self.used -= c
+        assert self.used >= 0
+
+
+def admit(adm: Admission, led: Ledger, pending: deque[int]) -> list[int]:
+    return adm.admit(pending, led.used, led.take)
+
+
 def test_admission_never_exceeds_budget_and_holds_until_low_water() -> None:
     rng = random.Random(0)
-    adm = Admission(budget_tokens=4096, low_water_tokens=2048)
+    adm, led = Admission(budget_tokens=4096, low_water_tokens=2048), Ledger(4096)
     pending: deque[int] = deque(rng.choice([16, 64, 160, 512, 1088]) for _ in range(2000))
     inflight: list[int] = []
     order: list[int] = []
     while pending or inflight:
         was_holding = adm.holding
-        before = adm.in_flight_tokens
-        got = adm.admit(pending, lambda c: c)
+        before = led.used
+        got = admit(adm, led, pending)
         if was_holding and before > 2048:
             assert got == [], "admitted while holding above low water"
         inflight += got
         order += got
-        assert adm.in_flight_tokens == sum(inflight) <= 4096
+        assert led.used == sum(inflight) <= 4096
         if got and pending:
             # Admission stopped at a job that does not fit: now holding.
-            assert adm.holding and adm.in_flight_tokens + pending[0] > 4096
+            assert adm.holding and led.used + pending[0] > 4096
         # Finish a random subset.
         rng.shuffle(inflight)
         k = rng.randint(1, max(1, len(inflight)))
         for c in inflight[:k]:
-            adm.release(c)
+            led.release(c)
         inflight = inflight[k:]
-    assert adm.in_flight_tokens == 0
+    assert led.used == 0
 
 
 def test_admission_is_fifo_so_a_big_job_is_not_overtaken() -> None:
-    adm = Admission(budget_tokens=1000, low_water_tokens=200)
+    adm, led = Admission(budget_tokens=1000, low_water_tokens=200), Ledger(1000)
     pending = deque([600, 900, 10, 10])
-    assert adm.admit(pending, lambda c: c) == [600]
+    assert admit(adm, led, pending) == [600]
     assert adm.holding
-    adm.release(300)  # 300 in flight, above low water: still holding
-    assert adm.admit(pending, lambda c: c) == []
-    adm.release(200)  # 100 in flight: resume, the 900 goes first
-    assert adm.admit(pending, lambda c: c) == [900]
-    adm.release(1000)
-    assert adm.admit(pending, lambda c: c) == [10, 10]
+    led.release(300)  # 300 in flight, above low water: still holding
+    assert admit(adm, led, pending) == []
+    led.release(200)  # 100 in flight: resume, the 900 goes first
+    assert admit(adm, led, pending) == [900]
+    led.release(1000)
+    assert admit(adm, led, pending) == [10, 10]
 
 
 def test_admission_group_enters_at_once_after_low_water() -> None:
-    adm = Admission(budget_tokens=1600, low_water_tokens=800)
+    adm, led = Admission(budget_tokens=1600, low_water_tokens=800), Ledger(1600)
     pending = deque([160] * 30)
-    first = adm.admit(pending, lambda c: c)
+    first = admit(adm, led, pending)
     assert len(first) == 10 and adm.holding
     for _ in range(4):
-        adm.release(160)  # 960 in flight: still above low water
-        assert adm.admit(pending, lambda c: c) == []
-    adm.release(160)  # 800: at low water, a group of five refills to the budget
-    assert len(adm.admit(pending, lambda c: c)) == 5
+        led.release(160)  # 960 in flight: still above low water
+        assert admit(adm, led, pending) == []
+    led.release(160)  # 800: at low water, a group of five refills to the budget
+    assert len(admit(adm, led, pending)) == 5
 
 
 # -- KV block pool --------------------------------------------------------------------

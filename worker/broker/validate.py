@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from schemas import DecodeError, ErrorCode, ErrorInfo, FinishReason, Job, decode_job
-from worker.engine.blocks import padded_tokens
+from worker.engine.blocks import Reservation, block_hashes, padded_tokens
 from worker.model.tokenizer import Tokenizer
 
 
@@ -36,7 +36,9 @@ class Ticket:
     prompt: list[int]
     reserved_tokens: int  # the admission/KV unit: prompt + max_new_tokens in whole blocks
     arrived_at: float  # time.monotonic() when fetched
+    hashes: tuple[bytes, ...] = ()  # content keys of the prompt's full KV blocks
     admitted_at: float = 0.0  # time.monotonic() when admitted (0 while pending)
+    reservation: Reservation | None = None  # its KV blocks, from admission on
 
 
 @dataclass(slots=True)
@@ -115,7 +117,8 @@ class Validator:
                            prompt_tokens=len(prompt), terminate=False)
         self._next_key += 1
         return Ticket(msg=msg, job=job, key=self._next_key, attempt=attempt, prompt=prompt,
-                      reserved_tokens=reserved, arrived_at=now)
+                      reserved_tokens=reserved, arrived_at=now,
+                      hashes=tuple(block_hashes(prompt, lim.block_size)))
 
 
     def _poison(self, msg: Msg, attempt: int, now: float) -> Outcome:

@@ -63,6 +63,7 @@ def outcome_of(result: Result) -> Outcome:
         first_token_ms=result.timing.first_token_ms,
         worker=result.worker,
         attempt=result.attempt,
+        cached_tokens=result.usage.cached_tokens,
     )
 
 

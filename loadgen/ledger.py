@@ -30,6 +30,7 @@ class Outcome:
     first_token_ms: float | None  # worker-side time to first token, if it got one
     worker: str  # worker id that produced it
     attempt: int  # delivery attempt that produced it
+    cached_tokens: int = 0  # prompt tokens the worker served from its prefix cache
 
 
 @dataclass(slots=True)

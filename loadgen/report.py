@@ -62,8 +62,11 @@ def build_report(stats: RunStats, worker_metrics: dict[str, Any] | None = None) 
     prompt_tokens = sum(o.prompt_tokens for o in ok)
     completion_tokens = sum(o.completion_tokens for o in ok)
     padded_tokens = sum(o.padded_tokens for o in ok)
+    cached_tokens = sum(o.cached_tokens for o in ok)
     useful = prompt_tokens + completion_tokens
-    padding_fraction = 1.0 - useful / padded_tokens if padded_tokens > 0 else 0.0
+    # Padding against the tokens the workers had to compute (a cached prefix is not).
+    computed = useful - cached_tokens
+    padding_fraction = max(0.0, 1.0 - computed / padded_tokens) if padded_tokens > 0 else 0.0
 
     e2e_ms = [
         (stats.arrived_s[o.id] - stats.sent_s[o.id]) * 1e3 for o in ok if o.id in stats.sent_s
@@ -102,6 +105,9 @@ def build_report(stats: RunStats, worker_metrics: dict[str, Any] | None = None) 
         "completion_tokens": completion_tokens,
         "padded_tokens": padded_tokens,
         "padding_fraction": padding_fraction,
+        "cached_tokens": cached_tokens,
+        # Prompt tokens served from the workers' prefix caches, of all prompt tokens.
+        "cache_hit_fraction": cached_tokens / prompt_tokens if prompt_tokens else 0.0,
         "latency_ms": percentiles(e2e_ms),
         "worker_latency_ms": percentiles(worker_ms),
         "ttft_ms": percentiles(ttft_ms),
@@ -160,6 +166,8 @@ def format_report(report: dict[str, Any]) -> str:
         ("useful tokens/s", num(report["useful_tokens_per_s"])),
         ("tokens", f"{report['prompt_tokens']} prompt + {report['completion_tokens']} completion"),
         ("padding fraction", f"{num(report['padding_fraction'], '.3f')} (Results)"),
+        ("prompt from cache", f"{num(report.get('cache_hit_fraction', 0.0), '.3f')} "
+                              f"({report.get('cached_tokens', 0)} tokens)"),
         ("latency ms (e2e)", pcts(report["latency_ms"])),
         ("latency ms (worker)", pcts(report["worker_latency_ms"])),
         ("ttft ms (worker)", pcts(report["ttft_ms"])),

@@ -152,6 +152,11 @@ class Usage(_Wire):
         "plus one per decode step it took part in. Equal to prompt + completion when "
         "nothing was padded.",
     )
+    cached_tokens: NonNegInt = Field(
+        0,
+        description="Prompt tokens whose KV the worker already held (a prefix this job shares "
+        "with an earlier or concurrent one): served from cache, not computed for this job.",
+    )
 
 
 class Timing(_Wire):

@@ -175,7 +175,8 @@ class Worker:
             pending_tokens=self.intake.pending_tokens, inflight_jobs=len(self.intake.inflight),
             running_jobs=ex.running_jobs if ex else 0, inflight_tokens=intake.in_flight_tokens,
             occupancy=intake.occupancy, admission_holding=intake.admission.holding,
-            kv_used_blocks=ex.kv_used_blocks if ex else 0, kv_blocks=self.engine.pool.num_blocks,
+            kv_used_blocks=intake.pool.used_blocks, kv_blocks=intake.pool.num_blocks,
+            kv_cached_blocks=intake.pool.cached_blocks, kv_evictions=intake.pool.evictions,
             publisher_depth=pub.depth if pub else 0, publisher_capacity=pub.capacity if pub else 0,
             fetched=ing.fetched if ing else 0, published=pub.published if pub else 0,
             acked=pub.acked if pub else 0, termed=pub.termed if pub else 0,
@@ -278,6 +279,7 @@ class Worker:
             payload = completion_payload(t, c, tok.decode(c.tokens), self.opts.worker_id, times)
             self.stats.on_result(ok=True, prompt_tokens=len(t.prompt),
                                  completion_tokens=len(c.tokens), padded_tokens=c.computed_tokens,
+                                 cached_tokens=c.cached_tokens,
                                  queued_ms=times.queued_ms, first_token_ms=times.first_token_ms,
                                  total_ms=times.total_ms)
             self._deliver(t.msg, t.job.id, t.attempt, payload, t.job.reply_to, Settle.ACK)

@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Python's thread switch interval (default 1 ms; Python's own is 5)")
     # Benchmark ladder only (fabric-loadgen bench): the same worker with an older policy.
     run.add_argument("--policy", choices=POLICIES, default="continuous", help=argparse.SUPPRESS)
+    # Benchmark only: every job computes its whole prompt (what prefix caching buys).
+    run.add_argument("--no-prefix-cache", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--runner", choices=("auto",) + RUNNER_MODES, default="auto",
                      help="how steps reach the device: pipelined = one pinned, asynchronous "
                           "copy per step and CUDA graphs for decode steps; eager = tensors as "
@@ -225,7 +227,8 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     try:
         engine = build_engine_off_main(cfg.model, cfg.device, cfg.dtype, cfg.token_budget,
                                        cfg.max_seq_len, max_step_tokens=args.max_step_tokens,
-                                       policy=args.policy, runner=args.runner)
+                                       policy=args.policy, runner=args.runner,
+                                       prefix_cache=not args.no_prefix_cache)
     except EngineError as e:
         print(f"fabric-worker: engine config {args.config}: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -238,7 +241,7 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     log.info("engine_ready", model=engine.loaded.name, params=engine.loaded.args.num_params(),
              kv_pool_mib=round(engine.pool.nbytes / 2**20, 1), kv_blocks=engine.pool.num_blocks,
              block_size=engine.block_size, max_step_tokens=engine.max_step_tokens,
-             runner=engine.runner_mode,
+             runner=engine.runner_mode, prefix_cache=engine.pool.blocks.caching,
              intra_op_threads=torch.get_num_threads(),
              gil_switch_ms=round(sys.getswitchinterval() * 1e3, 3), gc_frozen=gc.get_freeze_count(),
              gc_thresholds=gc.get_threshold())

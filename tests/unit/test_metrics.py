@@ -73,6 +73,8 @@ class FakeWorker:
         return WorkerView(**vars(self.state), inflight_tokens=held,
                           occupancy=held / CFG.token_budget, admission_holding=a.holding,
                           kv_used_blocks=self.alloc.used_blocks, kv_blocks=self.alloc.num_blocks,
+                          kv_cached_blocks=self.alloc.cached_blocks,
+                          kv_evictions=self.alloc.evictions,
                           stats=self.stats)
 
 
@@ -180,7 +182,8 @@ NAMED = {
     "fabric_pending_tokens", "fabric_inflight_tokens", "fabric_budget_tokens",
     "fabric_low_water_tokens", "fabric_budget_occupancy",
     "fabric_budget_occupancy_while_queued", "fabric_admission_state", "fabric_kv_blocks_used",
-    "fabric_kv_blocks_capacity", "fabric_executor_busy_seconds_total",
+    "fabric_kv_blocks_capacity", "fabric_kv_blocks_cached", "fabric_kv_evictions_total",
+    "fabric_prompt_tokens_total", "fabric_executor_busy_seconds_total",
     "fabric_executor_idle_seconds_total", "fabric_executor_idle_while_queued_seconds_total",
     "fabric_executor_steps_total", "fabric_executor_graphed_steps_total",
     "fabric_useful_tokens_total", "fabric_computed_tokens_total",
@@ -199,7 +202,7 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     reg = new_registry()
     register_worker(reg, w)
     w.stats.on_step(step(2, 3))
-    w.stats.on_result(**result())
+    w.stats.on_result(**result(), cached_tokens=4)
     w.stats.jobs_ok, w.stats.jobs_error = 7, 2
     w.stats.errors_by_code.update({"too_long": 2})
     w.stats.redelivered, w.stats.naked = 1, 3
@@ -238,6 +241,9 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     assert got[("fabric_admission_state", (("state", "holding"),))] == 1
     assert got[("fabric_admission_state", (("state", "open"),))] == 0
     assert got[("fabric_kv_blocks_used", ())] == 188
+    assert got[("fabric_kv_blocks_cached", ())] == 0 and got[("fabric_kv_evictions_total", ())] == 0
+    assert got[("fabric_prompt_tokens_total", (("source", "cache"),))] == 4
+    assert got[("fabric_prompt_tokens_total", (("source", "computed"),))] == 6
     assert got[("fabric_useful_tokens_total", ())] == 15
     assert got[("fabric_padding_fraction", (("kind", "attention"),))] == pytest.approx(0.25)
     assert got[("fabric_ready", ())] == 1 and got[("fabric_held_messages", ())] == 1

@@ -46,7 +46,7 @@ def completion_payload(t: Ticket, c: Completion, text: str, worker_id: str,
     return encode_completion(
         id=t.job.id, tokens=c.tokens, text=text, finish_reason=FinishReason(c.finish_reason),
         prompt_tokens=len(t.prompt), completion_tokens=len(c.tokens),
-        padded_tokens=c.computed_tokens, queued_ms=times.queued_ms,
+        padded_tokens=c.computed_tokens, cached_tokens=c.cached_tokens, queued_ms=times.queued_ms,
         first_token_ms=times.first_token_ms, total_ms=times.total_ms, worker=worker_id,
         attempt=t.attempt)
 

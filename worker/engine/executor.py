@@ -114,14 +114,6 @@ class Executor:
     def running_jobs(self) -> int:
         return len(self.scheduler.running)
 
-    @property
-    def kv_used_blocks(self) -> int:
-        return self.pool.blocks.used_blocks
-
-    @property
-    def kv_blocks(self) -> int:
-        return self.pool.blocks.num_blocks
-
     # -- the thread --------------------------------------------------------------------
 
     def _take(self, block: bool) -> None:

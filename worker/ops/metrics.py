@@ -283,6 +283,10 @@ class WorkerCollector(Collector):
                      v.kv_used_blocks)
         yield _gauge("fabric_kv_blocks_capacity", "KV cache blocks in the preallocated pool.",
                      v.kv_blocks)
+        yield _gauge("fabric_kv_blocks_cached", "KV blocks no job holds that keep a computed "
+                     "prefix for the next job (evictable, not counted in use).", v.kv_cached_blocks)
+        yield _counter("fabric_kv_evictions", "Cached KV blocks whose space was taken for "
+                       "another job.", v.kv_evictions)
 
         # -- executor work, real versus computed
         yield _counter("fabric_executor_busy_seconds", "Time the executor spent in steps.",
@@ -303,6 +307,12 @@ class WorkerCollector(Collector):
                        stats.useful_tokens)
         yield _counter("fabric_computed_tokens", "Token rows those jobs occupied in forwards, "
                        "padding included.", stats.computed_tokens)
+        prompt = CounterMetricFamily("fabric_prompt_tokens", "Prompt tokens of jobs answered "
+                                     "ok, by where their KV came from: computed, or found in "
+                                     "the prefix cache.", labels=["source"])
+        prompt.add_metric(["computed"], stats.prompt_tokens - stats.cached_tokens)
+        prompt.add_metric(["cache"], stats.cached_tokens)
+        yield prompt
         yield _counter("fabric_attention_real_pairs", "Attention query x key pairs needed.",
                        stats.attn_real)
         yield _counter("fabric_attention_computed_pairs", "Attention query x key pairs computed, "
@@ -322,7 +332,8 @@ class WorkerCollector(Collector):
         pad = GaugeMetricFamily("fabric_padding_fraction", "Share of computed work that was "
                                 "padding since start: compute (token rows) and attention.",
                                 labels=["kind"])
-        pad.add_metric(["compute"], padding_fraction(stats.useful_tokens, stats.computed_tokens))
+        pad.add_metric(["compute"], padding_fraction(stats.useful_tokens - stats.cached_tokens,
+                                                     stats.computed_tokens))
         pad.add_metric(["attention"], padding_fraction(stats.attn_real, stats.attn_padded))
         yield pad
 

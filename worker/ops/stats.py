@@ -41,6 +41,8 @@ class WorkerStats:
     # executed jobs answered ok (event loop)
     useful_tokens: int = 0  # prompt + generated tokens: the work anyone asked for
     computed_tokens: int = 0  # token rows those jobs occupied in forwards, padding included
+    prompt_tokens: int = 0  # of the useful tokens, the prompts'
+    cached_tokens: int = 0  # of those, served from the prefix cache (not computed)
     dist: Distributions = field(default_factory=Distributions)  # the metrics' histograms
     # occupancy while queued, time-weighted
     _occ_area: float = 0.0
@@ -70,12 +72,15 @@ class WorkerStats:
 
     def on_result(self, *, ok: bool, prompt_tokens: int, completion_tokens: int,
                   padded_tokens: int, queued_ms: float, first_token_ms: float | None,
+                  cached_tokens: int = 0,
                   total_ms: float) -> None:
         """A Result for a job the executor ran (`on_edge_answer` counts the others)."""
         if ok:
             self.jobs_ok += 1
             self.useful_tokens += prompt_tokens + completion_tokens
             self.computed_tokens += padded_tokens
+            self.prompt_tokens += prompt_tokens
+            self.cached_tokens += cached_tokens
         self.dist.on_result(ok, queued_ms, first_token_ms, total_ms)
 
     def occupancy(self, value: float, queued: bool) -> None:
@@ -99,8 +104,10 @@ class WorkerStats:
             "mean_batch_rows": round(self.rows / self.steps, 2) if self.steps else 0.0,
             "graphed_step_fraction": round(self.graphed_steps / self.steps, 4) if self.steps else 0.0,
             "attn_padding_fraction": round(padding_fraction(self.attn_real, self.attn_padded), 4),
-            "compute_padding_fraction": round(padding_fraction(self.useful_tokens,
-                                                               self.computed_tokens), 4),
+            "compute_padding_fraction": round(padding_fraction(
+                self.useful_tokens - self.cached_tokens, self.computed_tokens), 4),
+            "prompt_cache_hit_fraction": (round(self.cached_tokens / self.prompt_tokens, 4)
+                                          if self.prompt_tokens else 0.0),
             "useful_tokens": self.useful_tokens,
             "busy_s": round(self.busy_s, 3), "idle_s": round(self.idle_s, 3),
             "idle_while_queued_s": round(self.idle_while_queued_s, 3),

@@ -43,8 +43,10 @@ class WorkerView:
     inflight_tokens: int
     occupancy: float  # in-flight padded tokens over the budget
     admission_holding: bool  # hit high water, waiting for low water
-    kv_used_blocks: int
+    kv_used_blocks: int  # held by admitted jobs (a block shared by several counts once)
     kv_blocks: int
+    kv_cached_blocks: int  # held by nobody, keeping a computed prefix (evictable)
+    kv_evictions: int
     publisher_depth: int  # Results queued or awaiting their PubAck
     publisher_capacity: int
     fetched: int  # messages pulled from the consumer

@@ -51,6 +51,7 @@ from loadgen.client import reply_subject, run_jobs
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml
 from loadgen.gpubusy import BusySampler
 from loadgen.report import build_report, window_rate
+from loadgen.sessions import SessionSpec, run_sessions
 from loadgen.workload import JobSpec, Uniform, WorkloadSpec, generate
 from worker.broker.topology import RESULTS_STREAM
 
@@ -86,6 +87,12 @@ class BenchConfig:
     # Each rung again under this many seconds of sustained load (closed loop), read the
     # same way; 0 = skip. A burst of `jobs` ends in a tail; continuous work does not.
     sustained_s: float = 0.0
+    # Agent traffic (loadgen.sessions): this many sessions, 0 = skip; run with the prefix
+    # cache on and off, and on two workers sharing one consumer.
+    agent_sessions: int = 0
+    agent_turns: int = 4
+    agent_system_prompts: int = 4
+    agent_system_tokens: tuple[int, int] = (300, 700)
     ceiling_runs: int = 3  # the ceiling reported is the median of these
     ceiling_runner: str = "auto"  # the device's default: pipelined on CUDA, eager on the CPU
     timeout_s: float = 1800.0
@@ -257,16 +264,18 @@ def log_event(log_path: Path, event: str) -> dict[str, Any]:
 def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, policy: str,
              jobs: list[JobSpec], model: str | None = None,
              cpus: tuple[str, ...] = ("",), runner: str = "auto", arrival: Arrival = Burst(),
-             duration_s: float = 0.0) -> dict[str, Any]:
+             duration_s: float = 0.0, sessions: SessionSpec | None = None,
+             worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """One worker per entry of `cpus` ("" = unpinned) on one consumer, the workload at once
     (or as `arrival` says). With `duration_s` the run stops then, whatever is left, and its
-    `sustained` rate is read over the last three quarters of it (`window_rate`)."""
+    `sustained` rate is read over the last three quarters of it (`window_rate`). With
+    `sessions`, agent traffic instead of `jobs` (`loadgen.sessions`)."""
     stream = f"BENCH_{name.upper()}"
     asyncio.run(delete_streams(broker.url, stream))
     conf = write_engine_toml(work / f"{name}.toml", cfg.engine_fields(broker.url, stream, model))
     provision(conf)
     workers = [WorkerProcess(conf, worker_id=f"{name}-{i}", log_path=work / f"{name}-{i}.log",
-                             extra_args=("--policy", policy, "--runner", runner)
+                             extra_args=("--policy", policy, "--runner", runner, *worker_args)
                              + (("--cpus", c) if c else ()))
                for i, c in enumerate(cpus)]
     try:
@@ -275,8 +284,13 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
         for w in workers:
             w.wait_ready(300)
         with BusySampler(cfg.device) as busy:
-            stats = asyncio.run(run_jobs(broker.url, jobs, run_id=name, progress=False,
-                                         timeout_s=duration_s or cfg.timeout_s, arrival=arrival))
+            if sessions is not None:
+                stats = asyncio.run(run_sessions(broker.url, dataclasses.replace(
+                    sessions, run_id=name), timeout_s=cfg.timeout_s))
+            else:
+                stats = asyncio.run(run_jobs(broker.url, jobs, run_id=name, progress=False,
+                                             timeout_s=duration_s or cfg.timeout_s,
+                                             arrival=arrival))
     finally:
         for w in workers:
             w.terminate(grace_s=30)
@@ -287,10 +301,11 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
     ready = log_event(log, "runner_ready")
     return {
         "policy": policy, "runner": ready.get("mode"), "decode_graphs": ready.get("decode_graphs"),
-        "graphed_step_fraction": s.get("graphed_step_fraction"), "jobs": len(jobs),
+        "graphed_step_fraction": s.get("graphed_step_fraction"), "jobs": len(stats.job_ids),
         "jobs_ok": rep["jobs_ok"], "jobs_by_worker": rep["workers"], "wall_s": rep["wall_s"],
         "jobs_per_s": rep["jobs_per_s"], "useful_tokens_per_s": rep["useful_tokens_per_s"],
         "padding_fraction": rep["padding_fraction"], "latency_ms": rep["latency_ms"],
+        "cache_hit_fraction": rep["cache_hit_fraction"],
         "ttft_ms": rep["ttft_ms"],
         "budget_occupancy_while_queued": s.get("budget_occupancy_while_queued"),
         "attn_padding_fraction": s.get("attn_padding_fraction"),
@@ -378,6 +393,33 @@ def run_fleet(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
     return out
 
 
+def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
+              partial=lambda: None) -> dict[str, Any]:
+    """Agent traffic on rung 4's worker: prefix caching on, off (`--no-prefix-cache`), and
+    on two one-core workers sharing the consumer (sessions spread over both, so a session's
+    next turn lands on the worker that holds its prefix about half the time)."""
+    spec = SessionSpec(sessions=cfg.agent_sessions, system_prompts=cfg.agent_system_prompts,
+                       turns=cfg.agent_turns, system_tokens=cfg.agent_system_tokens,
+                       seed=cfg.seed)
+    if spec.longest_job() > cfg.max_seq_len:
+        raise ValueError(f"agent jobs reach {spec.longest_job()} tokens, over max_seq_len "
+                         f"{cfg.max_seq_len}: fewer turns or shorter system prompts")
+    out: dict[str, Any] = {"spec": dataclasses.asdict(spec)}
+    for label, cpus, args in (("cache", ("",), ()), ("no_cache", ("",), ("--no-prefix-cache",)),
+                              ("two_workers", ("0", "1"), ())):
+        log(f"agent traffic, {label.replace('_', ' ')}: {spec.sessions} sessions x "
+            f"{spec.turns} turns ...")
+        r = run_rung(cfg, broker, work, f"agent{label.replace('_', '')}", "continuous", [],
+                     cpus=cpus, sessions=spec, worker_args=args)
+        r.pop("completions")
+        out[label] = r
+        partial()
+        log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s, prompt from cache "
+            f"{r['cache_hit_fraction']:.3f}")
+    out["ratio"] = out["cache"]["useful_tokens_per_s"] / out["no_cache"]["useful_tokens_per_s"]
+    return out
+
+
 def run_backlog(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str,
                 jobs: list[JobSpec], model: str | None = None) -> dict[str, Any]:
     """The workload published first, then one worker started on it (`loadgen.backlog`)."""
@@ -446,6 +488,8 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
                 f"{r['results'] - r['unique']} duplicates)")
         if cfg.fleet_jobs or cfg.fleet_sustained_s:
             result["fleet"] = run_fleet(cfg, broker, work, log, partial=lambda: partial(result))
+        if cfg.agent_sessions:
+            result["agent"] = run_agent(cfg, broker, work, log, partial=lambda: partial(result))
     jobs = generate(WorkloadSpec(num_jobs=cfg.jobs, seed=cfg.seed, run_id="r4"))
     top = result["rungs"].get("4", {}).get("completions", {})
     log(f"kernel-only ceiling ({cfg.ceiling_runs} runs, median) ...")
@@ -534,6 +578,22 @@ def markdown(result: dict[str, Any]) -> str:
             lines += ["", f"Fleet, sustained ({one['start_s']:.0f}-{one['end_s']:.0f} s of a "
                       f"closed loop): {label} {two['jobs_per_s']:.1f} jobs/s, one "
                       f"{one['jobs_per_s']:.1f} jobs/s: ratio {st['ratio']:.2f}."]
+    if "agent" in result:
+        a = result["agent"]
+        sp = a["spec"]
+        lines += ["", f"Agent traffic ({sp['sessions']} sessions x {sp['turns']} turns, "
+                  f"{sp['system_prompts']} system prompts of {sp['system_tokens'][0]}-"
+                  f"{sp['system_tokens'][1]} tokens, each turn's prompt the last one plus "
+                  "its reply and a user message):", "",
+                  "| worker | useful tok/s | jobs/s | prompt from cache | p50 / p99 latency ms |",
+                  "|---|---|---|---|---|"]
+        for label in ("cache", "no_cache", "two_workers"):
+            r = a[label]
+            lat = r["latency_ms"]
+            lines.append(f"| {label.replace('_', ' ')} | {r['useful_tokens_per_s']:,.0f} | "
+                         f"{r['jobs_per_s']:.1f} | {100 * r['cache_hit_fraction']:.1f}% | "
+                         f"{lat['p50']:,.0f} / {lat['p99']:,.0f} |")
+        lines += ["", f"Prefix caching on over off: {a['ratio']:.2f}x useful tokens/s."]
     if "null_model" in result:
         n = result["null_model"]
         lines += ["", f"Null model (broker path alone): {n['jobs_per_s']:,.0f} jobs/s through one "

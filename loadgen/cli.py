@@ -35,6 +35,7 @@ from loadgen.client import RESULT_PREFIX, run_jobs
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml
 from loadgen.report import build_report, format_report, write_report
 from loadgen.scrape import Scraper
+from loadgen.sessions import SessionSpec, run_sessions
 from loadgen.trace import TraceError, load_trace
 from loadgen.workload import Bimodal, LogNormal, Uniform, WorkloadSpec, generate
 from worker.engine.modes import RUNNER_MODES
@@ -93,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="default: run-<random hex>")
     common(run, jobs=None)
     w = run.add_argument_group("workload (job shapes)")
-    w.add_argument("--workload", choices=["lognormal", "uniform", "bimodal", "trace"],
+    w.add_argument("--workload", choices=["lognormal", "uniform", "bimodal", "trace", "agent"],
                    default="lognormal")
     w.add_argument("--prompt-median", type=float, default=90.0, help="lognormal: median tokens")
     w.add_argument("--prompt-sigma", type=float, default=0.8, help="lognormal: sigma of log")
@@ -105,6 +106,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="bimodal: share of 600-1000 token documents")
     w.add_argument("--trace", type=Path, help="trace: file of arrival_s,prompt_tokens,"
                    "max_new_tokens (CSV or JSON Lines)")
+    g = run.add_argument_group("agent traffic (--workload agent: sessions sharing system "
+                               "prompts, each turn sent when the last one's Result is back)")
+    g.add_argument("--sessions", type=int, default=32, help="concurrent sessions")
+    g.add_argument("--system-prompts", type=int, default=4, help="distinct system prompts")
+    g.add_argument("--turns", type=int, default=4, help="jobs per session")
+    g.add_argument("--system-tokens", type=_range, default=(300, 700), metavar="LO,HI",
+                   help="a system prompt's length in tokens, uniform")
+    g.add_argument("--user-tokens", type=_range, default=(8, 32), metavar="LO,HI",
+                   help="a user message's length in tokens, uniform")
+    g.add_argument("--turn-new-tokens", type=_range, default=(16, 48), metavar="LO,HI",
+                   help="max_new_tokens of each turn, uniform")
     a = run.add_argument_group("arrivals (when jobs are published)")
     a.add_argument("--arrival", choices=["burst", "closed", "open", "trace"],
                    help="default: closed with --concurrency, open with --rate, trace for "
@@ -151,6 +163,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--fleet-jobs", type=int, default=0,
                        help="a burst of N jobs to one vs two one-core workers on one consumer "
                             "(0 = skip)")
+    bench.add_argument("--agent-sessions", type=int, default=0,
+                       help="agent traffic: N sessions, with the prefix cache on, off, and "
+                            "on two workers (0 = skip)")
+    bench.add_argument("--agent-turns", type=int, default=4)
+    bench.add_argument("--agent-system-prompts", type=int, default=4)
+    bench.add_argument("--agent-system-tokens", type=_range, default=(300, 700),
+                       metavar="LO,HI")
     bench.add_argument("--fleet-sustained-s", type=float, default=0.0,
                        help="the same comparison under S seconds of sustained load, read over "
                             "the last three quarters (0 = skip)")
@@ -166,6 +185,32 @@ def _parser() -> argparse.ArgumentParser:
     soak.add_argument("--token-budget", type=int, default=8192)
     soak.add_argument("--low-water", type=int, default=6144)
     return p
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI") from None
+    return lo, hi
+
+
+def _cmd_agent(args: argparse.Namespace, run_id: str) -> int:
+    try:
+        spec = SessionSpec(sessions=args.sessions, system_prompts=args.system_prompts,
+                           turns=args.turns, system_tokens=args.system_tokens,
+                           user_tokens=args.user_tokens, new_tokens=args.turn_new_tokens,
+                           seed=args.seed, run_id=run_id)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    stats = asyncio.run(run_sessions(args.nats_url, spec, subject_prefix=args.subject_prefix,
+                                     timeout_s=args.timeout_s, result_prefix=args.result_prefix,
+                                     connect_options=_connect_options(args)))
+    report = build_report(stats)
+    print(format_report(report), flush=True)
+    if args.json is not None:
+        print(f"report written to {write_report(report, args.json)}", flush=True)
+    return _verdict(report)
 
 
 def _workload(args: argparse.Namespace, run_id: str) -> WorkloadSpec:
@@ -290,6 +335,8 @@ def _verdict(report: dict[str, Any]) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     run_id = args.run_id or f"run-{secrets.token_hex(4)}"
+    if args.workload == "agent":
+        return _cmd_agent(args, run_id)
     spec, arrival = _run_workload(args, run_id)
     if args.metrics_period_s <= 0:
         raise UsageError("--metrics-period-s must be > 0")
@@ -369,7 +416,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       or default_rungs(args.device),
                       serial_jobs=args.serial_jobs, null_jobs=args.null_jobs,
                       fleet_jobs=args.fleet_jobs, fleet_sustained_s=args.fleet_sustained_s,
-                      sustained_s=args.sustained_s)
+                      sustained_s=args.sustained_s, agent_sessions=args.agent_sessions,
+                      agent_turns=args.agent_turns,
+                      agent_system_prompts=args.agent_system_prompts,
+                      agent_system_tokens=args.agent_system_tokens)
     result = run_bench(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True))
     print((args.out / "ladder.md").read_text(), end="")
     return 0 if all(r["jobs_ok"] == r["jobs"] for r in result["rungs"].values()) else 1

@@ -60,9 +60,11 @@ class _Builder:
         self.attn_real = 0
         self.attn_padded = 0
 
-    def prefill(self, seqs: list[Sequence], pad_to: int) -> None:
+    def prefill(self, seqs: list[Sequence], pad_to: int, shared: int = 0) -> None:
         """Prompts from each one's `start` (the KV before it is already in the pool); with
-        `pad_to` (static batching, starts at 0), each padded to that many rows.
+        `pad_to` (static batching, starts at 0), each padded to that many rows. `shared`:
+        the first `shared` positions are KV blocks all of `seqs` hold (cascade attention
+        reads them once); the group's keys then start there.
 
         Vectorized over the lane: the per-sequence Python is a length, a chain over the
         prompt ids and slices of KV slots (host time per step is device idle time)."""
@@ -98,10 +100,11 @@ class _Builder:
             write[fresh] = np.concatenate([s.slots[max(a, c):n] for s, a, c, n
                                            in zip(seqs, qs, cs, ls)])
         self.slots.append(write[valid])
-        ak = np.arange(kwidth, dtype=np.int64)  # [K]
+        kwidth -= shared
+        ak = shared + np.arange(kwidth, dtype=np.int64)  # [K] positions of the group's keys
         kv_slots = np.full((b, kwidth), SCRATCH_SLOT, dtype=np.int64)  # [B, K]
         kv_slots[ak[None, :] < lens[:, None]] = np.concatenate(
-            [s.slots[:n] for s, n in zip(seqs, ls)])
+            [s.slots[shared:n] for s, n in zip(seqs, ls)])
         mask = None
         if starts.any():
             # Queries start at different positions: key j is visible to query row i of
@@ -110,23 +113,31 @@ class _Builder:
         q_rows = np.where(valid, first[:, None] + ar[None, :], 0)  # [B, Q]
         out_sel = np.flatnonzero(valid)
         self.groups.append(dict(kv_slots=kv_slots, mask=mask, q_rows=q_rows,
-                                out_rows=q_rows.reshape(-1)[out_sel], out_sel=out_sel))
+                                out_rows=q_rows.reshape(-1)[out_sel], out_sel=out_sel,
+                                shared_slots=seqs[0].slots[:shared] if shared else None))
         self.logit_rows.extend((first + q - 1).tolist())
         self.rows += int(ends[-1])
         self.attn_real += int((q * starts + q * (q + 1) // 2).sum())
-        self.attn_padded += (b * width * kwidth if mask is not None
+        self.attn_padded += (b * width * (kwidth + shared) if mask is not None
                              else b * width * (width + 1) // 2)  # causal: the lower triangle
 
-    def decode(self, seqs: list[Sequence]) -> None:
+    def decode(self, seqs: list[Sequence], block_size: int = 16) -> None:
         """One row per sequence. Reorders `seqs` in place so that each attention group is
-        a contiguous run of rows (the caller's plan, and so the logit rows, follow)."""
+        a contiguous run of rows (the caller's plan, and so the logit rows, follow):
+        sequences that hold a prefix in the same KV blocks first, one cascade group per
+        prefix, then the rest in groups of similar context length."""
         first = self.rows
         # Keys each new token attends to, itself included. A sequence that finished inside
         # a static batch computes a padding row: it rereads its keys, writes to scratch.
         # One whose last token is still on the device (overlapped steps) counts it.
         ctx = [s.num_tokens - 1 if s.done else s.next_index for s in seqs]
-        groups = group_by_length(ctx)
-        order = [i for g in groups for i in g]
+        # Blocks below a row's own token are written: a prefix shared there can be.
+        cascades = shared_prefixes(seqs, [n - 1 for n in ctx], block_size)
+        taken = {i for _, idx in cascades for i in idx}
+        rest = [i for i in range(len(seqs)) if i not in taken]
+        groups = [(p * block_size, idx) for p, idx in cascades]
+        groups += [(0, [rest[j] for j in g]) for g in group_by_length([ctx[i] for i in rest])]
+        order = [i for _, g in groups for i in g]
         seqs[:] = [seqs[i] for i in order]
         ctx = [ctx[i] for i in order]
         tokens, positions, write_slots = _decode_rows(seqs, ctx)
@@ -135,22 +146,48 @@ class _Builder:
         self.slots.append(np.array(write_slots, dtype=np.int64))
         self.fed.extend((first + i, s) for i, s in enumerate(seqs) if s.pending)
         start = first
-        for g in groups:
+        for shared, g in groups:
             stop = start + len(g)
-            group_ctx = ctx[start - first: stop - first]
-            lens = np.array(group_ctx, dtype=np.int64)  # [G]
-            width = int(lens[0])  # groups are sorted longest first
+            group_seqs = seqs[start - first: stop - first]
+            lens = np.array(ctx[start - first: stop - first], dtype=np.int64) - shared  # [G]
+            width = int(lens.max())
             mask = np.arange(width)[None, :] < lens[:, None]  # [G, K]
             kv_slots = np.full((len(g), width), SCRATCH_SLOT, dtype=np.int64)  # [G, K]
-            kv_slots[mask] = np.concatenate([s.slots[:n] for s, n in
-                                             zip(seqs[start - first: stop - first], group_ctx)])
+            kv_slots[mask] = np.concatenate([s.slots[shared:shared + n] for s, n in
+                                             zip(group_seqs, lens.tolist())])
             self.groups.append(dict(kv_slots=kv_slots, mask=mask[:, None, None, :],
-                                    rows=(start, stop)))
-            self.attn_real += int(lens.sum())
-            self.attn_padded += len(g) * width
+                                    rows=(start, stop),
+                                    shared_slots=group_seqs[0].slots[:shared] if shared else None))
+            self.attn_real += int(lens.sum()) + shared * len(g)
+            self.attn_padded += len(g) * (width + shared)
             start = stop
         self.logit_rows.extend(range(first, first + len(seqs)))
         self.rows += len(seqs)
+
+
+def shared_prefixes(seqs: list[Sequence], limits: list[int], block_size: int,
+                    min_blocks: int = 2) -> list[tuple[int, list[int]]]:
+    """Groups of sequences that hold their first KV blocks in common: [(blocks, indices)].
+
+    Sharing is physical: the block pool gave them the same blocks for the same prefix. A
+    sequence takes part only with blocks wholly below `limits[i]` (positions it may read as
+    already written); a group needs two members and `min_blocks` blocks in common."""
+    by_first: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        if s.blocks and limits[i] >= min_blocks * block_size:
+            by_first.setdefault(s.blocks[0], []).append(i)
+    out = []
+    for idx in by_first.values():
+        if len(idx) < 2:
+            continue
+        cap = min(limits[i] // block_size for i in idx)
+        ref = seqs[idx[0]].blocks
+        p = 1
+        while p < cap and all(seqs[i].blocks[p] == ref[p] for i in idx):
+            p += 1
+        if p >= min_blocks:
+            out.append((p, idx))
+    return out
 
 
 def _decode_rows(seqs: list[Sequence], ctx: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -186,6 +223,7 @@ class Runner:
         self.kv = kv_pool
         self.device = device
         self.mode = mode
+        self.block_size = block_size
         self._on_cpu = device.type == "cpu"
         if device.type == "cuda":
             # Streams, events and graph capture use the thread's current device: make it
@@ -217,10 +255,10 @@ class Runner:
             ctx = [s.next_index for s in plan.decode]
             key = self.graphs.choose(ctx)
         b = _Builder()
-        for lane in plan.prefill:
-            b.prefill(lane, plan.pad_to)
+        for lane, shared in self._prefill_groups(plan):
+            b.prefill(lane, plan.pad_to, shared)
         if plan.decode and key is None:
-            b.decode(plan.decode)  # reorders plan.decode into its length groups
+            b.decode(plan.decode, self.block_size)  # reorders plan.decode into its groups
         sampling, flags = _sampling(plan.rows)
         host: list[np.ndarray] = []
         fields = [(k, v) for g in b.groups for k, v in g.items() if k != "rows" and v is not None]
@@ -253,6 +291,23 @@ class Runner:
         shape = StepShape(b.rows + (key[0] if key else 0), b.attn_real, b.attn_padded,
                           graphed=key is not None)
         return Step(plan, inp, graph, sb, shape, feed)
+
+    def _prefill_groups(self, plan: StepPlan) -> list[tuple[list[Sequence], int]]:
+        """The step's prompts as attention groups: those that start after a prefix they
+        hold in the same blocks, one cascade group per prefix; the rest in their lanes.
+        Regroups `plan.prefill` in place (the logit rows follow it)."""
+        bs = self.block_size
+        lanes = plan.prefill
+        if plan.pad_to or not any(s.start for lane in lanes for s in lane):
+            return [(lane, 0) for lane in lanes]
+        cached = [s for lane in lanes for s in lane if s.start]
+        cascades = shared_prefixes(cached, [s.start for s in cached], bs)
+        taken = {id(cached[i]) for _, idx in cascades for i in idx}
+        groups = [([cached[i] for i in idx], p * bs) for p, idx in cascades]
+        groups += [(rest, 0) for lane in lanes
+                   if (rest := [s for s in lane if id(s) not in taken])]
+        plan.prefill[:] = [g for g, _ in groups]
+        return groups
 
     @torch.inference_mode()
     def launch(self, step: Step, prev: Launched | None = None) -> Launched:

@@ -70,6 +70,10 @@ class AttnGroup:
     mask: Tensor | None
     rows: tuple[int, int] | None = None  # decode: packed rows start..stop, one per sequence
     q_rows: Tensor | None = None  # prefill: [Bg, Q] rows of the packed tokens (padding -> 0)
+    # A prefix every sequence of the group holds in the same KV blocks (cascade attention):
+    # [P] its slots, positions 0..P-1, read once for all the group's queries; `kv_slots` and
+    # `mask` then cover only the keys after it.
+    shared_slots: Tensor | None = None
     out_rows: Tensor | None = None  # prefill: [N] packed rows that receive output
     out_sel: Tensor | None = None  # prefill: [N] positions in the flattened [Bg*Q] output
 
@@ -174,19 +178,67 @@ class Attention(nn.Module):
             if g.rows is not None:
                 a, b = g.rows
                 qg = q[a:b].unsqueeze(2)  # [Bg, H, 1, D]
-                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
+                if g.shared_slots is None:
+                    og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask,
+                                                        enable_gqa=True)
+                else:
+                    og = self._cascade(qg, kg, vg, g.mask, flat, g.shared_slots)
                 out[a:b] = og.view(b - a, self.n_heads * self.hd)
             else:
                 nq = g.q_rows.shape[1]
                 qg = q.index_select(0, g.q_rows.view(-1)).view(bg, nq, self.n_heads, self.hd)
-                # Plain causal when every prompt starts at 0 (the kernel skips the masked
-                # half); an explicit mask when some start after a cached prefix.
-                og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg, vg,
-                                                    attn_mask=g.mask, is_causal=g.mask is None,
-                                                    enable_gqa=True)  # [Bg, H, Q, D]
+                qg = qg.transpose(1, 2)  # [Bg, H, Q, D]
+                if g.shared_slots is not None:
+                    og = self._cascade(qg, kg, vg, g.mask, flat, g.shared_slots)
+                else:
+                    # Plain causal when every prompt starts at 0 (the kernel skips the
+                    # masked half); an explicit mask when some start after a cached prefix.
+                    og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask,
+                                                        is_causal=g.mask is None,
+                                                        enable_gqa=True)  # [Bg, H, Q, D]
                 og = og.transpose(1, 2).reshape(bg * nq, self.n_heads * self.hd)  # [Bg*Q, H*D]
                 out.index_copy_(0, g.out_rows, og.index_select(0, g.out_sel))
         return self.o_proj(out)
+
+
+    def _cascade(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, flat: Tensor,
+                 shared_slots: Tensor) -> Tensor:
+        """Attention over a prefix the group shares, read once, and each sequence's own keys
+        after it, merged by their log-sum-exps: softmax over all keys, exactly, with the
+        shared prefix's KV gathered and multiplied once for every query of the group
+        instead of once per sequence. q [Bg, H, Q, D]; k, v [Bg, Hkv, K, D] (own keys)."""
+        bg, h, nq, d = q.shape
+        o_own, l_own = self._attend(q, k, v, mask)  # [Bg, H, Q, D], [Bg, H, Q]
+        p = shared_slots.shape[0]
+        kvp = flat.index_select(0, shared_slots).view(1, p, 2, self.n_kv, self.hd)
+        kp = kvp[:, :, 0].transpose(1, 2)  # [1, Hkv, P, D]
+        vp = kvp[:, :, 1].transpose(1, 2)  # [1, Hkv, P, D]
+        qp = q.transpose(0, 1).reshape(1, h, bg * nq, d)  # every query of the group at once
+        o_pre, l_pre = self._attend(qp, kp, vp, None)  # every query sees the whole prefix
+        o_pre = o_pre.view(h, bg, nq, d).transpose(0, 1)  # [Bg, H, Q, D]
+        l_pre = l_pre.view(h, bg, nq).transpose(0, 1)  # [Bg, H, Q]
+        top = torch.maximum(l_own, l_pre)
+        w_own, w_pre = torch.exp(l_own - top), torch.exp(l_pre - top)  # [Bg, H, Q]
+        out = (o_own * w_own[..., None] + o_pre * w_pre[..., None]) / (w_own + w_pre)[..., None]
+        return out.to(q.dtype)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor,
+                mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Softmax attention and its log-sum-exp (float32), grouped-query: q head j*G + r
+        reads kv head j. q [B, H, Q, D]; k, v [B, Hkv, K, D]; mask [B, 1, Q, K] bool or None.
+        -> out [B, H, Q, D] float32, lse [B, H, Q] float32."""
+        b, h, nq, d = q.shape
+        g = h // self.n_kv
+        qg = q.reshape(b, self.n_kv, g * nq, d).float()
+        s = torch.matmul(qg, k.float().transpose(-1, -2)) * d ** -0.5  # [B, Hkv, G*Q, K]
+        if mask is not None:
+            s = s.view(b, self.n_kv, g, nq, -1).masked_fill(~mask[:, :, None], float("-inf"))
+            s = s.view(b, self.n_kv, g * nq, -1)
+        top = s.amax(dim=-1, keepdim=True)  # [B, Hkv, G*Q, 1]: every row has a key it sees
+        e = s.sub_(top).exp_()  # one exp, in place
+        z = e.sum(dim=-1, keepdim=True)  # [B, Hkv, G*Q, 1]
+        out = torch.matmul(e, v.float()).div_(z)  # [B, Hkv, G*Q, D]: divide D, not K, values
+        return out.view(b, h, nq, d), (top + z.log()).view(b, h, nq)
 
 
 class MLP(nn.Module):

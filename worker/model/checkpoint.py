@@ -3,6 +3,11 @@
 A checkpoint is `config.json` + `*.safetensors` (+ optional `tokenizer.json`) of a
 Llama-family decoder. Anything else is refused at start with a message that says what was
 found and what is supported, so a wrong model never reaches the broker.
+
+Chat: a checkpoint's own template (`worker.model.chat`) renders `messages` jobs; one
+without a template has `chat=None` and such jobs are refused, and one whose template is
+broken is refused at start. Builtin models get `BUILTIN_TEMPLATE`, ChatML whose markers
+are plain text to the byte tokenizer, so chat jobs run end to end without a checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from worker.model.chat import BUILTIN_TEMPLATE, ChatError, ChatTemplate, load_chat_template
 from worker.model.decoder import ModelArgs, Transformer, init_random, rope_inv_freq, rope_tables
 from worker.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -44,6 +50,7 @@ class LoadedModel:
     args: ModelArgs
     name: str
     eos_ids: tuple[int, ...]  # generation stops at these unless the job says otherwise
+    chat: ChatTemplate | None = None  # renders `messages` jobs; None: the model has no template
 
 
 def args_from_hf(cfg: dict, where: str) -> ModelArgs:
@@ -169,7 +176,9 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device) -> LoadedMod
         model = Transformer(args)
         init_random(model, BUILTIN_SEED)
         model = model.to(device=device, dtype=dtype).eval()
-        return LoadedModel(model, ByteTokenizer(), args, spec, (ByteTokenizer.eos_id,))
+        tok = ByteTokenizer()
+        return LoadedModel(model, tok, args, spec, (ByteTokenizer.eos_id,),
+                           ChatTemplate(BUILTIN_TEMPLATE, tok))
     return _load_hf(Path(spec), dtype, device)
 
 
@@ -239,6 +248,9 @@ def _load_hf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMode
     if wrong:
         raise CheckpointError(f"{path}: weights do not match the config: {wrong[:3]}")
 
+    tok = _tokenizer(path, args)
+    chat = _chat(path, tok)  # before the weights: a broken template fails start-up at once
+
     # Allocate once on the device in the target dtype, then copy tensor by tensor, so
     # neither the host nor the device ever holds a second copy of the model.
     model = model.to_empty(device=device)
@@ -256,7 +268,7 @@ def _load_hf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMode
     # to_empty() left the rotary tables uninitialised: rebuild them.
     cos, sin = rope_tables(args)
     model.rope_cos, model.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
-    return LoadedModel(model.eval(), _tokenizer(path, args), args, str(path), _eos_ids(path, cfg))
+    return LoadedModel(model.eval(), tok, args, str(path), _eos_ids(path, cfg), chat)
 
 
 def _tokenizer(path: Path, args: ModelArgs) -> Tokenizer:
@@ -269,3 +281,10 @@ def _tokenizer(path: Path, args: ModelArgs) -> Tokenizer:
                               f"only {args.vocab_size}: text prompts could encode to ids the "
                               "model has no embedding for")
     return tok
+
+
+def _chat(path: Path, tok: Tokenizer) -> ChatTemplate | None:
+    try:
+        return load_chat_template(path, tok)
+    except ChatError as e:
+        raise CheckpointError(f"{path}: {e}") from None

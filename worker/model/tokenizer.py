@@ -3,6 +3,10 @@
 The byte tokenizer is lossless for any UTF-8 text (ids 0..255 are the bytes), so builtin
 models accept text prompts with no vocabulary file. Decoding never raises: invalid UTF-8
 from a random model becomes replacement characters.
+
+`encode(text)` adds what the tokenizer's post-processor adds (a BOS, say) to a text
+prompt; `add_special_tokens=False` leaves the text as written, for a rendered chat
+template that already holds its special tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Protocol
 class Tokenizer(Protocol):
     vocab_size: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -25,7 +29,8 @@ class ByteTokenizer:
     vocab_size = 258
     eos_id = 257
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # Nothing to add either way: byte prompts never get a BOS.
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
@@ -42,8 +47,8 @@ class HFTokenizer:
         # The id space, not the count: added tokens may sit above a gap in the ids.
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -5,15 +5,25 @@ only DecodeError. JSON Schema files for producers in other languages are generat
 the models (`python -m schemas.export`) and a test fails when they drift.
 """
 
-from schemas.codec import DecodeError, decode_job, decode_result, encode, encode_completion
+from schemas.codec import (
+    DecodeError,
+    decode_job,
+    decode_result,
+    encode,
+    encode_completion,
+    is_json,
+)
 from schemas.models import (
     ErrorCode,
     ErrorInfo,
     FinishReason,
     Job,
+    Message,
     Result,
+    Role,
     Sampling,
     Timing,
+    TokenLogprob,
     Usage,
 )
 
@@ -23,12 +33,16 @@ __all__ = [
     "ErrorInfo",
     "FinishReason",
     "Job",
+    "Message",
     "Result",
+    "Role",
     "Sampling",
     "Timing",
+    "TokenLogprob",
     "Usage",
     "decode_job",
     "decode_result",
     "encode",
     "encode_completion",
+    "is_json",
 ]

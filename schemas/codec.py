@@ -10,6 +10,7 @@ failure.
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypeVar
 
 import msgpack
@@ -63,8 +64,23 @@ class DecodeError(Exception):
         self.job_id = job_id
 
 
-def encode(model: BaseModel) -> bytes:
-    """Serialize any wire model as a msgpack map; enums travel as their string values."""
+_JSON_WHITESPACE = frozenset(b" \t\r\n")
+
+
+def is_json(data: bytes) -> bool:
+    """Is this payload meant as JSON? A JSON object starts with `{` (after whitespace); a
+    msgpack map never does (0x7b is a msgpack integer), so the first byte decides."""
+    for byte in data[:256]:
+        if byte not in _JSON_WHITESPACE:
+            return byte == 0x7B
+    return False
+
+
+def encode(model: BaseModel, as_json: bool = False) -> bytes:
+    """Serialize any wire model as a msgpack map (or a JSON object); enums travel as their
+    string values."""
+    if as_json:
+        return model.model_dump_json().encode()
     return msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)
 
 
@@ -83,6 +99,8 @@ def encode_completion(
     total_ms: float,
     worker: str,
     attempt: int,
+    logprobs: list[dict[str, Any]] | None = None,
+    as_json: bool = False,
 ) -> bytes:
     """An ok Result's bytes, exactly what `encode(Result(ok=True, ...))` writes, without
     building and dumping the model.
@@ -91,8 +109,7 @@ def encode_completion(
     values the worker made itself bought nothing and cost a tenth of the event loop. Keys
     and nesting follow `Result`'s fields in order; a unit test holds the two byte-equal
     over generated values, so a change to the model that is not made here fails it."""
-    return msgpack.packb(
-        {
+    result = {
             "id": id, "ok": True, "tokens": tokens, "text": text,
             "finish_reason": finish_reason.value, "error": None,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -100,10 +117,11 @@ def encode_completion(
             "timing": {"queued_ms": float(queued_ms),
                        "first_token_ms": None if first_token_ms is None else float(first_token_ms),
                        "total_ms": float(total_ms)},
-            "worker": worker, "attempt": attempt,
-        },
-        use_bin_type=True,
-    )
+            "worker": worker, "attempt": attempt, "logprobs": logprobs,
+    }
+    if as_json:
+        return json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode()
+    return msgpack.packb(result, use_bin_type=True)
 
 
 def decode_job(data: bytes) -> Job:
@@ -115,10 +133,13 @@ def decode_result(data: bytes) -> Result:
 
 
 def _decode(data: bytes, model: type[_Model]) -> _Model:
-    payload = _unpack(data)
-    if not isinstance(payload, dict):
-        kind = _WIRE_TYPE_NAMES.get(type(payload), type(payload).__name__)
-        raise DecodeError(ErrorCode.BAD_PAYLOAD, f"payload is a msgpack {kind}, not a map")
+    if is_json(data):
+        payload = _parse_json(data)
+    else:
+        payload = _unpack(data)
+        if not isinstance(payload, dict):
+            kind = _WIRE_TYPE_NAMES.get(type(payload), type(payload).__name__)
+            raise DecodeError(ErrorCode.BAD_PAYLOAD, f"payload is a msgpack {kind}, not a map")
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
@@ -147,6 +168,25 @@ def _unpack(data: bytes) -> Any:
         raise DecodeError(ErrorCode.BAD_PAYLOAD, f"not valid msgpack: {detail}") from None
 
 
+def _parse_json(data: bytes) -> dict[str, Any]:
+    """A JSON object (the first byte said so). Numbers stay as written: 5 is an integer,
+    5.0 a float, so the models' strict types hold for JSON producers too."""
+    try:
+        payload = json.loads(data, parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise DecodeError(ErrorCode.BAD_PAYLOAD, "a string is not valid UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        detail = str(exc)[:_MAX_DETAIL_CHARS] or type(exc).__name__
+        raise DecodeError(ErrorCode.BAD_PAYLOAD, f"not valid JSON: {detail}") from None
+    if not isinstance(payload, dict):  # `{` then trailing data is caught above; defensive
+        raise DecodeError(ErrorCode.BAD_PAYLOAD, "payload is not a JSON object")
+    return payload
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not part of the contract")
 
@@ -156,7 +196,12 @@ def _invalid(payload: dict[Any, Any], exc: ValidationError) -> DecodeError:
     shown = [_describe(err) for err in errors[:_MAX_SHOWN_ERRORS]]
     if len(errors) > _MAX_SHOWN_ERRORS:
         shown.append(f"and {len(errors) - _MAX_SHOWN_ERRORS} more")
-    code = ErrorCode.EMPTY_PROMPT if any(map(_is_empty_prompt, errors)) else ErrorCode.INVALID_JOB
+    if any(map(_is_empty_prompt, errors)):
+        code = ErrorCode.EMPTY_PROMPT
+    elif errors and all(err["loc"][:1] == ("messages",) for err in errors):
+        code = ErrorCode.BAD_MESSAGES  # an unknown role, content not a string, no messages
+    else:
+        code = ErrorCode.INVALID_JOB
     reply_to = payload.get("reply_to")
     job_id = payload.get("id")
     return DecodeError(

@@ -14,7 +14,15 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    model_validator,
+)
 
 # Limits that bound what one message can make the worker hold in memory.
 MAX_ID_CHARS = 128
@@ -23,6 +31,10 @@ MAX_PROMPT_CHARS = 4_000_000
 MAX_STOP_TOKENS = 64
 MAX_SUBJECT_CHARS = 256
 MAX_SEED = 2**63 - 1
+MAX_MESSAGES = 10_000
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 128
+MAX_LOGPROBS = 20
 
 # The id becomes the `Nats-Msg-Id` header of the result, and header values are
 # ASCII without whitespace or control characters; so the id is printable ASCII.
@@ -63,6 +75,9 @@ class ErrorCode(StrEnum):
     EXPIRED = "expired"  # past deadline_s before it got device time
     BAD_TOKEN = "bad_token"  # token id outside the model's vocabulary
     POISON = "poison"  # failed on too many deliveries
+    BAD_MESSAGES = "bad_messages"  # messages the chat template refused or rendered to nothing
+    NO_CHAT_TEMPLATE = "no_chat_template"  # messages for a model without a chat template
+    CANCELLED = "cancelled"  # withdrawn by its producer (a cancel message named its id)
 
 
 class FinishReason(StrEnum):
@@ -70,6 +85,7 @@ class FinishReason(StrEnum):
     STOP = "stop"  # produced one of stop_token_ids (or the model's end token)
     ERROR = "error"
     EXPIRED = "expired"
+    CANCELLED = "cancelled"  # a cancel message named the job; tokens are those made so far
 
 
 class _Wire(BaseModel):
@@ -120,13 +136,65 @@ class Sampling(_Wire):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKENS)] = Field(
         default=[], description="Generation stops after any of these tokens."
     )
+    stop: Annotated[
+        list[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+        Field(max_length=MAX_STOP_STRINGS),
+    ] = Field(
+        default=[],
+        description="Generation stops when the text contains one of these strings; the "
+        "Result's text ends before it, its tokens with the token that completed it.",
+    )
+    ignore_eos: Annotated[bool, Strict()] = Field(
+        False, description="Keep generating past the model's end-of-sequence tokens."
+    )
+    logprobs: Annotated[int, Strict(), Field(ge=0, le=MAX_LOGPROBS)] = Field(
+        0,
+        description="With n > 0 the Result carries, per generated token, its log-probability "
+        "and the n most likely tokens' (log-softmax of the raw logits).",
+    )
+
+
+class Role(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+class Message(_Wire):
+    role: Role
+    content: Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # absent means "not this one", not null
+
+
+def _absent(value: Any) -> bool:
+    return value is None  # dumped absent, as sent: a null would not validate
 
 
 class Job(_Wire):
+    """One unit of work, published to a subject of the jobs stream as a msgpack map or as a
+    JSON object (a payload whose first byte other than whitespace is `{`); the worker
+    answers in the same encoding."""
+
     id: Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)] = (
         Field(description="Producer-chosen idempotency key; printable ASCII, no spaces.")
     )
-    prompt: Prompt = Field(description="Token ids, or text the worker tokenizes. Never empty.")
+    # Exactly one of prompt and messages (the validator below; `oneOf` in the JSON Schema).
+    # Each may be absent but never null: the None default is not validated, a sent null is,
+    # and fails with the field's own message.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]},
+                                                           {"required": ["messages"]}]})
+
+    prompt: Prompt = Field(  # type: ignore[assignment]
+        None, description="Token ids, or text the worker tokenizes. Never empty. Exactly one "
+        "of prompt and messages.", json_schema_extra=_no_default, exclude_if=_absent)
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
+        None, description="A conversation the worker renders with the model's chat template "  # type: ignore[assignment]
+        "(generation prompt added). Exactly one of prompt and messages.",
+        json_schema_extra=_no_default, exclude_if=_absent)
     max_new_tokens: NonNegInt = Field(description="Most tokens to generate.")
     reply_to: Annotated[
         StrictStr, Field(min_length=1, max_length=MAX_SUBJECT_CHARS, pattern=SUBJECT_PATTERN)
@@ -135,6 +203,12 @@ class Job(_Wire):
     deadline_s: Annotated[float, Strict()] | None = Field(
         None, description="Unix time in seconds after which the job is not worth running."
     )
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> Job:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of prompt and messages is required")
+        return self
 
 
 class ErrorInfo(_Wire):
@@ -167,7 +241,19 @@ class Timing(_Wire):
     total_ms: NonNegFloat = Field(0.0, description="Arrival to result.")
 
 
+class TokenLogprob(_Wire):
+    token: TokenId
+    logprob: Annotated[float, Strict()]
+    top: list[tuple[TokenId, Annotated[float, Strict()]]] = Field(
+        description="The most likely tokens at this position, [token, logprob], most likely "
+        "first."
+    )
+
+
 class Result(_Wire):
+    """The answer to one job, published to its reply_to subject in the job's encoding
+    (msgpack map, or JSON object for a JSON job); `Nats-Msg-Id` is the job's id."""
+
     id: Annotated[StrictStr, Field(max_length=MAX_ID_CHARS)] = Field(
         description="The job's id; empty when the payload had no readable id."
     )
@@ -180,6 +266,9 @@ class Result(_Wire):
     timing: Timing = Field(default_factory=Timing)
     worker: StrictStr = ""
     attempt: NonNegInt = Field(0, description="JetStream delivery count of the job.")
+    logprobs: list[TokenLogprob] | None = Field(
+        None, description="One entry per generated token when the job asked for logprobs."
+    )
 
     @model_validator(mode="after")
     def _ok_means_no_error(self) -> Result:

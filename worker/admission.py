@@ -202,6 +202,14 @@ class Intake:
         self.pending_tokens -= sum(t.reserved_tokens for t in gone)
         return gone
 
+    def withdraw(self, job_ids: set[str]) -> list[Ticket]:
+        """Take the pending jobs with these ids (cancelled before admission)."""
+        gone = [t for t in self.pending if t.job.id in job_ids]
+        if gone:
+            self.pending = deque(t for t in self.pending if t.job.id not in job_ids)
+            self.pending_tokens -= sum(t.reserved_tokens for t in gone)
+        return gone
+
     def take_unadmitted(self) -> list[Msg]:
         """Every message fetched and never admitted: pending, and refused while stopping."""
         msgs = [t.msg for t in self.pending] + self.refused

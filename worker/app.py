@@ -19,10 +19,12 @@ from nats.aio.msg import Msg
 
 from schemas import ErrorCode, ErrorInfo, FinishReason, encode
 from worker.admission import Intake
+from worker.broker.cancels import CancelError, Cancelled, parse_cancel
 from worker.broker.connection import Security, connect
 from worker.broker.ingress import Ingress
 from worker.broker.publisher import DeadLetter, Delivery, Publisher, Settle
-from worker.broker.replies import JobTimes, completion_payload, dead_letter, edge_result
+from worker.broker.replies import (JobTimes, cancelled_result, completion_payload, dead_letter,
+                                   edge_result, reply_json)
 from worker.broker.topology import Topology, verify
 from worker.broker.validate import Limits, Outcome, Ticket, Validator
 from worker.config import EngineConfig, config_hash
@@ -31,6 +33,7 @@ from worker.engine.executor import Executor, StepReport
 from worker.engine.governor import ThreadGovernor
 from worker.engine.sampling import fold_seed
 from worker.engine.sequence import Completion, Request
+from worker.model.stops import StopMatcher
 from worker.lifecycle import (FaultKind, Lifecycle, Stages, Watch, quiet, teardown_fatal,
                               teardown_graceful)
 from worker.ops import failpoints
@@ -60,6 +63,7 @@ class Options:
     publish_give_up_s: float = 60.0  # a Result publish is retried this long, then the job is nak'd
     threads: int = 1  # intra-op threads the worker may use (worker.ops.cpu.cpu_budget)
     adapt_threads: bool = False  # choose 1..threads by measured speed (engine.governor)
+    cancel_subject: str = "fabric.cancel"  # core NATS subject of cancel messages
 
 
 class Worker:
@@ -82,6 +86,8 @@ class Worker:
         self.last_step_at = 0.0  # monotonic end of the last executor step (executor thread)
         self.starvation = Starvation(cpus=opts.threads)
         self._rng = random.Random()
+        self.cancelled = Cancelled(window_s=120.0)  # ids cancelled lately (broker.cancels)
+        self._stops: dict[int, StopMatcher] = {}  # admitted jobs with stop strings, by key
         self._admit_soon = False  # an _admit is scheduled for this loop pass
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -94,6 +100,7 @@ class Worker:
                                 self.opts.connect_give_up_s)
         js = self.nc.jetstream(domain=self.topo.js_domain)
         verified = await verify(js, self.topo)
+        self.cancelled.window_s = verified.results_window_s
         log.info("topology_verified", ack_wait_s=verified.ack_wait_s,
                  max_deliver=verified.max_deliver, solo_from_attempt=self.opts.solo_from_attempt,
                  dead_letters=self.topo.dlq_subject, js_domain=self.topo.js_domain,
@@ -107,6 +114,7 @@ class Worker:
             failpoint=self._failpoint,
             governor=(ThreadGovernor(self.opts.threads, spare=IdleCpus())
                       if self.opts.adapt_threads else None),
+            on_progress=lambda p: loop.call_soon_threadsafe(self._on_progress, p),
         )
         self.publisher = Publisher(self.nc, js, maxsize=self.intake.held_cap + 1024,
                                    publish_give_up_s=self.opts.publish_give_up_s,
@@ -117,9 +125,12 @@ class Worker:
                         block_size=self.engine.block_size, reply_prefix=self.topo.results_prefix,
                         max_deliver=verified.max_deliver)
         self.ingress = Ingress(self.nc, self.topo.jobs_stream, self.topo.consumer,
-                               Validator(limits, self.engine.loaded.tokenizer),
+                               Validator(limits, self.engine.loaded.tokenizer,
+                                         chat=self.engine.loaded.chat),
                                self.intake.room, self._on_ticket, self._on_outcome,
                                fetch_timeout_s=FETCH_TIMEOUT_S, api_prefix=self.topo.api_prefix)
+        # Every worker hears every cancel (no queue group): any of them may hold the job.
+        await self.nc.subscribe(self.opts.cancel_subject, cb=self._on_cancel)
         await self.ingress.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.life.stop, sig.name)
@@ -197,6 +208,9 @@ class Worker:
 
     def _on_ticket(self, t: Ticket) -> None:
         self._hold(t.msg, t.attempt, t.job.id)
+        if t.job.id in self.cancelled:
+            self._cancel_unrun(t, "cancelled before it was delivered")
+            return
         if self.intake.offer(t) and not self._admit_soon:
             # Once per loop pass, not per message: a pull brings its deliveries in one read,
             # and they go to the executor as one submission (one wake-up, one bigger step).
@@ -220,16 +234,63 @@ class Worker:
             log.info("job_solo", job=t.job.id, attempt=t.attempt)
         s = t.job.sampling
         seed = self._rng.getrandbits(63) if s.seed is None else s.seed
+        if s.stop:
+            self._stops[t.key] = StopMatcher(self.engine.loaded.tokenizer, s.stop)
         return Request(key=t.key, prompt=t.prompt, max_new_tokens=t.job.max_new_tokens,
                        reserved_tokens=t.reserved_tokens, temperature=s.temperature,
                        top_k=s.top_k, top_p=s.top_p, seed=fold_seed(seed),
                        stop_ids=frozenset(s.stop_token_ids), solo=solo, hashes=t.hashes,
-                       reservation=t.reservation)
+                       reservation=t.reservation, ignore_eos=s.ignore_eos,
+                       logprobs=s.logprobs, watch=bool(s.stop))
 
     def _expire(self, t: Ticket, why: str) -> None:
         self._answer(Outcome(t.msg, t.job.id, t.job.reply_to, t.attempt, t.arrived_at,
                              FinishReason.EXPIRED, ErrorInfo(code=ErrorCode.EXPIRED, message=why),
-                             prompt_tokens=len(t.prompt)))
+                             prompt_tokens=len(t.prompt), json=t.json))
+
+    def _cancel_unrun(self, t: Ticket, why: str) -> None:
+        """Answer a job that never reached the executor as cancelled (acked: it is done)."""
+        self._answer(Outcome(t.msg, t.job.id, t.job.reply_to, t.attempt, t.arrived_at,
+                             FinishReason.CANCELLED,
+                             ErrorInfo(code=ErrorCode.CANCELLED, message=why),
+                             prompt_tokens=len(t.prompt), terminate=False, json=t.json))
+
+    # -- cancellation and stop strings -------------------------------------------------
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            ids = parse_cancel(msg.data)
+        except CancelError as e:
+            self.stats.cancels_refused += 1
+            log.warning("cancel_refused", subject=msg.subject, reason=str(e))
+            if msg.reply:
+                await quiet(msg.respond(reply_json({"ok": False, "error": str(e)})))
+            return
+        self.stats.cancels += 1
+        self.cancelled.add(ids, time.monotonic())
+        wanted = set(ids)
+        unrun = self.intake.withdraw(wanted)
+        for t in unrun:
+            self._cancel_unrun(t, "cancelled while it waited for admission")
+        running = [k for k, t in self.intake.inflight.items() if t.job.id in wanted]
+        for key in running:
+            self.executor.end(key, "cancelled")
+        log.info("cancel", ids=len(ids), waiting=len(unrun), running=len(running))
+        if unrun:
+            self.ingress.room_changed.set()
+        if msg.reply:
+            await quiet(msg.respond(reply_json({
+                "ok": True, "worker": self.opts.worker_id,
+                "held": sorted({t.job.id for t in unrun}
+                               | {self.intake.inflight[k].job.id for k in running
+                                  if k in self.intake.inflight})})))
+
+    def _on_progress(self, progress: list[tuple[int, int]]) -> None:
+        """Tokens of jobs with stop strings, as the executor made them: a match ends the job."""
+        for key, tok in progress:
+            m = self._stops.get(key)
+            if m is not None and m.end is None and m.feed((tok,)):
+                self.executor.end(key, "stop")
 
     def _on_outcome(self, o: Outcome) -> None:
         self._hold(o.msg, o.attempt, o.job_id)
@@ -247,7 +308,7 @@ class Worker:
             log.info("job_rejected" if not res.ok else "job_answered_at_edge", job=o.job_id,
                      attempt=o.attempt, code=o.error.code.value if o.error else None,
                      reason=o.error.message if o.error else None)
-        self._deliver(o.msg, o.job_id, o.attempt, encode(res), o.reply_to,
+        self._deliver(o.msg, o.job_id, o.attempt, encode(res, as_json=o.json), o.reply_to,
                       Settle.TERM if o.terminate else Settle.ACK, dead)
 
     # -- completions -------------------------------------------------------------------
@@ -273,15 +334,29 @@ class Worker:
         tok = self.engine.loaded.tokenizer
         for c in comps:
             t = self.intake.finished(c.key)
+            stops = self._stops.pop(c.key, None)
             if t is None:
                 continue
             times = JobTimes.of(t, c, now)
-            payload = completion_payload(t, c, tok.decode(c.tokens), self.opts.worker_id, times)
-            self.stats.on_result(ok=True, prompt_tokens=len(t.prompt),
+            cancelled = c.finish_reason == "cancelled"
+            if cancelled:
+                res = cancelled_result(t, c, tok.decode(c.tokens), self.opts.worker_id, times)
+                payload = encode(res, as_json=t.json)
+                log.info("job_cancelled", job=t.job.id, attempt=t.attempt, tokens=len(c.tokens))
+            else:
+                text = None
+                if stops is not None and stops.feed(c.tokens[stops.fed:]):
+                    # A stop string: keep through the token that completed it, text before it.
+                    c.tokens, c.finish_reason = c.tokens[:stops.end], "stop"
+                    text = stops.text[:stops.cut]
+                payload = completion_payload(t, c, tok.decode(c.tokens) if text is None else text,
+                                             self.opts.worker_id, times)
+            self.stats.on_result(ok=not cancelled, prompt_tokens=len(t.prompt),
                                  completion_tokens=len(c.tokens), padded_tokens=c.computed_tokens,
                                  cached_tokens=c.cached_tokens,
                                  queued_ms=times.queued_ms, first_token_ms=times.first_token_ms,
-                                 total_ms=times.total_ms)
+                                 total_ms=times.total_ms,
+                                 error_code="cancelled" if cancelled else None)
             self._deliver(t.msg, t.job.id, t.attempt, payload, t.job.reply_to, Settle.ACK)
         self._admit()
         self.ingress.room_changed.set()
@@ -326,6 +401,7 @@ class Worker:
             if now - last_sweep >= 1.0:
                 last_sweep = now
                 self._check_cpu(now)
+                self.cancelled.forget_expired(now)
                 expired = self.intake.expire_pending(time.time())
                 for t in expired:
                     self._expire(t, "deadline passed while the job waited for admission")

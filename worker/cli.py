@@ -25,6 +25,7 @@ from worker.ops.cpu import cpu_budget
 from worker.config import ConfigError, EngineConfig, cfg_summary, config_hash, load_config
 from worker.broker.connection import ConnectError, Security, connect
 from worker.broker.topology import Topology, TopologyError, provision
+from schemas.models import is_subject
 
 EXIT_CONFIG = 2  # bad config, model, topology or credentials: fix and restart, retrying will not help
 EXIT_FATAL = 1  # a fault at run time: held jobs were nak'd; restart me
@@ -70,6 +71,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="client key (or FABRIC_TLS_KEY)")
 
 
+def _subject(value: str) -> str:
+    if not is_subject(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a NATS subject (dot-separated "
+                                         "tokens, no spaces, no wildcards)")
+    return value
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -100,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="intra-op threads (or FABRIC_THREADS; default: the CPUs the worker "
                           "may use, by affinity and cgroup quota, adapted on the CPU to what "
                           "runs fastest when it shares its cores)")
+    run.add_argument("--cancel-subject", type=_subject,
+                     default=os.environ.get("FABRIC_CANCEL_SUBJECT", "fabric.cancel"),
+                     help='core NATS subject of cancel messages, {"ids": [job id, ...]} '
+                          "(or FABRIC_CANCEL_SUBJECT; default fabric.cancel)")
     run.add_argument("--burst", action="store_true",
                      help="exit 0 once the consumer has nothing pending and nothing is held")
     run.add_argument("--max-step-tokens", type=int, default=None)
@@ -249,7 +261,8 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
                    solo_from_attempt=args.solo_from_attempt, burst=args.burst,
                    connect_give_up_s=args.connect_give_up_s, step_timeout_s=args.step_timeout_s,
                    broker_give_up_s=args.broker_give_up_s, publish_give_up_s=args.publish_give_up_s,
-                   threads=budget.threads, adapt_threads=adapt)
+                   threads=budget.threads, adapt_threads=adapt,
+                   cancel_subject=args.cancel_subject)
     worker = Worker(cfg, opts, engine, _topology(cfg, args), _security(args))
     if obs is not None:
         obs.attach(worker)

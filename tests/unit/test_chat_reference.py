@@ -25,6 +25,7 @@ from worker.engine.build import build_engine  # noqa: E402
 from worker.engine.sequence import Request  # noqa: E402
 from worker.engine.step import generate  # noqa: E402
 from worker.model.chat import ChatError, ChatTemplate  # noqa: E402
+from worker.model.stops import StopMatcher  # noqa: E402
 from worker.model.tokenizer import HFTokenizer  # noqa: E402
 
 from tests.unit.test_chat import (  # noqa: E402
@@ -141,6 +142,60 @@ NEW_TOKENS = 16
 def first_new_token(tokens: list[int], start: int) -> int:
     """The index of the first token from `start` on that did not occur before it."""
     return next(i for i in range(start, len(tokens)) if tokens[i] not in tokens[:i])
+
+
+def tiny_llama(path: Path) -> Any:
+    """A seeded random Llama over the trained tokenizer at `path`, saved beside it."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=HFTokenizer(path / "tokenizer.json").vocab_size, hidden_size=64,
+        intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    randomize(model, seed=11)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama3", "chatml"])
+def test_stop_strings_end_where_transformers_stop_strings_end(tmp_path: Path,
+                                                              family: str) -> None:
+    """A stop string that spans a token boundary in the greedy reply: our tokens (the
+    worker's matcher over the engine's tokens) equal `generate(stop_strings=...)`'s, and
+    the text ends before the stop string."""
+    path = write_tokenizer(tmp_path, family)
+    model = tiny_llama(path)
+    tok = reference(path)
+    ids = reference_ids(tok, CONVERSATIONS["multi-turn"])
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        free = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                              max_new_tokens=NEW_TOKENS, pad_token_id=0)[0, len(ids):].tolist()
+    ours_tok = HFTokenizer(path / "tokenizer.json")
+    # The last character of token k's text and the first of token k+1's: across a boundary.
+    for k in range(4, NEW_TOKENS - 1):
+        a, b = ours_tok.decode(free[:k]), ours_tok.decode(free[:k + 1])
+        if len(b) > len(a) and a.strip() and b[len(a):].strip():
+            stop = a[-1] + b[len(a)]
+            if "\ufffd" not in stop:  # not half of a character the byte-level BPE split
+                break
+    else:
+        pytest.skip("no token boundary with text on both sides in this reply")
+    with torch.no_grad():
+        theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                max_new_tokens=NEW_TOKENS, pad_token_id=0,
+                                stop_strings=[stop], tokenizer=tok)[0, len(ids):].tolist()
+    engine = build_engine(str(path), "cpu", "float32", token_budget=1024, max_seq_len=512)
+    [done] = generate(engine, [Request.greedy(0, ids, NEW_TOKENS)])
+    assert done.tokens == free
+    m = StopMatcher(ours_tok, ["never there", stop])
+    for t in done.tokens:
+        if m.feed([t]):
+            break
+    assert m.end is not None and done.tokens[:m.end] == theirs, (stop, theirs)
+    text = ours_tok.decode(theirs)
+    assert m.text[:m.cut] == text[:text.index(stop)]
 
 
 def test_a_messages_job_generates_what_transformers_generates(tmp_path: Path) -> None:

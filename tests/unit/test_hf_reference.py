@@ -187,3 +187,59 @@ def test_greedy_tokens_match_transformers_with_shared_prefixes(case, runner) -> 
                 out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                    max_new_tokens=NEW_TOKENS, pad_token_id=0)
             assert ours[i].tokens == out[0, len(p):].tolist(), f"round {round_} prompt {i}"
+
+
+@pytest.mark.parametrize("runner", ["eager", "pipelined"])
+def test_logprobs_match_transformers_scores(case, runner) -> None:
+    """Each generated token's logprob and the top 5, against the log-softmax of the logits
+    `transformers` returns for the same greedy generation."""
+    ref, _, engine = case
+    engine = dataclasses.replace(engine, runner_mode=runner)
+    ps = prompts(seed=4)
+    n = 5
+    ours = {c.key: c for c in generate(engine, [dataclasses.replace(req(i, p), logprobs=n)
+                                                for i, p in enumerate(ps)])}
+    for i, p in enumerate(ps):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=NEW_TOKENS, pad_token_id=0, output_logits=True,
+                               return_dict_in_generate=True)
+        logp = torch.stack(out.logits)[:, 0].float().log_softmax(-1)  # [T, V]
+        theirs = out.sequences[0, len(p):]
+        rows = torch.from_numpy(ours[i].logprobs)
+        assert ours[i].tokens == theirs.tolist()
+        chosen = logp.gather(1, theirs[:, None])[:, 0]
+        assert torch.allclose(rows[:, 0], chosen, atol=1e-4), f"prompt {i}: chosen logprobs"
+        top = logp.topk(n, dim=-1)
+        assert (rows[:, 1:1 + n].long() == top.indices).all(), f"prompt {i}: top ids"
+        assert torch.allclose(rows[:, 1 + n:], top.values, atol=1e-4), f"prompt {i}: top values"
+
+
+def test_generation_config_eos_ends_generation_like_transformers(case, tmp_path) -> None:
+    """The checkpoint's `generation_config.json` eos ids (a list here) stop generation where
+    `transformers` stops; `ignore_eos` runs on to max_new_tokens."""
+    ref, path, engine = case
+    p = prompts(seed=5)[2]
+    ids = torch.tensor([p])
+    with torch.no_grad():
+        free = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=NEW_TOKENS, pad_token_id=0)[0, len(p):].tolist()
+    eos = [free[4], VOCAB - 1]  # one the model makes a few tokens in, one it may not
+    ckpt = tmp_path / "with-eos"
+    ckpt.mkdir()
+    for f in path.iterdir():
+        (ckpt / f.name).symlink_to(f)
+    (ckpt / "generation_config.json").unlink(missing_ok=True)
+    (ckpt / "generation_config.json").write_text(f'{{"eos_token_id": {eos}}}')
+    ours = new_engine(ckpt)
+    assert set(eos) <= set(ours.loaded.eos_ids)
+    with torch.no_grad():
+        theirs = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=NEW_TOKENS, pad_token_id=0,
+                              eos_token_id=eos)[0, len(p):].tolist()
+    (stopped,) = generate(ours, [req(0, p)])
+    assert stopped.tokens == theirs == free[:free.index(eos[0]) + 1]
+    assert stopped.finish_reason == "stop"
+    (ignored,) = generate(ours, [dataclasses.replace(req(0, p), ignore_eos=True)])
+    assert ignored.tokens == free and ignored.finish_reason == "length"

@@ -21,6 +21,8 @@ from schemas import (
     FinishReason,
     Job,
     Result,
+    Role,
+    is_json,
     Sampling,
     Timing,
     Usage,
@@ -65,7 +67,7 @@ def test_exports() -> None:
     assert set(schemas.__all__) == {
         "Job", "Result", "Sampling", "ErrorInfo", "ErrorCode", "Usage", "Timing",
         "FinishReason", "encode", "encode_completion", "decode_job", "decode_result",
-        "DecodeError",
+        "DecodeError", "Message", "Role", "TokenLogprob", "is_json",
     }  # fmt: skip
 
 
@@ -85,6 +87,10 @@ def test_encode_completion_writes_the_bytes_the_model_writes() -> None:
             queued_ms=rng.choice([0, 0.0, rng.random() * 1e4]),
             first_token_ms=None if i % 3 == 0 else rng.random() * 1e4,
             total_ms=rng.choice([0, rng.random() * 1e5]), worker=f"w-{i % 4}", attempt=rng.randint(1, 9),
+            logprobs=None if i % 4 else [
+                {"token": t, "logprob": -rng.random() * 20,
+                 "top": [[rng.randrange(2**17), -rng.random() * 20] for _ in range(i % 3)]}
+                for t in tokens],
         )
         model = Result(id=fields["id"], ok=True, tokens=tokens, text=fields["text"],
                        finish_reason=fields["finish_reason"],
@@ -94,10 +100,15 @@ def test_encode_completion_writes_the_bytes_the_model_writes() -> None:
                        timing=Timing(queued_ms=fields["queued_ms"],
                                      first_token_ms=fields["first_token_ms"],
                                      total_ms=fields["total_ms"]),
-                       worker=fields["worker"], attempt=fields["attempt"])
+                       worker=fields["worker"], attempt=fields["attempt"],
+                       logprobs=fields["logprobs"])
         fast = encode_completion(**fields)
         assert fast == encode(model), fields
         assert decode_result(fast) == model
+        # JSON: the same Result (float formatting may differ from pydantic's, so compare values)
+        as_json = encode_completion(**fields, as_json=True)
+        assert decode_result(as_json) == model == decode_result(encode(model, as_json=True))
+        assert json.loads(as_json)["logprobs"] == fields["logprobs"]
 
 
 @pytest.mark.parametrize(
@@ -173,9 +184,10 @@ def test_encoding_is_a_plain_msgpack_map() -> None:
 def test_enums_are_strings_with_the_contract_values() -> None:
     assert [c.value for c in ErrorCode] == [
         "bad_payload", "invalid_job", "empty_prompt", "too_long", "forbidden_reply_to",
-        "expired", "bad_token", "poison",
+        "expired", "bad_token", "poison", "bad_messages", "no_chat_template", "cancelled",
     ]  # fmt: skip
-    assert [f.value for f in FinishReason] == ["length", "stop", "error", "expired"]
+    assert [f.value for f in FinishReason] == ["length", "stop", "error", "expired", "cancelled"]
+    assert [r.value for r in Role] == ["system", "user", "assistant", "tool"]
     assert ErrorCode.POISON == "poison"
 
 
@@ -237,6 +249,15 @@ INVALID_JOBS = [
     ("too many stop tokens", sampling_map(stop_token_ids=list(range(65)))),
     ("negative stop token", sampling_map(stop_token_ids=[-1])),
     ("unknown sampling key", sampling_map(beam_width=4)),
+    ("nine stop strings", sampling_map(stop=["a"] * 9)),
+    ("long stop string", sampling_map(stop=["x" * 129])),
+    ("empty stop string", sampling_map(stop=[""])),
+    ("stop not a list", sampling_map(stop="###")),
+    ("int stop string", sampling_map(stop=[5])),
+    ("logprobs over 20", sampling_map(logprobs=21)),
+    ("negative logprobs", sampling_map(logprobs=-1)),
+    ("bool logprobs", sampling_map(logprobs=True)),
+    ("int ignore_eos", sampling_map(ignore_eos=1)),
     ("sampling not a map", job_map(sampling=[0.5])),
     # deadline and the rest
     ("nan deadline", job_map(deadline_s=math.nan)),
@@ -247,7 +268,64 @@ INVALID_JOBS = [
     ("missing prompt", {k: v for k, v in job_map().items() if k != "prompt"}),
     ("missing max_new_tokens", {k: v for k, v in job_map().items() if k != "max_new_tokens"}),
     ("missing reply_to", {k: v for k, v in job_map().items() if k != "reply_to"}),
+    ("prompt and messages", job_map(messages=[{"role": "user", "content": "hi"}])),
 ]
+
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+
+def chat_map(messages: Any = CHAT, **overrides: Any) -> dict[str, Any]:
+    return {**{k: v for k, v in job_map(**overrides).items() if k != "prompt"},
+            "messages": messages}
+
+
+BAD_MESSAGES = [
+    ("empty conversation", chat_map([])),
+    ("unknown role", chat_map([{"role": "robot", "content": "hi"}])),
+    ("non-string content", chat_map([{"role": "user", "content": ["hi"]}])),
+    ("nil content", chat_map([{"role": "user", "content": None}])),
+    ("missing content", chat_map([{"role": "user"}])),
+    ("extra message key", chat_map([{"role": "user", "content": "hi", "name": "x"}])),
+    ("message not a map", chat_map(["hi"])),
+    ("messages not a list", chat_map("hi")),
+    ("nil messages", chat_map(None)),
+]
+
+
+@pytest.mark.parametrize("payload", [p for _, p in BAD_MESSAGES], ids=[n for n, _ in BAD_MESSAGES])
+def test_bad_messages_have_their_own_code(payload: dict[str, Any]) -> None:
+    err = decode_error(pack(payload))
+    assert err.code is ErrorCode.BAD_MESSAGES, err.message
+    assert err.message.startswith("messages"), err.message
+    assert err.reply_to == payload["reply_to"] and err.job_id == payload["id"]
+
+
+def test_a_chat_job_round_trips_and_says_exactly_one_of_prompt_and_messages() -> None:
+    job = decode_job(pack(chat_map(sampling={"stop": ["###", "\n\n"], "logprobs": 5,
+                                              "ignore_eos": True})))
+    assert job.prompt is None and [m.role for m in job.messages] == [Role.SYSTEM, Role.USER]
+    assert job.sampling.stop == ["###", "\n\n"] and job.sampling.logprobs == 5
+    assert decode_job(encode(job)) == job
+    assert "prompt" not in msgpack.unpackb(encode(job))  # absent, as sent
+    for payload in (job_map(messages=CHAT), {k: v for k, v in job_map().items() if k != "prompt"}):
+        err = decode_error(pack(payload))
+        assert err.code is ErrorCode.INVALID_JOB and "exactly one of prompt and messages" in err.message
+
+
+def test_a_json_job_is_the_same_job_as_its_msgpack_twin() -> None:
+    for payload in (job_map(), chat_map(), job_map(prompt=[1, 2, 3], deadline_s=1.5e9,
+                                                   sampling={"temperature": 1, "stop": ["é"]})):
+        data = json.dumps(payload).encode()
+        assert is_json(data) and is_json(b" \n\t" + data) and not is_json(pack(payload))
+        assert decode_job(b"  " + data) == decode_job(pack(payload))
+
+
+def test_a_bad_json_job_still_names_its_reply_subject_and_id() -> None:
+    payload = job_map(max_new_tokens=2.0)  # JSON keeps 2.0 a float: refused like msgpack's
+    err = decode_error(json.dumps(payload).encode())
+    assert err.code is ErrorCode.INVALID_JOB and "max_new_tokens" in err.message
+    assert err.reply_to == payload["reply_to"] and err.job_id == payload["id"]
+    assert "not valid JSON" in decode_error(b'{"id": "a"').message
 
 
 @pytest.mark.parametrize("payload", [p for _, p in INVALID_JOBS], ids=[n for n, _ in INVALID_JOBS])
@@ -278,6 +356,8 @@ VALID_JOBS = [
     ("max seed", sampling_map(seed=2**63 - 1)),
     ("nil seed", sampling_map(seed=None)),
     ("max stop tokens", sampling_map(stop_token_ids=list(range(64)))),
+    ("max stop strings", sampling_map(stop=["x" * 128] * 8)),
+    ("max logprobs", sampling_map(logprobs=20)),
     ("int deadline", job_map(deadline_s=1_700_000_000)),
     ("past deadline", job_map(deadline_s=-1.0)),
     ("nil deadline", job_map(deadline_s=None)),
@@ -377,7 +457,10 @@ BAD_PAYLOADS = [
     ("integer", pack(5)),
     ("nil", pack(None)),
     ("binary", pack(b"\x81")),
-    ("json text", json.dumps(job_map()).encode()),
+    ("json array", json.dumps([job_map()]).encode()),
+    ("malformed json", b'{"id": "a", '),
+    ("json with trailing data", json.dumps(job_map()).encode() + b" {}"),
+    ("json NaN", json.dumps(job_map(max_new_tokens=float("nan"))).encode()),
     ("non-utf8 string", b"\x81\xa2id\xa2\xff\xfe"),
     ("int map key", pack({1: "x"})),
     ("extension type", pack(msgpack.ExtType(5, b"xx"))),

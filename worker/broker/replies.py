@@ -6,10 +6,12 @@ field of what goes on the wire is decided here and tested here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from schemas import FinishReason, Result, Timing, Usage, encode_completion
+from schemas import (ErrorCode, ErrorInfo, FinishReason, Result, Timing, TokenLogprob, Usage,
+                     encode_completion)
 from worker.broker.publisher import DeadLetter
 from worker.broker.validate import Outcome, Ticket
 
@@ -42,13 +44,48 @@ class JobTimes:
 def completion_payload(t: Ticket, c: Completion, text: str, worker_id: str,
                        times: JobTimes) -> bytes:
     """The encoded Result of a job the executor ran (built without a pydantic model: the
-    hot path, one per job)."""
+    hot path, one per job), in the job's encoding."""
     return encode_completion(
         id=t.job.id, tokens=c.tokens, text=text, finish_reason=FinishReason(c.finish_reason),
         prompt_tokens=len(t.prompt), completion_tokens=len(c.tokens),
         padded_tokens=c.computed_tokens, cached_tokens=c.cached_tokens, queued_ms=times.queued_ms,
         first_token_ms=times.first_token_ms, total_ms=times.total_ms, worker=worker_id,
-        attempt=t.attempt)
+        attempt=t.attempt, logprobs=logprob_entries(c, len(c.tokens)), as_json=t.json)
+
+
+def cancelled_result(t: Ticket, c: Completion, text: str, worker_id: str,
+                     times: JobTimes) -> Result:
+    """A job the executor ended because a cancel named it: an error, with what it made."""
+    return Result(id=t.job.id, ok=False, tokens=c.tokens, text=text,
+                  finish_reason=FinishReason.CANCELLED,
+                  error=ErrorInfo(code=ErrorCode.CANCELLED,
+                                  message="cancelled while it ran; tokens are those made so far"),
+                  usage=Usage(prompt_tokens=len(t.prompt), completion_tokens=len(c.tokens),
+                              padded_tokens=c.computed_tokens, cached_tokens=c.cached_tokens),
+                  timing=Timing(queued_ms=times.queued_ms, first_token_ms=times.first_token_ms,
+                                total_ms=times.total_ms),
+                  worker=worker_id, attempt=t.attempt,
+                  logprobs=[TokenLogprob.model_validate(e)
+                            for e in logprob_entries(c, len(c.tokens)) or []] or None)
+
+
+def logprob_entries(c: Completion, n_tokens: int) -> list[dict[str, Any]] | None:
+    """The Result's `logprobs` from the executor's rows (`Completion.logprobs`): one entry per
+    token kept, `{token, logprob, top: [[id, logprob], ...]}`."""
+    if c.logprobs is None:
+        return None
+    rows = c.logprobs[:n_tokens]
+    n = (rows.shape[1] - 1) // 2
+    chosen = rows[:, 0].tolist()
+    ids = rows[:, 1:1 + n].astype("int64").tolist()
+    vals = rows[:, 1 + n:].tolist()
+    return [{"token": tok, "logprob": lp, "top": [[i, v] for i, v in zip(ti, tv)]}
+            for tok, lp, ti, tv in zip(c.tokens, chosen, ids, vals)]
+
+
+def reply_json(body: dict[str, Any]) -> bytes:
+    """A control reply (to a cancel request) as JSON: meant for people and scripts."""
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def dead_letter(o: Outcome, dlq_subject: str, worker_id: str, now_unix: float) -> DeadLetter:

@@ -96,6 +96,7 @@ class Verified:
     ack_wait_s: float  # the consumer's: heartbeats are paced from it
     max_deliver: int  # the consumer's; <= 0 means unlimited (then nothing is dead-lettered)
     results_captured: bool  # the results stream captures every allowed reply subject
+    results_window_s: float = 120.0  # the results stream's duplicate window
 
 
 def _covers(pattern: str, prefix: str) -> bool:
@@ -123,11 +124,14 @@ def _matches(pattern: str, subject: str) -> bool:
 async def verify(js: JetStreamContext, topo: Topology) -> Verified:
     hint = "run `fabric-worker provision --config <engine.toml>` first"
     subjects: dict[str, list[str]] = {}
+    windows: dict[str, float] = {}
     for name in (topo.jobs_stream, topo.results_stream, topo.dlq_stream):
         try:
-            subjects[name] = list((await js.stream_info(name)).config.subjects or [])
+            sc = (await js.stream_info(name)).config
         except nats.js.errors.NotFoundError:
             raise TopologyError(f"stream {name!r} does not exist; {hint}") from None
+        subjects[name] = list(sc.subjects or [])
+        windows[name] = float(sc.duplicate_window or 0)
     try:
         info = await js.consumer_info(topo.jobs_stream, topo.consumer)
     except nats.js.errors.NotFoundError:
@@ -146,4 +150,5 @@ async def verify(js: JetStreamContext, topo: Topology) -> Verified:
                     hint="a job that kills every worker is retried forever; set max_deliver")
     return Verified(ack_wait_s=float(cc.ack_wait or topo.ack_wait_s), max_deliver=max_deliver,
                     results_captured=any(_covers(s, topo.results_prefix)
-                                         for s in subjects[topo.results_stream]))
+                                         for s in subjects[topo.results_stream]),
+                    results_window_s=windows[topo.results_stream] or topo.duplicate_window_s)

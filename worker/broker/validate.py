@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 
-from schemas import DecodeError, ErrorCode, ErrorInfo, FinishReason, Job, decode_job
+from schemas import DecodeError, ErrorCode, ErrorInfo, FinishReason, Job, decode_job, is_json
 from worker.engine.blocks import Reservation, block_hashes, padded_tokens
+from worker.model.chat import ChatError, ChatTemplate
 from worker.model.tokenizer import Tokenizer
 
 
@@ -37,6 +38,7 @@ class Ticket:
     reserved_tokens: int  # the admission/KV unit: prompt + max_new_tokens in whole blocks
     arrived_at: float  # time.monotonic() when fetched
     hashes: tuple[bytes, ...] = ()  # content keys of the prompt's full KV blocks
+    json: bool = False  # the job came as JSON: its Result goes back as JSON
     admitted_at: float = 0.0  # time.monotonic() when admitted (0 while pending)
     reservation: Reservation | None = None  # its KV blocks, from admission on
 
@@ -55,6 +57,7 @@ class Outcome:
     prompt_tokens: int = 0
     terminate: bool = True  # term (never redeliver) rather than ack
     dead_letter: str | None = None  # why it goes to the dead-letter stream (poison)
+    json: bool = False  # the job came as JSON: its Result goes back as JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +73,10 @@ class Limits:
 class Validator:
     """Message -> Ticket | Outcome. Pure apart from the clock; no I/O."""
 
-    def __init__(self, limits: Limits, tokenizer: Tokenizer):
+    def __init__(self, limits: Limits, tokenizer: Tokenizer, chat: ChatTemplate | None = None):
         self.limits = limits
         self.tokenizer = tokenizer
+        self.chat = chat  # the checkpoint's chat template; None: jobs with messages are refused
         self._next_key = 0
 
     def _reply_ok(self, subject: str | None) -> bool:
@@ -83,16 +87,18 @@ class Validator:
         attempt = _attempt(msg)
         if 0 < lim.max_deliver <= attempt:
             return self._poison(msg, attempt, now)
+        as_json = is_json(msg.data)
         try:
             job = decode_job(msg.data)
         except DecodeError as e:
             reply = e.reply_to if self._reply_ok(e.reply_to) else None
             return Outcome(msg, e.job_id, reply, attempt, now, FinishReason.ERROR,
-                           ErrorInfo(code=e.code, message=e.message))
+                           ErrorInfo(code=e.code, message=e.message), json=as_json)
 
         def fail(code: ErrorCode, message: str, reply: str | None = job.reply_to,
                  reason: FinishReason = FinishReason.ERROR) -> Outcome:
-            return Outcome(msg, job.id, reply, attempt, now, reason, ErrorInfo(code=code, message=message))
+            return Outcome(msg, job.id, reply, attempt, now, reason,
+                           ErrorInfo(code=code, message=message), json=as_json)
 
         if not self._reply_ok(job.reply_to):
             return fail(ErrorCode.FORBIDDEN_REPLY_TO,
@@ -100,8 +106,18 @@ class Validator:
         if job.deadline_s is not None and job.deadline_s <= time.time():
             return fail(ErrorCode.EXPIRED, "deadline passed before the job started",
                         reason=FinishReason.EXPIRED)
-        text = isinstance(job.prompt, str)
-        prompt = self.tokenizer.encode(job.prompt) if text else job.prompt
+        if job.messages is not None:
+            if self.chat is None:
+                return fail(ErrorCode.NO_CHAT_TEMPLATE, "this model has no chat template: send "
+                            "a prompt (text or token ids) instead of messages")
+            try:
+                prompt = self.chat.render(job.messages)
+            except ChatError as e:
+                return fail(ErrorCode.BAD_MESSAGES, str(e))
+        elif isinstance(job.prompt, str):
+            prompt = self.tokenizer.encode(job.prompt)
+        else:
+            prompt = job.prompt
         if not prompt:
             return fail(ErrorCode.EMPTY_PROMPT, "the prompt encodes to no tokens")
         if max(prompt) >= lim.vocab_size:
@@ -114,11 +130,11 @@ class Validator:
                         f"({job.max_new_tokens}) = {total} is over max_seq_len {lim.max_seq_len}")
         if job.max_new_tokens == 0:
             return Outcome(msg, job.id, job.reply_to, attempt, now, FinishReason.LENGTH,
-                           prompt_tokens=len(prompt), terminate=False)
+                           prompt_tokens=len(prompt), terminate=False, json=as_json)
         self._next_key += 1
         return Ticket(msg=msg, job=job, key=self._next_key, attempt=attempt, prompt=prompt,
                       reserved_tokens=reserved, arrived_at=now,
-                      hashes=tuple(block_hashes(prompt, lim.block_size)))
+                      hashes=tuple(block_hashes(prompt, lim.block_size)), json=as_json)
 
 
     def _poison(self, msg: Msg, attempt: int, now: float) -> Outcome:
@@ -131,7 +147,7 @@ class Validator:
             job_id, reply = e.job_id, e.reply_to
         return Outcome(msg, job_id, reply if self._reply_ok(reply) else None, attempt, now,
                        FinishReason.ERROR, ErrorInfo(code=ErrorCode.POISON, message=why),
-                       dead_letter=why)
+                       dead_letter=why, json=is_json(msg.data))
 
 
 def _attempt(msg: Msg) -> int:

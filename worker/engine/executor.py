@@ -55,7 +55,8 @@ class Executor:
                  on_fatal: Callable[[BaseException], None],
                  backlog: Callable[[], int] = lambda: 0,
                  failpoint: Callable[[str], None] = failpoints.hit,
-                 governor: ThreadGovernor | None = None):
+                 governor: ThreadGovernor | None = None,
+                 on_progress: Callable[[list[tuple[int, int]]], None] = lambda _: None):
         self.pool = engine.pool
         # Intra-op threads: fixed (torch's count when the thread starts), or chosen by
         # measurement (`governor`, CPU workers whose count was not set explicitly).
@@ -75,7 +76,9 @@ class Executor:
                  ctx_buckets=None if g is None else list(g.ctx_buckets))
         self.scheduler = engine.scheduler(overlap=self.overlap)
         self._inbox: queue.Queue[list[Request]] = queue.Queue(maxsize=1024)
+        self._ends: queue.SimpleQueue[tuple[int, str]] = queue.SimpleQueue()
         self._on_complete = on_complete
+        self._on_progress = on_progress  # (key, token) of watched requests, each step
         self._on_step = on_step
         self._on_fatal = on_fatal
         self._backlog = backlog  # jobs waiting for admission upstream (read, never written)
@@ -92,6 +95,12 @@ class Executor:
         # Admission bounds what is in flight by tokens, so this never blocks in practice;
         # the queue bound is a second line of defence against a bug upstream.
         self._inbox.put(reqs, timeout=5.0)
+
+    def end(self, key: int, reason: str) -> None:
+        """End a job at the next step boundary (cancelled, or a stop string found); its
+        Completion says `reason` and holds the tokens so far. A key not held is ignored."""
+        self._ends.put((key, reason))
+        self._inbox.put_nowait([])  # wake it if it is waiting for work
 
     def stop(self, timeout_s: float) -> bool:
         """Ask the thread to stop after its current step; True if it ended in time."""
@@ -124,6 +133,20 @@ class Executor:
                 reqs = self._inbox.get_nowait()
         except queue.Empty:
             pass
+        if not self._ends.empty():
+            self._end_asked()
+
+    def _end_asked(self) -> None:
+        done = []
+        while True:
+            try:
+                key, reason = self._ends.get_nowait()
+            except queue.Empty:
+                break
+            if (c := self.scheduler.end(key, reason, time.monotonic())) is not None:
+                done.append(c)
+        if done:
+            self._on_complete(done)
 
     def _main(self) -> None:
         try:
@@ -168,6 +191,9 @@ class Executor:
         step, self._inflight, done = turn(self.scheduler, self.runner, plan, self._inflight)
         if done:
             self._on_complete(done)
+        if self.scheduler.progress:
+            progress, self.scheduler.progress = self.scheduler.progress, []
+            self._on_progress(progress)
         if step is None:
             return
         shape = step.shape

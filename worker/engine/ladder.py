@@ -16,6 +16,8 @@ order.
 
 from __future__ import annotations
 
+import numpy as np
+
 from worker.engine.blocks import BlockPool
 from worker.engine.modes import POLICIES
 from worker.engine.scheduler import Scheduler, StepPlan
@@ -72,15 +74,26 @@ class LadderScheduler(Scheduler):
         plan.prefill.append(batch)
         plan.pad_to = max(len(s.req.prompt) for s in batch)
 
-    def postprocess(self, plan: StepPlan, tokens: list[int], now: float) -> list[Completion]:
+    def end(self, key: int, reason: str, now: float) -> Completion | None:
+        seq = self.live.get(key)
+        if self.policy != "serial" and seq is not None and seq in self.running:
+            if not seq.done:  # a static batch's member: it finishes with its batch
+                seq.done = True
+                self._reasons[key] = reason
+            return None
+        return super().end(key, reason, now)
+
+    def postprocess(self, plan: StepPlan, tokens: list[int], now: float,
+                    logprobs: np.ndarray | None = None) -> list[Completion]:
         if self.policy == "serial":
-            return super().postprocess(plan, tokens, now)
+            return super().postprocess(plan, tokens, now, logprobs)
         still: list[Sequence] = []
-        for seq, tok in zip(plan.rows, tokens, strict=True):
+        for i, (seq, tok) in enumerate(zip(plan.rows, tokens, strict=True)):
             if seq.done:
                 seq.computed_tokens += 1  # a padding row: it has finished, the batch has not
             else:
-                reason = self._append(seq, tok, plan.pad_to or len(seq.req.prompt), now)
+                reason = self._append(seq, tok, plan.pad_to or len(seq.req.prompt), now,
+                                      None if logprobs is None else logprobs[i])
                 if reason is not None:
                     seq.done = True  # keeps computing padding rows until the batch ends
                     self._reasons[seq.req.key] = reason

@@ -260,6 +260,7 @@ class Runner:
         if plan.decode and key is None:
             b.decode(plan.decode, self.block_size)  # reorders plan.decode into its groups
         sampling, flags = _sampling(plan.rows)
+        top_n = max((s.req.logprobs for s in plan.rows), default=0)
         host: list[np.ndarray] = []
         fields = [(k, v) for g in b.groups for k, v in g.items() if k != "rows" and v is not None]
         if b.rows:
@@ -290,7 +291,7 @@ class Runner:
         feed = (next(it), next(it)) if fed else None
         shape = StepShape(b.rows + (key[0] if key else 0), b.attn_real, b.attn_padded,
                           graphed=key is not None)
-        return Step(plan, inp, graph, sb, shape, feed)
+        return Step(plan, inp, graph, sb, shape, feed, top_n)
 
     def _prefill_groups(self, plan: StepPlan) -> list[tuple[list[Sequence], int]]:
         """The step's prompts as attention groups: those that start after a prefix they
@@ -327,11 +328,22 @@ class Runner:
             parts.append(self.graphs.run(step.graph, fed))  # [Bd, V]
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         tokens = sample(logits, step.sb)  # [B] int64, on the device
-        return Launched(step.plan, tokens, self._fetch.start(tokens))
+        lp = token_logprobs(logits, tokens, step.top_n) if step.top_n else None
+        return Launched(step.plan, tokens, *self._fetch.start(tokens, lp))
 
     def run(self, step: Step) -> list[int]:
         """Launch and wait: the step's tokens on the host (its one sync)."""
         return self.launch(step).wait()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, 1 + 2n] float32: each row's sampled token's logprob, then the ids and logprobs of
+    its n most likely tokens (log-softmax of the raw logits, before temperature or top-k/p
+    shape them). Ids travel as float32, exact below 2**24 (every vocabulary in use)."""
+    logp = logits.float().log_softmax(dim=-1)  # [B, V]
+    chosen = logp.gather(1, tokens[:, None])  # [B, 1]
+    top = logp.topk(n, dim=-1)
+    return torch.cat((chosen, top.indices.float(), top.values), dim=1)
 
 
 def _feed(fed: list[tuple[int, Sequence]], prev: Launched | None) -> list[np.ndarray]:
@@ -354,18 +366,26 @@ class Step:
     sb: SamplingBatch
     shape: StepShape
     feed: tuple[torch.Tensor, torch.Tensor] | None = None  # (dst rows, src rows of prev)
+    top_n: int = 0  # logprobs: the widest top-n a row asked for; 0: none asked
 
 
 class Launched:
     """A step on the device: its sampled tokens there, on their way to the host."""
 
-    __slots__ = ("plan", "tokens", "_pending", "_rows")
+    __slots__ = ("plan", "tokens", "_pending", "_logprobs", "_rows")
 
-    def __init__(self, plan: StepPlan, tokens: torch.Tensor, pending: Callable[[], list[int]]):
+    def __init__(self, plan: StepPlan, tokens: torch.Tensor, pending: Callable[[], list[int]],
+                 logprobs: Callable[[], np.ndarray | None] = lambda: None):
         self.plan = plan
         self.tokens = tokens
         self._pending = pending
+        self._logprobs = logprobs
         self._rows: dict[int, int] | None = None
+
+    @property
+    def logprobs(self) -> np.ndarray | None:
+        """[B, 1 + 2n] logprob rows (`token_logprobs`) after `wait`; None: none asked."""
+        return self._logprobs()
 
     @property
     def row_of(self) -> dict[int, int]:
@@ -387,18 +407,24 @@ class _Fetch:
         self.device = device
         self.cuda = device.type == "cuda"
         self._bufs: list[torch.Tensor] = []
+        self._lp_bufs: list[torch.Tensor] = []  # logprob rows, the same way, when asked
         self._turn = 0
 
-    def start(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
+    def start(self, tokens: torch.Tensor, lp: torch.Tensor | None = None
+              ) -> tuple[Callable[[], list[int]], Callable[[], np.ndarray | None]]:
+        """(wait for the tokens, read the logprob rows after that wait)."""
         if not self.cuda:
-            return tokens.tolist
+            return tokens.tolist, (lambda: None) if lp is None else lp.numpy
         n = tokens.shape[0]
         self._turn ^= 1
-        if len(self._bufs) < 2 or self._bufs[0].shape[0] < n:
-            size = max(1024, 2 * n)
-            self._bufs = [torch.empty(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._bufs = _pinned(self._bufs, (n,), torch.int64)
         host = self._bufs[self._turn][:n]
         host.copy_(tokens, non_blocking=True)
+        host_lp = None
+        if lp is not None:  # copied before the event, so the one wait covers both
+            self._lp_bufs = _pinned(self._lp_bufs, tuple(lp.shape), torch.float32)
+            host_lp = self._lp_bufs[self._turn][:n, :lp.shape[1]]
+            host_lp.copy_(lp, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
 
@@ -406,4 +432,14 @@ class _Fetch:
             event.synchronize()
             return host.tolist()
 
-        return wait
+        return wait, (lambda: None) if host_lp is None else (lambda: host_lp.numpy().copy())
+
+
+def _pinned(bufs: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+            ) -> list[torch.Tensor]:
+    """Two alternating pinned host buffers holding at least `shape` (rows, then columns),
+    reallocated (rarely: doubled rows) only when too small."""
+    if len(bufs) == 2 and all(b >= s for b, s in zip(bufs[0].shape, shape)):
+        return bufs
+    size = (max(1024, 2 * shape[0]),) + tuple(max(s, 41) for s in shape[1:])
+    return [torch.empty(size, dtype=dtype, pin_memory=True) for _ in range(2)]

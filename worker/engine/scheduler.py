@@ -74,6 +74,9 @@ class Scheduler:
         self.lanes: dict[int, deque[Sequence]] = {}
         self.running: list[Sequence] = []
         self.solo: deque[Sequence] = deque()  # suspected poison jobs, each alone
+        self.live: dict[int, Sequence] = {}  # every sequence added and not finished, by key
+        # (key, token) of watched requests' tokens since the executor last took them.
+        self.progress: list[tuple[int, int]] = []
 
     # -- entry and exit ---------------------------------------------------------------
 
@@ -100,6 +103,7 @@ class Scheduler:
             seq = Sequence(req=req, blocks=got, slots=slots[at:at + n], lane=self._lane(req),
                            waiting_since=now, keys=list(req.hashes))
             at += n
+            self.live[req.key] = seq
             if req.solo:
                 self.solo.append(seq)
             else:
@@ -202,14 +206,37 @@ class Scheduler:
         for s in plan.rows:
             s.pending += 1
 
-    def postprocess(self, plan: StepPlan, tokens: list[int], now: float) -> list[Completion]:
-        """Append each row's sampled token; retire finished sequences. tokens follow plan.rows."""
+    def end(self, key: int, reason: str, now: float) -> Completion | None:
+        """End a sequence before its time (cancelled, or a stop string the loop found), at a
+        step boundary: out of its lane or the running batch, its blocks released, its
+        tokens so far in the Completion. None: not here (finished already, or never came)."""
+        seq = self.live.get(key)
+        if seq is None:
+            return None
+        if seq in self.running:
+            if self.overlap:
+                seq.retired = True  # rows of it still on the device are dropped when read
+            self.running.remove(seq)
+        elif seq.req.solo:
+            self.solo.remove(seq)
+        else:
+            q = self.lanes[seq.lane]
+            q.remove(seq)
+            if not q:
+                del self.lanes[seq.lane]
+        return self._finish(seq, reason, now)
+
+    def postprocess(self, plan: StepPlan, tokens: list[int], now: float,
+                    logprobs: np.ndarray | None = None) -> list[Completion]:
+        """Append each row's sampled token; retire finished sequences. tokens (and the rows
+        of `logprobs`, when the step computed them) follow plan.rows."""
         if self.overlap:
-            return self._postprocess_overlapped(plan, tokens, now)
+            return self._postprocess_overlapped(plan, tokens, now, logprobs)
         done: list[Completion] = []
         still: list[Sequence] = []
-        for seq, tok in zip(plan.rows, tokens, strict=True):
-            reason = self._append(seq, tok, len(seq.req.prompt) - seq.start, now)
+        for i, (seq, tok) in enumerate(zip(plan.rows, tokens, strict=True)):
+            reason = self._append(seq, tok, len(seq.req.prompt) - seq.start, now,
+                                  None if logprobs is None else logprobs[i])
             if reason is None:
                 still.append(seq)
             else:
@@ -217,29 +244,39 @@ class Scheduler:
         self.running = still
         return done
 
-    def _append(self, seq: Sequence, tok: int, prompt_rows: int, now: float) -> str | None:
+    def _append(self, seq: Sequence, tok: int, prompt_rows: int, now: float,
+                lp: np.ndarray | None = None) -> str | None:
         """Record a sampled token and the rows it cost; the finish reason, if it is the last.
 
-        `prompt_rows`: the rows its prefill occupied (the prompt, or more when padded)."""
+        `prompt_rows`: the rows its prefill occupied (the prompt, or more when padded).
+        `lp`: the token's logprob row (chosen, top ids, top logprobs; n as wide as the
+        step's widest request), when the step computed them."""
         prefilled = not seq.generated
         seq.computed_tokens += (prompt_rows if prefilled else 0) + 1
         if prefilled:
             seq.first_token_at = now
         seq.generated.append(tok)
+        req = seq.req
+        if req.logprobs and lp is not None:
+            n, width = req.logprobs, (len(lp) - 1) // 2
+            seq.logprobs.append(np.concatenate((lp[:1 + n], lp[1 + width:1 + width + n])))
+        if req.watch:
+            self.progress.append((req.key, tok))
         if self.pool.caching:
             self._key_full_blocks(seq)
-        if tok in seq.req.stop_ids or tok in self.eos_ids:
+        if tok in req.stop_ids or (tok in self.eos_ids and not req.ignore_eos):
             return "stop"
-        return "length" if len(seq.generated) >= seq.req.max_new_tokens else None
+        return "length" if len(seq.generated) >= req.max_new_tokens else None
 
-    def _postprocess_overlapped(self, plan: StepPlan, tokens: list[int],
-                                now: float) -> list[Completion]:
+    def _postprocess_overlapped(self, plan: StepPlan, tokens: list[int], now: float,
+                                logprobs: np.ndarray | None) -> list[Completion]:
         done: list[Completion] = []
-        for seq, tok in zip(plan.rows, tokens, strict=True):
+        for i, (seq, tok) in enumerate(zip(plan.rows, tokens, strict=True)):
             seq.pending -= 1
             if seq.retired:
                 continue  # launched before the host saw its stop token: a wasted row
-            reason = self._append(seq, tok, len(seq.req.prompt) - seq.start, now)
+            reason = self._append(seq, tok, len(seq.req.prompt) - seq.start, now,
+                                  None if logprobs is None else logprobs[i])
             if reason is not None:
                 seq.retired = True
                 done.append(self._finish(seq, reason, now))
@@ -263,6 +300,8 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: str, now: float) -> Completion:
         self.pool.release(seq.req.key)
+        del self.live[seq.req.key]
         return Completion(key=seq.req.key, tokens=seq.generated, finish_reason=reason,
                           computed_tokens=seq.computed_tokens,
-                          first_token_at=seq.first_token_at or now, cached_tokens=seq.start)
+                          first_token_at=seq.first_token_at or now, cached_tokens=seq.start,
+                          logprobs=np.stack(seq.logprobs) if seq.req.logprobs else None)

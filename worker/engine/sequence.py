@@ -29,6 +29,9 @@ class Request:
     # blocks admission reserved for the job; None: the scheduler reserves them itself.
     hashes: tuple[bytes, ...] = ()
     reservation: Reservation | None = None
+    ignore_eos: bool = False  # the model's end-of-sequence ids do not end it
+    logprobs: int = 0  # with n > 0, record each sampled token's logprob and the top n
+    watch: bool = False  # report its tokens as they come (the loop matches stop strings)
 
     @classmethod
     def greedy(cls, key: int, prompt: list[int], max_new_tokens: int, seed: int = 0,
@@ -43,13 +46,16 @@ class Request:
 class Completion:
     key: int
     tokens: list[int]  # generated ids, a stop token included
-    finish_reason: str  # "length" | "stop"
+    finish_reason: str  # "length" | "stop" | "cancelled"
     computed_tokens: int  # token rows this job occupied in forwards, padding included
     first_token_at: float  # time.monotonic() when the first token was sampled
     cached_tokens: int = 0  # prompt tokens whose KV it found computed (by a job before it)
+    # Requests with logprobs: [tokens, 1 + 2n] float32 rows, (chosen token's logprob, the
+    # top n ids, their logprobs), one per generated token.
+    logprobs: np.ndarray | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # one job's state: compared (and found in lists) by identity
 class Sequence:
     req: Request
     blocks: tuple[int, ...]  # its KV blocks, in position order (some shared by content)
@@ -63,6 +69,7 @@ class Sequence:
     # of a prompt found whole is computed for its logits, its KV not written again)
     computed_tokens: int = 0
     first_token_at: float = 0.0
+    logprobs: list[np.ndarray] = field(default_factory=list)  # rows, requests that asked
     # Static batching (the ladder's policies) only: finished, still computing padding rows.
     done: bool = False
     # Overlapped steps (pipelined runner) only: steps launched with this sequence whose

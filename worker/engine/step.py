@@ -23,7 +23,9 @@ def generate(engine: Engine, reqs: list[Request]) -> list[Completion]:
     done: list[Completion] = []
     while sched.has_work():
         plan = sched.schedule()
-        done.extend(sched.postprocess(plan, runner.run(runner.prepare(plan)), time.monotonic()))
+        launched = runner.launch(runner.prepare(plan))
+        tokens = launched.wait()
+        done.extend(sched.postprocess(plan, tokens, time.monotonic(), launched.logprobs))
     return done
 
 
@@ -33,8 +35,12 @@ def turn(sched: Scheduler, runner: Runner, plan: StepPlan,
     (`overlapped_turn`), else prepare, run and postprocess `plan` (`inflight` stays None)."""
     if sched.overlap:
         return overlapped_turn(sched, runner, plan, inflight)
+    if not plan:  # everything it held was ended between the check for work and this step
+        return None, None, []
     step = runner.prepare(plan)
-    return step, None, sched.postprocess(plan, runner.run(step), time.monotonic())
+    launched = runner.launch(step)
+    tokens = launched.wait()
+    return step, None, sched.postprocess(plan, tokens, time.monotonic(), launched.logprobs)
 
 
 def overlapped_turn(sched: Scheduler, runner: Runner, plan: StepPlan,
@@ -51,5 +57,6 @@ def overlapped_turn(sched: Scheduler, runner: Runner, plan: StepPlan,
     if launched is not None:
         sched.launched(plan)
     done = ([] if inflight is None
-            else sched.postprocess(inflight.plan, inflight.wait(), time.monotonic()))
+            else sched.postprocess(inflight.plan, inflight.wait(), time.monotonic(),
+                                   inflight.logprobs))
     return step, launched, done

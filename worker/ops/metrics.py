@@ -229,6 +229,12 @@ class WorkerCollector(Collector):
         yield _counter("fabric_redeliveries", "Messages received with a delivery count above 1.",
                        stats.redelivered)
         yield _counter("fabric_messages_fetched", "Messages pulled from the consumer.", v.fetched)
+        cancels = CounterMetricFamily(
+            "fabric_cancel_messages", "Cancel messages heard: taken, or refused (not "
+            '{"ids": [...]} within the bounds).', labels=["result"])
+        cancels.add_metric(["taken"], stats.cancels)
+        cancels.add_metric(["refused"], stats.cancels_refused)
+        yield cancels
         settled = CounterMetricFamily(
             "fabric_settled", "Messages settled: ack/term/nak after a Result; release = nak'd "
             "back without a Result (SIGTERM drain, fatal teardown).", labels=["action"])

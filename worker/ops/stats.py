@@ -27,6 +27,8 @@ class WorkerStats:
     jobs_ok: int = 0
     jobs_error: int = 0
     errors_by_code: Counter = field(default_factory=Counter)
+    cancels: int = 0  # cancel messages taken
+    cancels_refused: int = 0  # cancel messages that were not {"ids": [...]}
     redelivered: int = 0  # messages seen with a delivery count above 1
     naked: int = 0  # messages nak'd back without a Result (SIGTERM drain, fatal teardown)
     # executor steps
@@ -73,14 +75,18 @@ class WorkerStats:
     def on_result(self, *, ok: bool, prompt_tokens: int, completion_tokens: int,
                   padded_tokens: int, queued_ms: float, first_token_ms: float | None,
                   cached_tokens: int = 0,
-                  total_ms: float) -> None:
-        """A Result for a job the executor ran (`on_edge_answer` counts the others)."""
+                  total_ms: float, error_code: str | None = None) -> None:
+        """A Result for a job the executor ran (`on_edge_answer` counts the others); not ok:
+        ended early (cancelled), its tokens not counted as useful."""
         if ok:
             self.jobs_ok += 1
             self.useful_tokens += prompt_tokens + completion_tokens
             self.computed_tokens += padded_tokens
             self.prompt_tokens += prompt_tokens
             self.cached_tokens += cached_tokens
+        else:
+            self.jobs_error += 1
+            self.errors_by_code[error_code] += 1
         self.dist.on_result(ok, queued_ms, first_token_ms, total_ms)
 
     def occupancy(self, value: float, queued: bool) -> None:

@@ -104,3 +104,45 @@ def test_overlapped_steps_never_sync_the_host_but_to_read_tokens() -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert second == first and len(runner.graphs.graphs) == captured
     assert runner.graphs.replays > 0 and eng.pool.blocks.used_blocks == 0
+
+
+def test_logprobs_come_back_with_the_tokens_without_another_sync() -> None:
+    """Logprob rows are copied to pinned memory before the token event: the one wait covers
+    them (sync debug mode "error" on the second pass), and they equal the CPU's (float32)."""
+    import dataclasses
+
+    def with_logprobs(seed: int) -> list[Request]:
+        return [dataclasses.replace(r, logprobs=5 if r.key % 2 else 0)
+                for r in ragged(32, seed=seed)]
+
+    eng = build_engine("builtin:small", "cuda:0", "float32", 65536, 1088,
+                       max_step_tokens=1024, runner="pipelined")
+    runner = eng.runner()
+    sched = eng.scheduler(overlap=True)
+
+    def run() -> dict:
+        sched.add_all(with_logprobs(6), 0.0)
+        out, inflight = {}, None
+        while sched.has_work() or inflight is not None:
+            _, inflight, done = overlapped_turn(sched, runner, sched.schedule(), inflight)
+            out.update((c.key, c) for c in done)
+        return out
+
+    first = run()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        second = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = {c.key: c for c in generate(build_engine("builtin:small", "cpu", "float32", 65536,
+                                                   1088), with_logprobs(6))}
+    for k, c in second.items():
+        assert c.tokens == first[k].tokens
+        if k % 2 == 0:
+            assert c.logprobs is None
+            continue
+        assert c.logprobs.shape == (len(c.tokens), 11)
+        same = 0
+        while same < len(c.tokens) and c.tokens[same] == cpu[k].tokens[same]:
+            same += 1
+        assert abs(c.logprobs[:same, 0] - cpu[k].logprobs[:same, 0]).max(initial=0) < 1e-3

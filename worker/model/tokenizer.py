@@ -43,6 +43,7 @@ class HFTokenizer:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer as _Tok
 
+        self.path = path  # structured output builds its own view of the vocabulary from it
         self._tok = _Tok.from_file(str(path))
         # The id space, not the count: added tokens may sit above a gap in the ids.
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1

@@ -1,0 +1,61 @@
+"""The JSON Schemas structured output is measured and tested on: the features the common
+backends support (objects, required/optional properties, arrays with bounds, enums, const,
+bounded numbers and integers, strings with length bounds and patterns, nesting, $ref)."""
+
+SCHEMAS: dict[str, dict] = {
+    "object": {"type": "object"},
+    "flat": {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+             "required": ["name", "age"], "additionalProperties": False},
+    "optional": {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "boolean"}},
+                 "required": ["a"], "additionalProperties": False},
+    "enum": {"type": "object", "properties": {"label": {"enum": ["spam", "ham", "unsure"]}},
+             "required": ["label"], "additionalProperties": False},
+    "const": {"type": "object", "properties": {"v": {"const": 2}, "kind": {"const": "fixed"}},
+              "required": ["v", "kind"], "additionalProperties": False},
+    "int-bounds": {"type": "object", "properties": {"n": {"type": "integer", "minimum": -5, "maximum": 120}},
+                   "required": ["n"], "additionalProperties": False},
+    "number-bounds": {"type": "object", "properties": {"p": {"type": "number", "minimum": 0, "maximum": 1}},
+                      "required": ["p"], "additionalProperties": False},
+    "string-length": {"type": "object", "properties": {"s": {"type": "string", "minLength": 2, "maxLength": 6}},
+                      "required": ["s"], "additionalProperties": False},
+    "pattern": {"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                "required": ["zip"], "additionalProperties": False},
+    "date-pattern": {"type": "object", "properties": {"d": {"type": "string", "pattern": "^\\d{4}-\\d{2}-\\d{2}$"}},
+                     "required": ["d"], "additionalProperties": False},
+    "array": {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 8}}},
+              "required": ["tags"], "additionalProperties": False},
+    "array-bounds": {"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer"},
+                                                             "minItems": 1, "maxItems": 3}},
+                     "required": ["xs"], "additionalProperties": False},
+    "top-array": {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 4},
+    "nested": {"type": "object", "properties": {
+        "user": {"type": "object", "properties": {"id": {"type": "integer"}, "email": {"type": "string"}},
+                 "required": ["id"], "additionalProperties": False},
+        "ok": {"type": "boolean"}}, "required": ["user", "ok"], "additionalProperties": False},
+    "array-of-objects": {"type": "object", "properties": {"items": {"type": "array", "maxItems": 3, "items": {
+        "type": "object", "properties": {"sku": {"type": "string", "maxLength": 5}, "qty": {"type": "integer", "minimum": 1}},
+        "required": ["sku", "qty"], "additionalProperties": False}}}, "required": ["items"], "additionalProperties": False},
+    "ref": {"type": "object", "$defs": {"pt": {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
+                                               "required": ["x", "y"], "additionalProperties": False}},
+            "properties": {"a": {"$ref": "#/$defs/pt"}, "b": {"$ref": "#/$defs/pt"}}, "required": ["a", "b"],
+            "additionalProperties": False},
+    "nullable": {"type": "object", "properties": {"note": {"type": ["string", "null"], "maxLength": 10}},
+                 "required": ["note"], "additionalProperties": False},
+    "anyof": {"type": "object", "properties": {"v": {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 4}]}},
+              "required": ["v"], "additionalProperties": False},
+    "classification": {"type": "object", "properties": {
+        "intent": {"enum": ["buy", "sell", "hold", "other"]}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "reasons": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 2}},
+        "required": ["intent", "confidence"], "additionalProperties": False},
+    "extraction": {"type": "object", "properties": {
+        "people": {"type": "array", "maxItems": 2, "items": {"type": "object", "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 10}, "born": {"type": "integer", "minimum": 1900, "maximum": 2030}},
+            "required": ["name"], "additionalProperties": False}},
+        "place": {"type": ["string", "null"], "maxLength": 10}}, "required": ["people", "place"], "additionalProperties": False},
+    "unicode-enum": {"type": "object", "properties": {"w": {"enum": ["héllo", "☃", "日本"]}}, "required": ["w"],
+                     "additionalProperties": False},
+    "deep": {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "object", "properties": {
+        "c": {"type": "array", "maxItems": 2, "items": {"type": "integer", "minimum": 0, "maximum": 9}}},
+        "required": ["c"], "additionalProperties": False}}, "required": ["b"], "additionalProperties": False}},
+        "required": ["a"], "additionalProperties": False},
+}

@@ -2,7 +2,7 @@
 are exactly what the grammar allows, and constrained jobs change nothing for the others.
 
 The schemas are the ones the grammar libraries were measured on
-(docs/bench/cpu-2core/structured/schemas.py: objects, required and optional properties,
+(docs/bench/cpu-2core/structured/json_schemas.py: objects, required and optional properties,
 arrays with bounds, enums, const, bounded numbers, strings with lengths and patterns,
 nesting, $ref). Two tokenizers: the builtin byte tokenizer, and a byte-level BPE trained
 in the test under a tiny random Llama (tokens there cross grammar boundaries: `":`, `"}`).
@@ -28,7 +28,7 @@ from worker.model.grammar import GrammarError, Grammars, canonical, fill_masks
 
 _spec = importlib.util.spec_from_file_location(
     "bench_schemas",
-    Path(__file__).resolve().parents[2] / "docs/bench/cpu-2core/structured/schemas.py")
+    Path(__file__).resolve().parents[2] / "docs/bench/cpu-2core/structured/json_schemas.py")
 _mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_mod)
 SCHEMAS: dict[str, dict] = _mod.SCHEMAS

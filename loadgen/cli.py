@@ -1,14 +1,16 @@
 """`fabric-loadgen`: publish a seeded workload and report what came back.
 
-Rule: the exit status is the verdict -- 0 only if every job got an ok Result, 1 if
-any did not, 2 if the run could not happen (bad flags, unreadable trace, broker
-unreachable) -- so scripts and CI can gate on it. `demo` owns everything it starts
-(broker, worker) and stops all of it on the way out, whether the run succeeded, failed,
-raised or was interrupted with Ctrl-C.
+Rule: the exit status is the verdict -- 0 only if every job got an ok Result (or a
+cancelled one, for a job the run itself cancelled), 1 if any did not, 2 if the run could
+not happen (bad flags, unreadable trace, broker unreachable) -- so scripts and CI can gate
+on it. `demo` owns everything it starts (broker, worker) and stops all of it on the way
+out, whether the run succeeded, failed, raised or was interrupted with Ctrl-C.
 
     fabric-loadgen run --nats-url nats://host:4222 --jobs 1000 --json out.json
     fabric-loadgen run --nats-url nats://host:4222 --workload bimodal --rate 20 \
         --metrics-url http://host:9400/metrics
+    fabric-loadgen run --nats-url nats://host:4222 --chat --stop "###" --logprobs 2 \
+        --cancel-fraction 0.1 --cancel-after-ms 200
     fabric-loadgen demo --jobs 300
 
 docs/loadgen.md has every option of `run` and what each report field means.
@@ -31,7 +33,7 @@ import nats.errors
 
 from loadgen.arrivals import Arrival, Burst, Closed, poisson, replay
 from loadgen.broker import EmbeddedNats
-from loadgen.client import RESULT_PREFIX, run_jobs
+from loadgen.client import CANCEL_SUBJECT, RESULT_PREFIX, run_jobs
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml
 from loadgen.report import build_report, format_report, write_report
 from loadgen.scrape import Scraper
@@ -106,6 +108,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="bimodal: share of 600-1000 token documents")
     w.add_argument("--trace", type=Path, help="trace: file of arrival_s,prompt_tokens,"
                    "max_new_tokens (CSV or JSON Lines)")
+    j = run.add_argument_group("what each job asks (not for --workload agent)")
+    j.add_argument("--chat", action="store_true",
+                   help="send messages (a fixed system message, the text prompt as the "
+                        "user's) instead of a prompt; implies --text")
+    j.add_argument("--stop", action="append", default=[], metavar="STRING",
+                   help="sampling.stop of every job (repeatable, up to 8)")
+    j.add_argument("--logprobs", type=int, default=0, metavar="N",
+                   help="sampling.logprobs of every job: the N most likely tokens (0-20)")
+    j.add_argument("--ignore-eos", action="store_true",
+                   help="sampling.ignore_eos: generate max_new_tokens whatever the model says")
+    j.add_argument("--json-jobs", action="store_true",
+                   help="publish jobs as JSON objects, not msgpack (Results come back as JSON)")
+    j.add_argument("--cancel-fraction", type=float, default=0.0, metavar="F",
+                   help="cancel this share of the jobs (chosen from --seed)")
+    j.add_argument("--cancel-after-ms", type=float, default=0.0, metavar="MS",
+                   help="send each cancel this long after its job was published")
+    j.add_argument("--cancel-subject", default=CANCEL_SUBJECT,
+                   help="the workers' --cancel-subject")
     g = run.add_argument_group("agent traffic (--workload agent: sessions sharing system "
                                "prompts, each turn sent when the last one's Result is back)")
     g.add_argument("--sessions", type=int, default=32, help="concurrent sessions")
@@ -196,6 +216,12 @@ def _range(text: str) -> tuple[int, int]:
 
 
 def _cmd_agent(args: argparse.Namespace, run_id: str) -> int:
+    given = [flag for flag, on in (
+        ("--chat", args.chat), ("--stop", args.stop), ("--logprobs", args.logprobs),
+        ("--ignore-eos", args.ignore_eos), ("--json-jobs", args.json_jobs),
+        ("--cancel-fraction", args.cancel_fraction)) if on]
+    if given:
+        raise UsageError(f"{', '.join(given)}: not for --workload agent")
     try:
         spec = SessionSpec(sessions=args.sessions, system_prompts=args.system_prompts,
                            turns=args.turns, system_tokens=args.system_tokens,
@@ -240,7 +266,10 @@ def _run_workload(args: argparse.Namespace, run_id: str) -> tuple[WorkloadSpec, 
                             if args.workload == "uniform" else
                             LogNormal(args.prompt_median, args.prompt_sigma, args.prompt_min,
                                       args.prompt_max)),
-            shape=(Bimodal(doc_share=args.doc_share) if args.workload == "bimodal" else trace))
+            shape=(Bimodal(doc_share=args.doc_share) if args.workload == "bimodal" else trace),
+            chat=args.chat, stop=tuple(args.stop), logprobs=args.logprobs,
+            ignore_eos=args.ignore_eos, cancel_fraction=args.cancel_fraction,
+            cancel_after_ms=args.cancel_after_ms)
         if not 0 <= spec.min_new_tokens <= spec.max_new_tokens or jobs < 0:
             raise ValueError("need --jobs >= 0 and 0 <= --min-new-tokens <= --max-new-tokens")
     except ValueError as e:
@@ -330,7 +359,10 @@ def _publish_and_report(args: argparse.Namespace, nats_url: str, run_id: str,
 
 
 def _verdict(report: dict[str, Any]) -> int:
-    return 0 if report["jobs_ok"] == report["jobs_total"] else 1
+    # A cancelled Result answers a cancel the run sent; more of them than it sent are not.
+    answered = report["jobs_ok"] + report["jobs_cancelled"]
+    ours = report["jobs_cancelled"] <= report["cancels_sent"]
+    return 0 if answered == report["jobs_total"] and ours else 1
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -343,7 +375,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return _verdict(_publish_and_report(
         args, args.nats_url, run_id, args.subject_prefix, spec=spec, arrival=arrival,
         metrics_urls=_metrics_urls(args.metrics_url), result_prefix=args.result_prefix,
-        connect_options=_connect_options(args)))
+        connect_options=_connect_options(args), as_json=args.json_jobs,
+        cancel_subject=args.cancel_subject))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -15,13 +15,22 @@ slot frees (closed loop: a slot frees when the job holding it is answered, ok or
 or its publish fails for good). A scheduled job that goes out late records its lag, so
 a report can tell a slow producer from a slow service.
 
+A job with `cancel_after_s` gets a cancel (`{"ids": [...]}`, JSON, core NATS on
+`cancel_subject`) that long after JetStream accepted it. One task sends them in due
+order; ids that fall due together share a message, up to the wire's 1024. Once every job
+has answered, cancels not yet due are dropped: they would change nothing.
+
 The run ends when every job JetStream accepted has a Result or `timeout_s` (counted
-from the start of publishing) passes; either way the RunStats says what happened.
+from the start of publishing) passes; either way the RunStats says what happened (and
+`stats.arrival["cancels"]`, when the run cancelled, how many it sent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
+import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,12 +44,16 @@ from loadgen.arrivals import Arrival, Burst, Closed, Schedule, describe
 from loadgen.ledger import Outcome, RunStats
 from loadgen.workload import JobSpec
 from schemas import DecodeError, Result, decode_result, encode
+from worker.broker.cancels import MAX_IDS as MAX_CANCEL_IDS
 
-__all__ = ["RESULT_PREFIX", "connect", "outcome_of", "reply_subject", "run_jobs"]
+__all__ = ["CANCEL_SUBJECT", "RESULT_PREFIX", "connect", "outcome_of", "reply_subject",
+           "run_jobs"]
 
 # Workers only publish under this prefix (DESIGN: reply subjects are confined), and the
 # results stream captures it.
 RESULT_PREFIX = "fabric.results."
+# Every worker hears cancels here unless started with another --cancel-subject.
+CANCEL_SUBJECT = "fabric.cancel"
 # Progress postfix refresh: tqdm redraws cheaply, but a postfix dict per Result is not.
 _POSTFIX_EVERY_S = 0.5
 
@@ -114,9 +127,12 @@ async def run_jobs(
     arrival: Arrival = Burst(),
     result_prefix: str = RESULT_PREFIX,
     connect_options: Mapping[str, Any] | None = None,
+    as_json: bool = False,
+    cancel_subject: str = CANCEL_SUBJECT,
 ) -> RunStats:
-    """Publish `jobs` to `<subject_prefix><run_id>` as `arrival` says; collect their Results
-    on `<result_prefix><run_id>`."""
+    """Publish `jobs` to `<subject_prefix><run_id>` as `arrival` says (msgpack, or JSON
+    objects with `as_json`); collect their Results on `<result_prefix><run_id>`; cancel
+    those with `cancel_after_s` on `cancel_subject`."""
     stats = RunStats(run_id=run_id, job_ids=[j.id for j in jobs])
     if len(set(stats.job_ids)) != len(stats.job_ids):
         raise ValueError("job ids must be unique within a run")
@@ -134,6 +150,14 @@ async def run_jobs(
     outstanding: set[str] = set()
     slots = asyncio.Semaphore(arrival.concurrency) if isinstance(arrival, Closed) else None
     useful_tokens = 0
+    # (due time, job id) of cancels not sent yet, earliest first; `due_changed` wakes the
+    # sender when a new one goes to the front.
+    due: list[tuple[float, str]] = []
+    due_changed = asyncio.Event()
+    cancels = {"subject": cancel_subject, "jobs": sum(j.cancel_after_s is not None for j in jobs),
+               "ids_sent": 0, "messages": 0}
+    if cancels["jobs"]:
+        stats.arrival["cancels"] = cancels
 
     def settle(job_id: str) -> None:
         """The job no longer holds a closed-loop slot: answered, or never will be."""
@@ -175,8 +199,25 @@ async def run_jobs(
             await asyncio.sleep(_POSTFIX_EVERY_S)
             postfix(refresh=True)
 
+    async def send_cancels(nc: NATS) -> None:
+        """Send each cancel when due, every id due by then in as few messages as fit."""
+        while True:
+            wait_s = due[0][0] - time.monotonic() if due else None
+            if wait_s is None or wait_s > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(due_changed.wait(), wait_s)
+                due_changed.clear()
+                continue
+            now = time.monotonic()
+            ids: list[str] = []
+            while due and due[0][0] <= now and len(ids) < MAX_CANCEL_IDS:
+                ids.append(heapq.heappop(due)[1])
+            await nc.publish(cancel_subject, json.dumps({"ids": ids}).encode())
+            cancels["ids_sent"] += len(ids)
+            cancels["messages"] += 1
+
     async def publish(js: Any, job: JobSpec, scheduled_s: float | None) -> None:
-        payload = encode(job.to_job(reply_to))
+        payload = encode(job.to_job(reply_to), as_json=as_json)
         headers = {"Nats-Msg-Id": job.id}
         async with gate:
             now = time.monotonic()
@@ -193,6 +234,10 @@ async def run_jobs(
                     continue
                 stats.acked.add(job.id)
                 stats.publish_errors.pop(job.id, None)
+                if job.cancel_after_s is not None:
+                    heapq.heappush(due, (time.monotonic() + job.cancel_after_s, job.id))
+                    if due[0][1] == job.id:
+                        due_changed.set()
                 return
             settle(job.id)
 
@@ -222,6 +267,7 @@ async def run_jobs(
     nc = await connect(nats_url, name=f"fabric-loadgen-{run_id}", **(connect_options or {}))
     bar = tqdm(total=len(jobs), unit="job", disable=not progress, dynamic_ncols=True)
     ticker = asyncio.create_task(show_progress()) if progress else None
+    canceller = asyncio.create_task(send_cancels(nc)) if cancels["jobs"] else None
     gate = asyncio.Semaphore(window)
     try:
         # Results for thousands of jobs can land in a burst; the default pending limit
@@ -244,6 +290,11 @@ async def run_jobs(
                 stats.timed_out = True
         await sub.unsubscribe()
     finally:
+        if canceller is not None:
+            canceller.cancel()
+            # Cancelled is its normal end; anything else it raised is a bug and surfaces.
+            with contextlib.suppress(asyncio.CancelledError):
+                await canceller
         if ticker is not None:
             ticker.cancel()
             postfix(refresh=False)

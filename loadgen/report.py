@@ -11,6 +11,10 @@ from the worker's Prometheus endpoint (`loadgen.scrape`), passed in as `worker_m
 and are None when nobody scraped. `padding_fraction` here is the Results' own
 (usage.padded_tokens), which every run has.
 
+A cancelled Result (error code `cancelled`) is the answer to a cancel, not a failure: it
+counts in `jobs_cancelled`, not in `jobs_error` or `errors_by_code`, and, like an error,
+not as work done. The cancels the run sent are in its `arrival` description.
+
 Percentiles interpolate linearly between order statistics (numpy's default), so
 p50 of [1, 2, 3, 4] is 2.5; an empty sample gives None rather than a made-up zero.
 """
@@ -31,6 +35,7 @@ __all__ = ["build_report", "format_report", "percentile", "percentiles", "window
            "write_report"]
 
 _QUANTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
+_CANCELLED = "cancelled"  # schemas.ErrorCode.CANCELLED; the report does not import the wire
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -54,7 +59,9 @@ def build_report(stats: RunStats, worker_metrics: dict[str, Any] | None = None) 
     """A JSON-ready dict; keys are stable, tests and dashboards read them.
     `worker_metrics` is `loadgen.scrape.summarize()`'s block, when the run was scraped."""
     ok = [o for o in stats.outcomes.values() if o.ok]
-    failed = [o for o in stats.outcomes.values() if not o.ok]
+    cancelled = [o for o in stats.outcomes.values() if o.error_code == _CANCELLED]
+    failed = [o for o in stats.outcomes.values() if not o.ok and o.error_code != _CANCELLED]
+    cancels = stats.arrival.get("cancels") or {}
 
     first, last = stats.first_sent_s, stats.last_arrived_s
     wall_s = (last - first) if first is not None and last is not None else 0.0
@@ -92,6 +99,10 @@ def build_report(stats: RunStats, worker_metrics: dict[str, Any] | None = None) 
         "publish_error_sample": next(iter(stats.publish_errors.values()), None),
         "jobs_ok": len(ok),
         "jobs_error": len(failed),
+        "jobs_cancelled": len(cancelled),
+        # Job ids named in the cancel messages the run sent, and how many messages.
+        "cancels_sent": cancels.get("ids_sent", 0),
+        "cancel_messages": cancels.get("messages", 0),
         "jobs_missing": len(stats.job_ids) - len(stats.outcomes),
         "duplicates": stats.duplicates,
         "strays": stats.strays,
@@ -152,10 +163,12 @@ def format_report(report: dict[str, Any]) -> str:
     def pcts(d: dict[str, float | None]) -> str:
         return "  ".join(f"{k} {num(v)}" for k, v in d.items())
 
+    cancelled = (f"{report['jobs_cancelled']} cancelled / " if report.get("jobs_cancelled")
+                 else "")
     rows = [
         ("run", report["run_id"]),
         ("arrival", _arrival(report.get("arrival") or {})),
-        ("jobs", f"{report['jobs_ok']} ok / {report['jobs_error']} error / "
+        ("jobs", f"{report['jobs_ok']} ok / {report['jobs_error']} error / {cancelled}"
                  f"{report['jobs_missing']} missing of {report['jobs_total']} "
                  f"({report['jobs_published']} published)"),
         ("duplicates", str(report["duplicates"])),
@@ -173,6 +186,11 @@ def format_report(report: dict[str, Any]) -> str:
         ("ttft ms (worker)", pcts(report["ttft_ms"])),
         ("in flight (max)", str(report.get("max_in_flight", "-"))),
     ]
+    if report.get("cancels_sent") or report.get("jobs_cancelled"):
+        messages = report.get("cancel_messages", 0)
+        rows.append(("cancels", f"{report.get('cancels_sent', 0)} ids sent in {messages} "
+                                f"message{'' if messages == 1 else 's'}; "
+                                f"{report['jobs_cancelled']} jobs answered cancelled"))
     if report.get("arrival_lag_ms"):
         rows.append(("arrival lag ms", pcts(report["arrival_lag_ms"])))
     wm = report.get("worker_metrics")

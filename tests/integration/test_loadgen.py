@@ -2,7 +2,8 @@
 stand-in responder (exact, no model noise), then the whole command as a user runs it --
 a subprocess, closed loop, open loop and trace replay -- against a real worker
 (builtin:tiny) whose Prometheus endpoint it scrapes, checking every report field it
-promises.
+promises; and what each job can ask (chat messages, stop strings, logprobs, JSON) with a
+share of the jobs cancelled while they wait or run.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import pytest
 
 from loadgen.arrivals import Closed, poisson
 from loadgen.broker import EmbeddedNats
+from loadgen.cli import _verdict
 from loadgen.client import run_jobs
 from loadgen.fleet import WorkerProcess, provision, worker_env, write_engine_toml
+from loadgen.report import build_report
 from loadgen.workload import Uniform, WorkloadSpec, generate
-from schemas import FinishReason, Result, Usage, decode_job, encode
+from schemas import ErrorCode, FinishReason, Result, Usage, decode_job, decode_result, encode
 from loadgen.broker import delete_streams
 from tests.conftest import ENGINE_DEFAULTS
 
@@ -35,6 +38,9 @@ pytestmark = pytest.mark.timeout(180)
 # owns while this module runs (JetStream refuses overlapping streams).
 STUB_JOBS = "loadtest.jobs."
 STUB_RESULTS = "loadtest.results."
+# Jobs whose ids start with this take 20 ms more per step on the shared worker, so a cancel
+# sent a little after them finds them waiting or running; other runs are not slowed.
+SLOW = "slow-"
 
 
 def free_port() -> int:
@@ -151,7 +157,9 @@ def deployment(nats_server: EmbeddedNats, tmp_path_factory) -> Iterator[tuple[st
     provision(config)
     port = free_port()
     worker = WorkerProcess(config, worker_id="lg-0", log_path=work / "worker.log",
-                           metrics_port=port).start()
+                           metrics_port=port,
+                           env={"FABRIC_FAILPOINTS": f"executor.step=sleep(0.02):job={SLOW}"},
+                           ).start()
     try:
         worker.wait_ready(120)
         yield nats_server.url, f"http://127.0.0.1:{port}/metrics"
@@ -247,6 +255,87 @@ def test_trace_replay_reports_errors_by_code(deployment, tmp_path: Path) -> None
     assert "too_long=1" in p.stdout
 
 
+STOP = "(Q"  # two bytes builtin:tiny often writes (the random model's text is mostly not text)
+
+
+async def test_chat_jobs_with_stops_logprobs_and_cancels(deployment) -> None:
+    """Chat jobs that run to 24 slow tokens unless a stop string ends them; a third of them
+    cancelled 100 ms in. Twelve short prompts fit one step, so no job is between prefill
+    chunks when its cancel lands (cancelling such a job with logprobs is a worker bug of
+    its own)."""
+    url, _ = deployment
+    run_id = f"{SLOW}chat"
+    jobs = generate(WorkloadSpec(num_jobs=12, seed=11, run_id=run_id, chat=True,
+                                 prompt_lengths=Uniform(8, 32), min_new_tokens=24,
+                                 max_new_tokens=24, stop=(STOP, "never-there"), logprobs=2,
+                                 ignore_eos=True, cancel_fraction=0.3, cancel_after_ms=100))
+    chosen = {j.id for j in jobs if j.cancel_after_s is not None}
+    assert 2 <= len(chosen) <= 6
+    # Our own ear on the reply subject, to read the Results' bodies, not just their outcomes.
+    seen: dict[str, list[Result]] = {}
+
+    async def on_result(msg) -> None:
+        r = decode_result(msg.data)
+        seen.setdefault(r.id, []).append(r)
+
+    nc = await nats.connect(url)
+    try:
+        await nc.subscribe(f"fabric.results.{run_id}", cb=on_result)
+        await nc.flush()
+        stats = await run_jobs(url, jobs, run_id=run_id, progress=False, timeout_s=90)
+        await nc.flush()
+    finally:
+        await nc.close()
+
+    assert not stats.timed_out and stats.duplicates == 0
+    assert sorted(seen) == sorted(j.id for j in jobs)
+    assert all(len(rs) == 1 for rs in seen.values())  # exactly one Result per job
+    cancelled = {i for i, (r,) in seen.items() if not r.ok}
+    assert cancelled and cancelled <= chosen  # only what the run cancelled
+    stopped = 0
+    for (r,) in seen.values():
+        if not r.ok:
+            assert r.error.code is ErrorCode.CANCELLED
+            assert r.finish_reason is FinishReason.CANCELLED and len(r.tokens) < 24
+            continue
+        assert STOP not in r.text
+        assert len(r.logprobs) == len(r.tokens) and all(len(lp.top) == 2 for lp in r.logprobs)
+        if r.finish_reason is FinishReason.STOP:
+            stopped += 1
+            assert len(r.tokens) <= 24
+        else:  # ignore_eos: only max_new_tokens or a stop string ends a job
+            assert r.finish_reason is FinishReason.LENGTH and len(r.tokens) == 24
+    assert stopped >= 1
+
+    report = build_report(stats)
+    assert report["jobs_cancelled"] == len(cancelled) and report["jobs_error"] == 0
+    assert report["jobs_ok"] + report["jobs_cancelled"] == 12
+    assert report["errors_by_code"] == {}
+    # Every cancel fell due while the run lasted (24 slow steps a job): one id each.
+    assert report["cancels_sent"] == len(chosen)
+    assert 1 <= report["cancel_messages"] <= len(chosen)
+    assert _verdict(report) == 0
+
+
+def test_run_sends_json_chat_jobs_and_cancels(deployment, tmp_path: Path) -> None:
+    """The command, with cancels sent as soon as each job is in: they find jobs not yet
+    delivered, waiting for admission (30 chat prompts overflow a step) or running."""
+    url, _ = deployment
+    p, report = loadgen_run(tmp_path, "--nats-url", url, "--run-id", f"{SLOW}cli",
+                            "--workload", "uniform", "--prompt-min", "8", "--prompt-max", "32",
+                            "--min-new-tokens", "24", "--max-new-tokens", "24", "--jobs", "30",
+                            "--seed", "11", "--chat", "--json-jobs", "--stop", STOP,
+                            "--ignore-eos", "--cancel-fraction", "0.3", "--cancel-after-ms", "0",
+                            "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr  # cancelled jobs are not a failed run
+    assert report["undecodable"] == 0  # the Results came back as JSON and were read
+    assert report["jobs_cancelled"] >= 1 and report["jobs_error"] == 0
+    assert report["jobs_ok"] + report["jobs_cancelled"] == report["jobs_total"] == 30
+    assert report["cancels_sent"] >= report["jobs_cancelled"]
+    assert report["arrival"]["cancels"]["subject"] == "fabric.cancel"
+    assert " cancelled / " in p.stdout and "ids sent in" in p.stdout
+
+
 def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("arrival_s,prompt_tokens,max_new_tokens\n0,12,4\n0.5,twelve,4\n")
@@ -256,6 +345,9 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
         (["--rate", "5", "--concurrency", "4"], "give one"),
         (["--arrival", "closed", "--rate", "5"], "--rate is for --arrival open"),
         (["--metrics-url", "127.0.0.1:9400"], "expected http(s)://"),
+        (["--cancel-fraction", "2"], "cancel_fraction must be in [0, 1]"),
+        (["--logprobs", "21"], "logprobs must be in [0, 20]"),
+        (["--workload", "agent", "--chat"], "--chat: not for --workload agent"),
     ):
         p = subprocess.run([sys.executable, "-m", "loadgen", "run", "--nats-url",
                             "nats://127.0.0.1:1", *args], env=worker_env(),

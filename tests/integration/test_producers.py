@@ -224,14 +224,16 @@ async def test_a_cancel_before_the_job_arrives_wins_and_two_workers_both_hear_ca
         tmp_engine_toml, workers, nats_url) -> None:
     cfg = tmp_engine_toml(token_budget=2048, low_water=1024)
     provision(cfg)
-    for name in ("w1", "w2"):
-        workers(cfg, name=name, env=SLOW)
+    ws = [workers(cfg, name=name, env=SLOW) for name in ("w1", "w2")]
     c = await Client.connect(nats_url)
     try:
         await c.cancel(["early-1"])
         await asyncio.sleep(0.3)  # both workers have it (core NATS: no ordering with the stream)
         await c.send(job("early-1", [1, 2, 3], 50))
         r = await c.result("early-1")
+        logs = "\n".join(line for w in ws for line in w.log_path.read_text().splitlines()
+                         if "cancel" in line or "early-1" in line)
+        assert r.error is not None, f"{r}\n{logs}"
         assert r.error.code is ErrorCode.CANCELLED and r.tokens == [] and r.usage.padded_tokens == 0
         # Enough slow jobs that both workers hold some, waiting or running; one cancel for all.
         ids = [f"slow-{i}" for i in range(12)]

@@ -165,10 +165,11 @@ def test_a_cancelled_job_ends_at_the_next_step_with_its_tokens_and_frees_its_blo
 def test_a_job_cancelled_before_its_first_step_ends_empty_and_one_unknown_is_ignored(
         engine: Engine) -> None:
     sched = engine.scheduler()
-    sched.add_all([req(1, [1, 2, 3]), req(2, [4, 5, 6], solo=True)], 0.0)
+    sched.add_all([req(1, [1, 2, 3], logprobs=2), req(2, [4, 5, 6], solo=True)], 0.0)
     for key in (1, 2):
         c = sched.end(key, "cancelled", 0.0)
         assert c.tokens == [] and c.finish_reason == "cancelled"
+        assert c.logprobs is None if key == 2 else c.logprobs.shape == (0, 5)
     assert sched.end(1, "cancelled", 0.0) is None and sched.end(99, "cancelled", 0.0) is None
     assert not sched.has_work() and engine.pool.blocks.used_blocks == 0
 

@@ -152,6 +152,40 @@ def test_write_report_round_trips_json(tmp_path: Path) -> None:
     assert "useful tokens/s" in table and "1 ok / 0 error / 0 missing of 1" in table
 
 
+def test_cancelled_results_are_counted_apart_from_errors() -> None:
+    stats = ledger(5)
+    stats.arrival = {"process": "burst",
+                     "cancels": {"subject": "fabric.cancel", "jobs": 3, "ids_sent": 3,
+                                 "messages": 2}}
+    stats.record_outcome(outcome("r-0"), 101.0)
+    stats.record_outcome(outcome("r-1", ok=False, code="cancelled", completion=3), 100.5)
+    stats.record_outcome(outcome("r-2", ok=False, code="cancelled"), 100.5)
+    stats.record_outcome(outcome("r-3", ok=False, code="too_long"), 100.5)
+    r = build_report(stats)
+    assert (r["jobs_ok"], r["jobs_error"], r["jobs_cancelled"], r["jobs_missing"]) == (1, 1, 2, 1)
+    assert r["errors_by_code"] == {"too_long": 1}
+    assert (r["cancels_sent"], r["cancel_messages"]) == (3, 2)
+    assert r["completion_tokens"] == 5  # a cancelled job's tokens are not work done
+    table = format_report(r)
+    assert "1 ok / 1 error / 2 cancelled / 1 missing of 5" in table
+    assert "3 ids sent in 2 messages; 2 jobs answered cancelled" in table
+
+
+def test_the_verdict_accepts_only_the_cancels_the_run_sent() -> None:
+    from loadgen.cli import _verdict
+
+    stats = ledger(3)
+    stats.record_outcome(outcome("r-0"), 101.0)
+    stats.record_outcome(outcome("r-1", ok=False, code="cancelled"), 101.0)
+    stats.record_outcome(outcome("r-2", ok=False, code="cancelled"), 101.0)
+    assert _verdict(build_report(stats)) == 1  # cancelled, but not by this run
+    stats.arrival = {"cancels": {"subject": "fabric.cancel", "jobs": 2, "ids_sent": 2,
+                                 "messages": 1}}
+    assert _verdict(build_report(stats)) == 0
+    stats.outcomes["r-0"].ok, stats.outcomes["r-0"].error_code = False, "too_long"
+    assert _verdict(build_report(stats)) == 1
+
+
 # -- arrivals in the report ----------------------------------------------------------------
 
 

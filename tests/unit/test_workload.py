@@ -13,6 +13,7 @@ import pytest
 from loadgen.arrivals import Burst, Closed, Schedule, describe, poisson, replay
 from loadgen.trace import SAMPLE_TRACE, TraceError, TraceRow, load_trace, parse_trace
 from loadgen.workload import (
+    CHAT_SYSTEM,
     MAX_PROMPT_TOKENS,
     MIN_PROMPT_TOKENS,
     VOCAB_SIZE,
@@ -109,6 +110,89 @@ def test_to_job_builds_a_valid_wire_job() -> None:
     assert isinstance(job, schemas.Job)
     assert (job.id, job.prompt, job.max_new_tokens) == (spec.id, spec.prompt, spec.max_new_tokens)
     assert schemas.decode_job(schemas.encode(job)) == job
+
+
+# -- what each job asks: chat, sampling options, cancels, JSON ---------------------------
+
+
+def test_chat_jobs_send_messages_with_the_text_prompt_as_the_users() -> None:
+    schemas = pytest.importorskip("schemas")
+    text = generate(WorkloadSpec(num_jobs=50, seed=6, text=True))
+    chat = generate(WorkloadSpec(num_jobs=50, seed=6, chat=True))  # implies text
+    for t, c in zip(text, chat):
+        job = c.to_job("fabric.results.r")
+        assert isinstance(job, schemas.Job) and job.prompt is None
+        assert [(m.role, m.content) for m in job.messages] == [
+            (schemas.Role.SYSTEM, CHAT_SYSTEM), (schemas.Role.USER, t.prompt)]
+        # The length law is the user content's: the same draws as the text workload.
+        assert (c.prompt, c.prompt_len, c.max_new_tokens) == (t.prompt, t.prompt_len,
+                                                             t.max_new_tokens)
+        assert len(c.prompt.encode()) == c.prompt_len
+        assert "prompt" not in job.model_dump(mode="json")  # absent on the wire, not null
+        assert schemas.decode_job(schemas.encode(job)) == job
+
+
+def test_stop_logprobs_and_ignore_eos_land_in_every_jobs_sampling() -> None:
+    schemas = pytest.importorskip("schemas")
+    spec = WorkloadSpec(num_jobs=20, seed=2, stop=("\n\n", "###"), logprobs=3, ignore_eos=True)
+    for j in generate(spec):
+        s = j.to_job("fabric.results.r").sampling
+        assert (s.stop, s.logprobs, s.ignore_eos) == (["\n\n", "###"], 3, True)
+        assert (s.temperature, s.top_k, s.top_p) == (0.0, 0, 1.0)  # still greedy
+    # Without them a job is what it always was: default sampling, same bytes on the wire.
+    plain = generate(WorkloadSpec(num_jobs=1, seed=2))[0]
+    assert plain.to_job("fabric.results.r").sampling == schemas.Sampling()
+
+
+def test_job_options_never_move_a_prompt() -> None:
+    base = generate(WorkloadSpec(num_jobs=100, seed=8, text=True))
+    dressed = generate(WorkloadSpec(num_jobs=100, seed=8, text=True, stop=("x",), logprobs=1,
+                                    ignore_eos=True, cancel_fraction=0.5, cancel_after_ms=5))
+    assert [(j.prompt, j.max_new_tokens) for j in base] == [
+        (j.prompt, j.max_new_tokens) for j in dressed]
+
+
+def test_the_cancel_choice_is_seeded_nested_and_near_the_fraction() -> None:
+    def chosen(n: int, fraction: float, seed: int = 4) -> list[int]:
+        jobs = generate(WorkloadSpec(num_jobs=n, seed=seed, cancel_fraction=fraction,
+                                     cancel_after_ms=250))
+        assert {j.cancel_after_s for j in jobs} <= {None, 0.25}
+        return [i for i, j in enumerate(jobs) if j.cancel_after_s is not None]
+
+    quarter = chosen(4000, 0.25)
+    assert quarter == chosen(4000, 0.25)  # same seed, same jobs
+    assert quarter != chosen(4000, 0.25, seed=5)
+    # Binomial std for 4000 jobs at 0.25 is 0.7 %: +-3 % is four of them.
+    assert 0.22 <= len(quarter) / 4000 <= 0.28
+    # A larger fraction adds jobs; a shorter run keeps its prefix's choice.
+    assert set(chosen(4000, 0.1)) <= set(quarter) <= set(chosen(4000, 0.5))
+    assert chosen(100, 0.25) == [i for i in quarter if i < 100]
+    assert chosen(50, 0.0) == [] and chosen(50, 1.0) == list(range(50))
+
+
+def test_a_job_can_go_as_json() -> None:
+    schemas = pytest.importorskip("schemas")
+    spec = generate(WorkloadSpec(num_jobs=1, seed=0, run_id="r", chat=True, stop=("ab",),
+                                 logprobs=2))[0]
+    job = spec.to_job("fabric.results.r")
+    wire = schemas.encode(job, as_json=True)
+    assert schemas.is_json(wire) and json.loads(wire)["messages"][1]["content"] == spec.prompt
+    assert schemas.decode_job(wire) == job
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"cancel_fraction": 1.5}, "cancel_fraction"),
+    ({"cancel_fraction": -0.1}, "cancel_fraction"),
+    ({"cancel_after_ms": -1.0}, "cancel_after_ms"),
+    ({"stop": tuple("abcdefghi")}, "at most 8 stop strings"),
+    ({"stop": ("",)}, "stop strings of 1-128"),
+    ({"stop": ("x" * 129,)}, "stop strings of 1-128"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
+])
+def test_job_options_outside_the_wires_bounds_are_refused(bad: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        WorkloadSpec(num_jobs=1, **bad)
 
 
 # -- shapes: bimodal ---------------------------------------------------------------------

@@ -313,4 +313,12 @@ class Scheduler:
         return Completion(key=seq.req.key, tokens=seq.generated, finish_reason=reason,
                           computed_tokens=seq.computed_tokens,
                           first_token_at=seq.first_token_at or now, cached_tokens=seq.start,
-                          logprobs=np.stack(seq.logprobs) if seq.req.logprobs else None)
+                          logprobs=_rows(seq.logprobs, seq.req.logprobs))
+
+
+def _rows(rows: list[np.ndarray], n: int) -> np.ndarray | None:
+    """A Completion's logprob rows: None when the job did not ask; [0, 1 + 2n] when it ended
+    before its first token (cancelled while it waited)."""
+    if not n:
+        return None
+    return np.stack(rows) if rows else np.zeros((0, 1 + 2 * n), dtype=np.float32)

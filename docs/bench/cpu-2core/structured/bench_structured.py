@@ -2,7 +2,7 @@
 by a mix of the schemas in json_schemas.py, interleaved closed loops through one worker.
 
 Run from the repository root: `python docs/bench/cpu-2core/structured/bench_structured.py
-[rounds] [seconds]`. Prints and writes bench_structured.json beside this file: sustained
+[rounds] [seconds] [first round]` (rounds alternate which mode goes first). Prints and writes bench_structured.json beside this file: sustained
 useful tokens/s and jobs/s of each run, and from the worker's summary the mask time per
 masked step, the compiles and their mean time.
 """
@@ -54,13 +54,13 @@ def summary(log: Path) -> dict:
     return {}
 
 
-def main(rounds: int = 2, seconds: float = 60.0) -> None:
+def main(rounds: int = 2, seconds: float = 60.0, first: int = 1) -> None:
     cfg = BenchConfig()
     work = Path("/tmp/bench_structured")
     work.mkdir(exist_ok=True)
     res = []
     with EmbeddedNats() as broker:
-        for rnd in range(1, rounds + 1):
+        for rnd in range(first, first + rounds):
             order = ("plain", "half") if rnd % 2 else ("half", "plain")
             for mode in order:
                 jobs = generate(WorkloadSpec(num_jobs=6000, seed=rnd, run_id=f"s{mode}{rnd}"))
@@ -80,8 +80,10 @@ def main(rounds: int = 2, seconds: float = 60.0) -> None:
                        "grammar_compile_ms_mean": s.get("grammar_compile_ms_mean")}
                 res.append(row)
                 print(json.dumps(row), flush=True)
-    Path(__file__).with_name("bench_structured.json").write_text(json.dumps(res, indent=1))
+    out = Path(__file__).with_name("bench_structured.json")
+    old = json.loads(out.read_text()) if out.exists() and first > 1 else []
+    out.write_text(json.dumps(old + res, indent=1))
 
 
 if __name__ == "__main__":
-    main(*(float(a) if i else int(a) for i, a in enumerate(sys.argv[1:])))
+    main(*(float(a) if i == 1 else int(a) for i, a in enumerate(sys.argv[1:])))

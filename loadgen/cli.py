@@ -190,6 +190,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--agent-system-prompts", type=int, default=4)
     bench.add_argument("--agent-system-tokens", type=_range, default=(300, 700),
                        metavar="LO,HI")
+    bench.add_argument("--embed-model", default="",
+                       help="an embedding checkpoint (sentence-transformers directory): the "
+                            "embedding table -- worker, a SentenceTransformer consumer, the "
+                            "kernel-only ceiling -- on the same texts (empty = skip)")
+    bench.add_argument("--embed-jobs", type=int, default=2000, help="texts for the table")
     bench.add_argument("--fleet-sustained-s", type=float, default=0.0,
                        help="the same comparison under S seconds of sustained load, read over "
                             "the last three quarters (0 = skip)")
@@ -452,7 +457,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       sustained_s=args.sustained_s, agent_sessions=args.agent_sessions,
                       agent_turns=args.agent_turns,
                       agent_system_prompts=args.agent_system_prompts,
-                      agent_system_tokens=args.agent_system_tokens)
+                      agent_system_tokens=args.agent_system_tokens,
+                      embed_model=args.embed_model, embed_jobs=args.embed_jobs)
     result = run_bench(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True))
     print((args.out / "ladder.md").read_text(), end="")
     return 0 if all(r["jobs_ok"] == r["jobs"] for r in result["rungs"].values()) else 1

@@ -200,6 +200,8 @@ def _invalid(payload: dict[Any, Any], exc: ValidationError) -> DecodeError:
         code = ErrorCode.EMPTY_PROMPT
     elif errors and all(err["loc"][:1] == ("messages",) for err in errors):
         code = ErrorCode.BAD_MESSAGES  # an unknown role, content not a string, no messages
+    elif errors and all(err["loc"][:1] == ("response_format",) for err in errors):
+        code = ErrorCode.BAD_SCHEMA  # no schema with json_schema, an unknown type, too big
     else:
         code = ErrorCode.INVALID_JOB
     reply_to = payload.get("reply_to")

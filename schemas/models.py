@@ -10,6 +10,7 @@ The JSON Schema files next to this module are generated from these classes
 
 from __future__ import annotations
 
+import json
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -35,6 +36,7 @@ MAX_MESSAGES = 10_000
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 128
 MAX_LOGPROBS = 20
+MAX_SCHEMA_BYTES = 64 * 1024  # a response_format's schema, as compact JSON
 
 # The id becomes the `Nats-Msg-Id` header of the result, and header values are
 # ASCII without whitespace or control characters; so the id is printable ASCII.
@@ -78,6 +80,7 @@ class ErrorCode(StrEnum):
     BAD_MESSAGES = "bad_messages"  # messages the chat template refused or rendered to nothing
     NO_CHAT_TEMPLATE = "no_chat_template"  # messages for a model without a chat template
     CANCELLED = "cancelled"  # withdrawn by its producer (a cancel message named its id)
+    BAD_SCHEMA = "bad_schema"  # a response_format that cannot be compiled (or not in time)
     UNSUPPORTED_TASK = "unsupported_task"  # a task this worker's model does not do
 
 
@@ -155,6 +158,42 @@ class Sampling(_Wire):
     )
 
 
+class ResponseFormat(_Wire):
+    """Constrain the output: any JSON object, or JSON that validates against a schema."""
+
+    # `schema` on the wire (the field cannot have that name: BaseModel has a `schema`).
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    type: Literal["json_object", "json_schema"] = Field(
+        description="json_object: any JSON object; json_schema: one that validates against "
+        "`schema`. Generation ends (finish_reason stop) when the value is complete; a job "
+        "that reaches max_new_tokens first ends with `length`, its text not promised valid."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, alias="schema",
+        description="The JSON Schema (json_schema only): objects, required and optional "
+        "properties, arrays with item schemas and length bounds, enum, const, bounded "
+        "numbers and integers, strings with length bounds and patterns, nesting, $ref "
+        "within the document.")
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("schema is required with type json_schema and only with it")
+        if self.json_schema is not None:
+            try:
+                size = len(json.dumps(self.json_schema, separators=(",", ":")))
+            except (TypeError, ValueError):  # msgpack binary or NaN: not JSON at all
+                raise ValueError("schema must be plain JSON (no binary, NaN or infinity)") from None
+            if size > MAX_SCHEMA_BYTES:
+                raise ValueError(f"schema is over {MAX_SCHEMA_BYTES} bytes as JSON")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The wire form, `schema` by its name (what the grammar cache keys on)."""
+        return self.model_dump(exclude_none=True)
+
+
 class Role(StrEnum):
     SYSTEM = "system"
     USER = "user"
@@ -209,6 +248,8 @@ class Job(_Wire):
     deadline_s: Annotated[float, Strict()] | None = Field(
         None, description="Unix time in seconds after which the job is not worth running."
     )
+    response_format: ResponseFormat | None = Field(
+        None, description="Constrain the output to JSON (see ResponseFormat).")
     normalize: Annotated[bool, Strict()] | None = Field(
         None, description="embed: L2-normalize the embedding; null: as the checkpoint says.")
     dimensions: Annotated[int, Strict(), Field(ge=1)] | None = Field(
@@ -228,6 +269,8 @@ class Job(_Wire):
                 raise ValueError("normalize, dimensions and truncate apply to task embed only")
         elif self.messages is not None:
             raise ValueError("an embed job sends its input as prompt, not messages")
+        elif self.response_format is not None:
+            raise ValueError("response_format applies to task generate only")
         return self
 
 

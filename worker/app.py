@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from concurrent.futures import ThreadPoolExecutor
 import signal
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from worker.engine.executor import Executor, StepReport
 from worker.engine.governor import ThreadGovernor
 from worker.engine.sampling import fold_seed
 from worker.engine.sequence import Completion, Request
+from worker.model.grammar import COMPILE_TIMEOUT_S, GrammarError, Grammars
 from worker.model.stops import StopMatcher
 from worker.lifecycle import (FaultKind, Lifecycle, Stages, Watch, quiet, teardown_fatal,
                               teardown_graceful)
@@ -88,6 +90,13 @@ class Worker:
         self._rng = random.Random()
         self.cancelled = Cancelled(window_s=120.0)  # ids cancelled lately (broker.cancels)
         self._stops: dict[int, StopMatcher] = {}  # admitted jobs with stop strings, by key
+        loaded = engine.loaded
+        # Structured output is generation's (an embedding worker refuses such jobs by task).
+        self.grammars = (Grammars(loaded.tokenizer, loaded.args.vocab_size, loaded.eos_ids)
+                         if engine.task == "generate" else None)
+        # Response formats compile here, never on the loop or the executor; one at a time.
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        self._compiling: set[asyncio.Task] = set()
         self._admit_soon = False  # an _admit is scheduled for this loop pass
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -213,6 +222,17 @@ class Worker:
         if t.job.id in self.cancelled:
             self._cancel_unrun(t, "cancelled before it was delivered")
             return
+        fmt = t.job.response_format
+        if fmt is not None and t.grammar is None:
+            t.grammar = self.grammars.cached(fmt.as_dict())
+            if t.grammar is None:  # compiled off the loop; it waits outside admission
+                task = asyncio.create_task(self._compile_then_offer(t))
+                self._compiling.add(task)
+                task.add_done_callback(self._compiling.discard)
+                return
+        self._offer(t)
+
+    def _offer(self, t: Ticket) -> None:
         if self.intake.offer(t) and not self._admit_soon:
             # Once per loop pass, not per message: a pull brings its deliveries in one read,
             # and they go to the executor as one submission (one wake-up, one bigger step).
@@ -243,12 +263,35 @@ class Worker:
                        top_k=s.top_k, top_p=s.top_p, seed=fold_seed(seed),
                        stop_ids=frozenset(s.stop_token_ids), solo=solo, hashes=t.hashes,
                        reservation=t.reservation, ignore_eos=s.ignore_eos,
-                       logprobs=s.logprobs, watch=bool(s.stop))
+                       logprobs=s.logprobs, watch=bool(s.stop),
+                       grammar=None if t.grammar is None else t.grammar.matcher())
 
     def _expire(self, t: Ticket, why: str) -> None:
         self._answer(Outcome(t.msg, t.job.id, t.job.reply_to, t.attempt, t.arrived_at,
                              FinishReason.EXPIRED, ErrorInfo(code=ErrorCode.EXPIRED, message=why),
                              prompt_tokens=len(t.prompt), json=t.json))
+
+    async def _compile_then_offer(self, t: Ticket) -> None:
+        fmt = t.job.response_format.as_dict()
+        try:
+            t.grammar = await asyncio.wait_for(
+                self._loop.run_in_executor(self._compiler, self.grammars.compile, fmt),
+                COMPILE_TIMEOUT_S)
+        except (GrammarError, asyncio.TimeoutError) as e:
+            why = str(e) if isinstance(e, GrammarError) else (
+                f"the schema did not compile within {COMPILE_TIMEOUT_S:g} s")
+            self._answer(Outcome(t.msg, t.job.id, t.job.reply_to, t.attempt, t.arrived_at,
+                                 FinishReason.ERROR, ErrorInfo(code=ErrorCode.BAD_SCHEMA,
+                                                               message=why),
+                                 prompt_tokens=len(t.prompt), json=t.json))
+            return
+        finally:
+            self.stats.grammar_compiles = self.grammars.compiles
+            self.stats.grammar_compile_s = self.grammars.compile_s
+        if t.job.id in self.cancelled:
+            self._cancel_unrun(t, "cancelled while its schema compiled")
+        else:
+            self._offer(t)
 
     def _cancel_unrun(self, t: Ticket, why: str) -> None:
         """Answer a job that never reached the executor as cancelled (acked: it is done)."""

@@ -265,3 +265,46 @@ async def test_a_bad_cancel_message_is_refused_and_changes_nothing(tmp_engine_to
         assert json.loads(reply.data) == {"ok": True, "worker": "w1", "held": []}
     finally:
         await nc.close()
+
+
+async def test_structured_output_through_the_worker(tmp_engine_toml, workers, nats_url) -> None:
+    """A schema job ends `stop` with JSON that fits; the same schema again is not compiled
+    again; a schema that cannot be compiled is answered `bad_schema` without device time."""
+    import jsonschema
+
+    cfg = tmp_engine_toml()
+    provision(cfg)
+    w = workers(cfg)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 9},
+                                               "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    c = await Client.connect(nats_url)
+    try:
+        for i in range(4):
+            await c.send(Job(id=f"js{i}", prompt=[10 + i, 20, 30], max_new_tokens=40,
+                             reply_to=RESULTS, sampling=Sampling(temperature=0.8, seed=i),
+                             response_format={"type": "json_schema", "schema": schema}))
+        await c.send(json.dumps({"id": "any", "prompt": "x", "max_new_tokens": 40,
+                                 "reply_to": RESULTS,
+                                 "response_format": {"type": "json_object"}}).encode())
+        await c.send(Job(id="bad", prompt=[1], max_new_tokens=40, reply_to=RESULTS,
+                         response_format={"type": "json_schema",
+                                          "schema": {"type": "string", "pattern": "(oops"}}))
+        for i in range(4):
+            r = await c.result(f"js{i}")
+            assert r.ok and r.finish_reason is FinishReason.STOP, r
+            jsonschema.validate(json.loads(r.text), schema)
+        anything = await c.result("any")
+        assert anything.ok
+        if anything.finish_reason is FinishReason.STOP:  # length: cut short, no promise
+            assert isinstance(json.loads(anything.text), dict)
+        bad = await c.result("bad")
+        assert bad.error.code is ErrorCode.BAD_SCHEMA and bad.usage.padded_tokens == 0
+    finally:
+        await c.nc.close()
+    w.terminate(grace_s=10)
+    summary = next(json.loads(line) for line in w.log_path.read_text().splitlines()
+                   if '"worker_summary"' in line)
+    assert summary["grammar_compiles"] == 3  # the schema once, json_object once, the bad one
+    assert summary["masked_steps"] > 0

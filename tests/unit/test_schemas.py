@@ -185,6 +185,7 @@ def test_enums_are_strings_with_the_contract_values() -> None:
     assert [c.value for c in ErrorCode] == [
         "bad_payload", "invalid_job", "empty_prompt", "too_long", "forbidden_reply_to",
         "expired", "bad_token", "poison", "bad_messages", "no_chat_template", "cancelled",
+        "bad_schema",
     ]  # fmt: skip
     assert [f.value for f in FinishReason] == ["length", "stop", "error", "expired", "cancelled"]
     assert [r.value for r in Role] == ["system", "user", "assistant", "tool"]
@@ -310,6 +311,34 @@ def test_a_chat_job_round_trips_and_says_exactly_one_of_prompt_and_messages() ->
     for payload in (job_map(messages=CHAT), {k: v for k, v in job_map().items() if k != "prompt"}):
         err = decode_error(pack(payload))
         assert err.code is ErrorCode.INVALID_JOB and "exactly one of prompt and messages" in err.message
+
+
+BAD_FORMATS = [
+    ("json_schema without schema", {"type": "json_schema"}),
+    ("json_object with schema", {"type": "json_object", "schema": {"type": "object"}}),
+    ("unknown type", {"type": "xml"}),
+    ("schema under its field name", {"type": "json_schema", "json_schema": {}}),
+    ("schema not a map", {"type": "json_schema", "schema": ["object"]}),
+    ("binary in schema", {"type": "json_schema", "schema": {"pattern": b"x"}}),
+    ("huge schema", {"type": "json_schema", "schema": {"enum": ["x" * 1000] * 70}}),
+]
+
+
+@pytest.mark.parametrize("fmt", [f for _, f in BAD_FORMATS], ids=[n for n, _ in BAD_FORMATS])
+def test_a_bad_response_format_is_bad_schema(fmt: dict[str, Any]) -> None:
+    err = decode_error(pack(job_map(response_format=fmt)))
+    assert err.code is ErrorCode.BAD_SCHEMA and err.message.startswith("response_format"), err.message
+
+
+def test_a_response_format_round_trips_with_schema_by_its_wire_name() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    job = decode_job(pack(job_map(response_format={"type": "json_schema", "schema": schema})))
+    assert job.response_format.as_dict() == {"type": "json_schema", "schema": schema}
+    assert msgpack.unpackb(encode(job))["response_format"] == {"type": "json_schema",
+                                                               "schema": schema}
+    assert decode_job(encode(job)) == job == decode_job(encode(job, as_json=True))
+    assert decode_job(pack(job_map(response_format={"type": "json_object"}))
+                      ).response_format.as_dict() == {"type": "json_object"}
 
 
 def test_a_json_job_is_the_same_job_as_its_msgpack_twin() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from nats.aio.msg import Msg
 
@@ -39,6 +40,7 @@ class Ticket:
     arrived_at: float  # time.monotonic() when fetched
     hashes: tuple[bytes, ...] = ()  # content keys of the prompt's full KV blocks
     json: bool = False  # the job came as JSON: its Result goes back as JSON
+    grammar: Any = None  # its compiled response_format (worker.model.grammar.Grammar)
     truncated: bool = False  # embed: the input was cut to the model's limit (job.truncate)
     admitted_at: float = 0.0  # time.monotonic() when admitted (0 while pending)
     reservation: Reservation | None = None  # its KV blocks, from admission on

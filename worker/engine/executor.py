@@ -46,6 +46,7 @@ class StepReport:
     idle_s: float  # time the executor waited for work before this step
     idle_while_queued_s: float  # part of idle_s during which jobs waited upstream
     graphed: bool = False  # a fixed-shape decode step (pipelined runner)
+    mask_s: float = 0.0  # host time filling structured-output masks (0: none constrained)
 
 
 class Executor:
@@ -201,7 +202,7 @@ class Executor:
         self._on_step(StepReport(
             prefill_seqs=sum(len(lane) for lane in plan.prefill), decode_seqs=len(plan.decode),
             rows=shape.rows, attn_real=shape.attn_real, attn_padded=shape.attn_padded,
-            graphed=shape.graphed,
+            graphed=shape.graphed, mask_s=shape.mask_s,
             step_s=step_s, idle_s=idle_s, idle_while_queued_s=idle_queued_s,
         ))
         if self.governor is not None:

@@ -16,6 +16,7 @@ Two modes (`RUNNER_MODES`):
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from worker.engine.sampling import SamplingBatch, sample
 from worker.engine.scheduler import StepPlan
 from worker.engine.sequence import Sequence
 from worker.engine.staging import Stager
+from worker.model.grammar import fill_masks
 
 
 SCRATCH_SLOT = KVPool.SCRATCH_SLOT
@@ -44,6 +46,7 @@ class StepShape:
     attn_real: int  # query x key pairs that were needed
     attn_padded: int  # query x key pairs computed, padding included
     graphed: bool = False  # a fixed-shape decode step (a graph replay on CUDA)
+    mask_s: float = 0.0  # host time filling structured-output masks for this step
 
 
 class _Builder:
@@ -201,13 +204,19 @@ def _decode_rows(seqs: list[Sequence], ctx: list[int]) -> tuple[list[int], list[
     return tokens, positions, write_slots
 
 
-def _sampling(rows: list[Sequence]) -> tuple[list[np.ndarray], dict[str, bool]]:
-    """SamplingBatch's tensors (host side, in its field order) and its host-side flags."""
+def _sampling(rows: list[Sequence], vocab: int) -> tuple[list[np.ndarray], dict[str, bool]]:
+    """SamplingBatch's tensors (host side, in its field order: five, then the two mask
+    fields when a row is constrained) and its host-side flags. Constrained rows' masks are
+    filled here, from their grammars' state after every token the host has seen."""
     temp = np.array([s.req.temperature for s in rows], dtype=np.float32)
     top_k = np.array([s.req.top_k for s in rows], dtype=np.int64)
     top_p = np.array([s.req.top_p for s in rows], dtype=np.float32)
     arrays = [temp, top_k, top_p, np.array([s.req.seed for s in rows], dtype=np.int64),
               np.array([s.next_index for s in rows], dtype=np.int64)]
+    constrained = [i for i, s in enumerate(rows) if s.req.grammar is not None]
+    if constrained:
+        arrays += [np.array(constrained, dtype=np.int64),
+                   fill_masks([rows[i].req.grammar for i in constrained], vocab)]
     return arrays, dict(any_random=bool((temp > 0).any()),
                         any_top_k=bool(((top_k > 0) & (temp > 0)).any()),
                         any_top_p=bool(((top_p < 1) & (temp > 0)).any()))
@@ -259,7 +268,9 @@ class Runner:
             b.prefill(lane, plan.pad_to, shared)
         if plan.decode and key is None:
             b.decode(plan.decode, self.block_size)  # reorders plan.decode into its groups
-        sampling, flags = _sampling(plan.rows)
+        t_mask = time.perf_counter()
+        sampling, flags = _sampling(plan.rows, self.model.args.vocab_size)
+        mask_s = time.perf_counter() - t_mask if len(sampling) > 5 else 0.0
         top_n = max((s.req.logprobs for s in plan.rows), default=0)
         host: list[np.ndarray] = []
         fields = [(k, v) for g in b.groups for k, v in g.items() if k != "rows" and v is not None]
@@ -287,10 +298,11 @@ class Runner:
                             groups=groups, logit_rows=logit_rows)
         if key is not None:
             graph = GraphStep(key, len(plan.decode), next(it))
-        sb = SamplingBatch(*(next(it) for _ in range(5)), **flags)
+        got = [next(it) for _ in range(len(sampling))]
+        sb = SamplingBatch(*got[:5], **flags, **dict(zip(("mask_rows", "mask_bits"), got[5:])))
         feed = (next(it), next(it)) if fed else None
         shape = StepShape(b.rows + (key[0] if key else 0), b.attn_real, b.attn_padded,
-                          graphed=key is not None)
+                          graphed=key is not None, mask_s=mask_s)
         return Step(plan, inp, graph, sb, shape, feed, top_n)
 
     def _prefill_groups(self, plan: StepPlan) -> list[tuple[list[Sequence], int]]:

@@ -29,6 +29,10 @@ class SamplingBatch:
     any_random: bool  # host-side: skip the whole sampling path for an all-greedy batch
     any_top_k: bool
     any_top_p: bool
+    # Structured output: the constrained rows, and each one's allowed-token bitmask
+    # (int32 words, bit t % 32 of word t // 32 = token t). None: no row is constrained.
+    mask_rows: Tensor | None = None  # [C] int64
+    mask_bits: Tensor | None = None  # [C, ceil(V / 32)] int32
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -55,8 +59,20 @@ def uniform(seed: Tensor, position: Tensor, vocab: int) -> Tensor:
     return (bits.to(torch.float64) + 0.5).div_(2.0**32).float()
 
 
+def allowed(bits: Tensor, vocab: int) -> Tensor:
+    """[C, W] int32 bitmasks -> [C, vocab] bool."""
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    return ((bits[:, :, None] >> shifts) & 1).bool().reshape(bits.shape[0], -1)[:, :vocab]
+
+
 def sample(logits: Tensor, sb: SamplingBatch) -> Tensor:
-    """logits [B, V] float32 -> next tokens [B] int64."""
+    """logits [B, V] float32 -> next tokens [B] int64. Constrained rows sample only among
+    the tokens their masks allow (on a copy: the caller's logits stay raw)."""
+    if sb.mask_rows is not None:
+        vocab = logits.shape[-1]
+        rows = logits.index_select(0, sb.mask_rows)  # [C, V]
+        rows = rows.masked_fill(~allowed(sb.mask_bits, vocab), float("-inf"))
+        logits = logits.index_copy(0, sb.mask_rows, rows)
     greedy = logits.argmax(dim=-1)  # [B]
     if not sb.any_random:
         return greedy

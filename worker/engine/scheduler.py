@@ -131,9 +131,12 @@ class Scheduler:
                 self.running.extend(plan.prefill[0])  # running from launch on, as below
             return plan
         if self.overlap:
-            # One token behind: skip a sequence whose in-flight token is its last by length.
+            # One token behind: skip a sequence whose in-flight token is its last by length,
+            # and a constrained one whose in-flight token its grammar has not seen (its next
+            # mask depends on it): those decode every other step.
             plan = StepPlan(decode=[s for s in self.running
-                                    if len(s.generated) + s.pending < s.req.max_new_tokens])
+                                    if len(s.generated) + s.pending < s.req.max_new_tokens
+                                    and not (s.pending and s.req.grammar is not None)])
         else:
             plan = StepPlan(decode=list(self.running))
         if not self.solo:  # else let the running set drain before the solo job
@@ -264,6 +267,12 @@ class Scheduler:
             self.progress.append((req.key, tok))
         if self.pool.caching:
             self._key_full_blocks(seq)
+        if req.grammar is not None:
+            if not req.grammar.consume_token(tok):  # sampled under its mask: cannot happen
+                raise RuntimeError(f"token {tok} broke job {req.key}'s grammar: "
+                                   f"{req.grammar.get_error()}")
+            if req.grammar.is_stopped():
+                return "stop"  # the value is complete (or the grammar took its end token)
         if tok in req.stop_ids or (tok in self.eos_ids and not req.ignore_eos):
             return "stop"
         return "length" if len(seq.generated) >= req.max_new_tokens else None

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,9 @@ class Request:
     ignore_eos: bool = False  # the model's end-of-sequence ids do not end it
     logprobs: int = 0  # with n > 0, record each sampled token's logprob and the top n
     watch: bool = False  # report its tokens as they come (the loop matches stop strings)
+    # Structured output: the job's grammar matcher (worker.model.grammar), advanced by each
+    # token; its mask constrains every token sampled, and its end ends the job.
+    grammar: Any = None
 
     @classmethod
     def greedy(cls, key: int, prompt: list[int], max_new_tokens: int, seed: int = 0,

@@ -14,14 +14,15 @@ state; each job takes a deep copy (`Grammar.matcher`). The parser's own limits b
 work of every later step (`LLParserLimits`); a format that does not compile, or compiles
 past `COMPILE_TIMEOUT_S`, is the producer's error (`bad_schema`).
 
-No torch here: masks are filled into numpy arrays (`fill_masks`) and the engine applies
-them on the device.
+No torch here: masks are filled into numpy arrays (`fill_masks`, on the executor thread
+while the device runs what was launched before) and the engine applies them on the device.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,12 +65,12 @@ class Grammars:
 
         self._llg = llguidance
         self.vocab_size = vocab_size
-        self.words = (vocab_size + 31) // 32  # int32 words in one row of a mask
         self.tokenizer = _ll_tokenizer(llguidance, tokenizer, vocab_size, eos_ids)
         self.limits = llguidance.LLParserLimits()
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
         self._lock = threading.Lock()  # compiles run on a pool thread; the cache is shared
-        self._executor = llguidance.LLExecutor(num_threads=2)
+        self.compiles = 0  # formats compiled (cache misses), and the time it took
+        self.compile_s = 0.0
 
     def cached(self, response_format: dict[str, Any]) -> Grammar | None:
         """The compiled format if it is in the cache (any thread; marks it recently used)."""
@@ -87,6 +88,14 @@ class Grammars:
             return g
         key = canonical(response_format)
         llg = self._llg
+        t0 = time.perf_counter()
+        try:
+            return self._compile(key, response_format, llg)
+        finally:
+            self.compiles += 1
+            self.compile_s += time.perf_counter() - t0
+
+    def _compile(self, key: str, response_format: dict[str, Any], llg: Any) -> Grammar:
         try:
             if response_format["type"] == "json_object":
                 grammar = llg.LLMatcher.grammar_from_json_schema(
@@ -106,13 +115,24 @@ class Grammars:
                 self._cache.popitem(last=False)
         return g
 
-    def fill_masks(self, matchers: list[Any]) -> np.ndarray:
-        """[len(matchers), words] int32 bitmasks of each matcher's allowed next tokens (bit
-        t of row i: token t allowed), computed in parallel with the GIL released."""
-        masks = np.zeros((len(matchers), self.words), dtype=np.int32)
-        self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
-                                               masks.ctypes.data, self.words * 4, len(matchers))
-        return masks
+
+_executor: Any = None  # llguidance's thread pool for masks, made on first use
+
+
+def fill_masks(matchers: list[Any], vocab_size: int) -> np.ndarray:
+    """[len(matchers), ceil(vocab_size / 32)] int32 bitmasks of each matcher's allowed next
+    tokens (bit t % 32 of word t // 32 in row i: token t allowed), computed in parallel by
+    llguidance's threads with the GIL released."""
+    global _executor
+    if _executor is None:
+        import llguidance
+
+        _executor = llguidance.LLExecutor(num_threads=2)
+    words = (vocab_size + 31) // 32
+    masks = np.zeros((len(matchers), words), dtype=np.int32)
+    _executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
+                                      masks.ctypes.data, words * 4, len(matchers))
+    return masks
 
 
 # Compact JSON: no whitespace between tokens, so a job's tokens go to content. Strings may

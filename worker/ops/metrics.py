@@ -303,6 +303,15 @@ class WorkerCollector(Collector):
         yield _counter("fabric_executor_graphed_steps", "Steps whose decode rows ran at a fixed "
                        "shape (pipelined runner; a CUDA graph replay on a GPU).",
                        stats.graphed_steps)
+        yield _counter("fabric_grammar_masked_steps", "Steps with structured-output rows, whose "
+                       "token masks the host filled.", stats.masked_steps)
+        yield _counter("fabric_grammar_mask_seconds", "Host time filling structured-output "
+                       "masks (on the executor thread, while the device ran the step before).",
+                       stats.mask_s)
+        yield _counter("fabric_grammar_compiles", "Response formats compiled (not in the "
+                       "cache).", stats.grammar_compiles)
+        yield _counter("fabric_grammar_compile_seconds", "Time compiling response formats "
+                       "(a thread of its own).", stats.grammar_compile_s)
         yield _gauge("fabric_executor_last_step_age_seconds", "Seconds since the last step "
                      "finished (large with jobs in flight: a stalled executor).",
                      time.monotonic() - v.last_step_at if v.last_step_at else 0.0)

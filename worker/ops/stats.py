@@ -37,6 +37,10 @@ class WorkerStats:
     attn_real: int = 0
     attn_padded: int = 0
     graphed_steps: int = 0  # fixed-shape decode steps (pipelined runner; graph replays on CUDA)
+    masked_steps: int = 0  # steps with structured-output rows
+    mask_s: float = 0.0  # host time filling their masks
+    grammar_compiles: int = 0  # response formats compiled (cache misses)
+    grammar_compile_s: float = 0.0
     busy_s: float = 0.0
     idle_s: float = 0.0
     idle_while_queued_s: float = 0.0  # executor had nothing to run while jobs waited upstream
@@ -59,6 +63,9 @@ class WorkerStats:
         self.attn_real += r.attn_real
         self.attn_padded += r.attn_padded
         self.graphed_steps += r.graphed
+        if r.mask_s:
+            self.masked_steps += 1
+            self.mask_s += r.mask_s
         self.busy_s += r.step_s
         self.idle_s += r.idle_s
         self.idle_while_queued_s += r.idle_while_queued_s
@@ -109,6 +116,12 @@ class WorkerStats:
             "naked": self.naked, "steps": self.steps,
             "mean_batch_rows": round(self.rows / self.steps, 2) if self.steps else 0.0,
             "graphed_step_fraction": round(self.graphed_steps / self.steps, 4) if self.steps else 0.0,
+            "masked_steps": self.masked_steps,
+            "mask_ms_per_masked_step": (round(1e3 * self.mask_s / self.masked_steps, 3)
+                                        if self.masked_steps else None),
+            "grammar_compiles": self.grammar_compiles,
+            "grammar_compile_ms_mean": (round(1e3 * self.grammar_compile_s / self.grammar_compiles,
+                                              3) if self.grammar_compiles else None),
             "attn_padding_fraction": round(padding_fraction(self.attn_real, self.attn_padded), 4),
             "compute_padding_fraction": round(padding_fraction(
                 self.useful_tokens - self.cached_tokens, self.computed_tokens), 4),

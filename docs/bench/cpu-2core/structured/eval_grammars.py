@@ -1,6 +1,6 @@
 """Which grammar library: xgrammar, llguidance, outlines-core, measured on this project's two
 tokenizer kinds (the builtin byte tokenizer, a 32k byte-level BPE trained here) and the
-schemas in schemas.py: compile time per schema, mask time per step, and whether every
+schemas in json_schemas.py: compile time per schema, mask time per step, and whether every
 finished output parses and validates (random walks through each grammar's allowed tokens).
 
 Run: PYTHONPATH=<dir with the three wheels installed> python eval_grammars.py
@@ -19,7 +19,7 @@ import jsonschema
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from schemas import SCHEMAS  # noqa: E402
+from json_schemas import SCHEMAS  # noqa: E402
 
 WALKS, MAX_STEPS = 4, 200
 

@@ -236,3 +236,20 @@ def test_eviction_pressure_changes_no_token() -> None:
         prompts = [rng.choice(systems) + rand(rng, rng.randint(1, 30)) for _ in range(4)]
         assert tokens(small, prompts) == tokens(off, prompts), round_
     assert small.pool.blocks.evictions > 0 and small.pool.blocks.hit_blocks > 0
+
+
+def test_a_shared_prefix_does_not_put_short_and_long_tails_in_one_attention_call() -> None:
+    """Chat traffic: one system prompt under conversations of every length. The cascade
+    groups split by what follows the prefix, so no member pads its tail to a far longer one."""
+    from worker.engine.lanes import lane_width
+    from worker.engine.runner import by_tail_length
+
+    lengths = [70, 75, 80, 400, 410, 1000, 72]
+    groups = by_tail_length([(4, list(range(len(lengths))))], lengths, BS)
+    assert all(shared == 64 for shared, _ in groups)
+    members = [sorted(idx) for _, idx in groups]
+    assert [0, 1, 2, 6] in members and [3, 4] in members
+    assert all(len(m) >= 2 for m in members) and not any(5 in m for m in members)
+    for _, idx in groups:
+        tails = [lengths[i] - 64 for i in idx]
+        assert max(tails) - min(tails) < lane_width(max(tails))

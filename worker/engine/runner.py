@@ -135,10 +135,10 @@ class _Builder:
         # One whose last token is still on the device (overlapped steps) counts it.
         ctx = [s.num_tokens - 1 if s.done else s.next_index for s in seqs]
         # Blocks below a row's own token are written: a prefix shared there can be.
-        cascades = shared_prefixes(seqs, [n - 1 for n in ctx], block_size)
-        taken = {i for _, idx in cascades for i in idx}
+        groups = by_tail_length(shared_prefixes(seqs, [n - 1 for n in ctx], block_size),
+                                ctx, block_size)
+        taken = {i for _, idx in groups for i in idx}
         rest = [i for i in range(len(seqs)) if i not in taken]
-        groups = [(p * block_size, idx) for p, idx in cascades]
         groups += [(0, [rest[j] for j in g]) for g in group_by_length([ctx[i] for i in rest])]
         order = [i for _, g in groups for i in g]
         seqs[:] = [seqs[i] for i in order]
@@ -166,6 +166,21 @@ class _Builder:
             start = stop
         self.logit_rows.extend(range(first, first + len(seqs)))
         self.rows += len(seqs)
+
+
+def by_tail_length(cascades: list[tuple[int, list[int]]], lengths: list[int],
+                   block_size: int) -> list[tuple[int, list[int]]]:
+    """Cascade groups [(shared tokens, indices)] split so that each one's own keys after
+    the prefix are of similar length (`group_by_length`): a group pads its members' tails to
+    its longest, so one system prompt shared by short and long conversations must not put
+    them in one call. Members left alone by the split are dropped (they attend as usual)."""
+    out = []
+    for p, idx in cascades:
+        shared = p * block_size
+        for g in group_by_length([lengths[i] - shared for i in idx]):
+            if len(g) >= 2:
+                out.append((shared, [idx[j] for j in g]))
+    return out
 
 
 def shared_prefixes(seqs: list[Sequence], limits: list[int], block_size: int,
@@ -307,16 +322,18 @@ class Runner:
 
     def _prefill_groups(self, plan: StepPlan) -> list[tuple[list[Sequence], int]]:
         """The step's prompts as attention groups: those that start after a prefix they
-        hold in the same blocks, one cascade group per prefix; the rest in their lanes.
+        hold in the same blocks, cascade groups per prefix and tail length; the rest in
+        their lanes.
         Regroups `plan.prefill` in place (the logit rows follow it)."""
         bs = self.block_size
         lanes = plan.prefill
         if plan.pad_to or not any(s.start for lane in lanes for s in lane):
             return [(lane, 0) for lane in lanes]
         cached = [s for lane in lanes for s in lane if s.start]
-        cascades = shared_prefixes(cached, [s.start for s in cached], bs)
+        cascades = by_tail_length(shared_prefixes(cached, [s.start for s in cached], bs),
+                                  [len(s.req.prompt) for s in cached], bs)
         taken = {id(cached[i]) for _, idx in cascades for i in idx}
-        groups = [([cached[i] for i in idx], p * bs) for p, idx in cascades]
+        groups = [([cached[i] for i in idx], shared) for shared, idx in cascades]
         groups += [(rest, 0) for lane in lanes
                    if (rest := [s for s in lane if id(s) not in taken])]
         plan.prefill[:] = [g for g, _ in groups]

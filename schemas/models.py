@@ -225,8 +225,12 @@ class Job(_Wire):
     # Exactly one of prompt and messages (the validator below; `oneOf` in the JSON Schema).
     # Each may be absent but never null: the None default is not validated, a sent null is,
     # and fails with the field's own message.
-    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]},
-                                                           {"required": ["messages"]}]})
+    # Task embed takes a prompt and no max_new_tokens; generate needs max_new_tokens.
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}],
+        "if": {"properties": {"task": {"const": "embed"}}, "required": ["task"]},
+        "then": {"required": ["prompt"]},
+        "else": {"required": ["max_new_tokens"]}})
 
     prompt: Prompt = Field(  # type: ignore[assignment]
         None, description="Token ids, or text the worker tokenizes. Never empty. Exactly one "

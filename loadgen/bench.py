@@ -447,15 +447,20 @@ def run_embed(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
     partial()
     log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s")
     log("embeddings, a consumer with SentenceTransformer.encode ...")
-    out["consumer"] = eb.consumer(broker.url, cfg.embed_model, jobs, "bench")
+    out["consumer"] = eb.consumer(broker.url, cfg.embed_model, jobs, "bench",
+                                  {j.id: len(i) for j, i in zip(jobs, ids)})
     partial()
+    if out["consumer"]:
+        log(f"  {out['consumer']['useful_tokens_per_s']:.0f} useful tok/s, padding "
+            f"{out['consumer']['padding_fraction']:.3f}")
     log("embeddings, kernel-only ceiling ...")
     out["ceiling"] = eb.ceiling(cfg.embed_model, ids, max(limit, 2048))  # the worker's step cap
     if out["consumer"]:
         out["worker_over_consumer"] = (r["useful_tokens_per_s"]
                                        / out["consumer"]["useful_tokens_per_s"])
     out["worker_over_ceiling"] = r["useful_tokens_per_s"] / out["ceiling"]["useful_tokens_per_s"]
-    log(f"  worker / ceiling {out['worker_over_ceiling']:.3f}")
+    log(f"  {out['ceiling']['useful_tokens_per_s']:.0f} useful tok/s; worker / ceiling "
+        f"{out['worker_over_ceiling']:.3f}")
     return out
 
 

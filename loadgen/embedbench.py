@@ -18,6 +18,7 @@ and for the worker also its attention padding within length groups.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,12 @@ def ceiling(model_dir: str, ids: list[list[int]], step_tokens: int, repeats: int
     from worker.engine.build import build_engine
     from worker.engine.embedder import embed_now
 
+    from worker.engine.blocks import padded_tokens
+
     limit = max(map(len, ids))
-    engine = build_engine(model_dir, "cpu", "float32", token_budget=max(step_tokens, 4096),
+    # Every text is queued at once: a budget that holds them all (blocks only, no KV).
+    budget = sum(padded_tokens(len(i), 16) for i in ids) + 16
+    engine = build_engine(model_dir, "cpu", "float32", token_budget=budget,
                           max_seq_len=limit, max_step_tokens=step_tokens)
     with torch.inference_mode():
         embed_now(engine, ids[:64])  # warm-up
@@ -69,7 +74,8 @@ def ceiling(model_dir: str, ids: list[list[int]], step_tokens: int, repeats: int
     return {"useful_tokens_per_s": tokens / wall, "wall_s": wall, "padding_fraction": 0.0}
 
 
-async def _consumer(url: str, model_dir: str, jobs: list[JobSpec], tag: str) -> dict:
+async def _consumer(url: str, model_dir: str, jobs: list[JobSpec], tag: str,
+                    lengths: dict[str, int]) -> dict:
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(model_dir, device="cpu")
@@ -86,15 +92,14 @@ async def _consumer(url: str, model_dir: str, jobs: list[JobSpec], tag: str) -> 
         t0 = time.perf_counter()
         while done < len(jobs):
             msgs = await sub.fetch(CONSUMER_BATCH, timeout=5)
-            texts = [msgpack.unpackb(m.data)["text"] for m in msgs]
-            vecs = st.encode(texts, batch_size=CONSUMER_BATCH)
-            lens = [len(x) for x in st.tokenize(texts)["input_ids"]]
-            real += sum(min(n, st.max_seq_length) for n in lens)
-            padded += len(lens) * min(max(lens), st.max_seq_length)
-            for m, v in zip(msgs, vecs):
+            bodies = [msgpack.unpackb(m.data) for m in msgs]
+            vecs = st.encode([b["text"] for b in bodies], batch_size=CONSUMER_BATCH)
+            lens = [lengths[b["id"]] for b in bodies]  # (counted outside the timed loop)
+            real += sum(lens)
+            padded += len(lens) * max(lens)  # encode pads a batch to its longest
+            for m, b, v in zip(msgs, bodies, vecs):
                 await nc.publish(f"embcons.{tag}.res", msgpack.packb(
-                    {"id": msgpack.unpackb(m.data)["id"], "embedding": v.tolist()},
-                    use_single_float=True))
+                    {"id": b["id"], "embedding": v.tolist()}, use_single_float=True))
                 await m.ack()
             done += len(msgs)
         wall = time.perf_counter() - t0
@@ -104,11 +109,10 @@ async def _consumer(url: str, model_dir: str, jobs: list[JobSpec], tag: str) -> 
     return {"wall_s": wall, "padding_fraction": 1 - real / padded, "tokens": real}
 
 
-def consumer(url: str, model_dir: str, jobs: list[JobSpec], tag: str) -> dict[str, Any] | None:
-    try:
-        import sentence_transformers  # noqa: F401
-    except ImportError:
+def consumer(url: str, model_dir: str, jobs: list[JobSpec], tag: str,
+             lengths: dict[str, int]) -> dict[str, Any] | None:
+    if importlib.util.find_spec("sentence_transformers") is None:
         return None
-    out = asyncio.run(_consumer(url, model_dir, jobs, tag))
+    out = asyncio.run(_consumer(url, model_dir, jobs, tag, lengths))
     out["useful_tokens_per_s"] = out["tokens"] / out["wall_s"]
     return out

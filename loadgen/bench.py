@@ -90,6 +90,10 @@ class BenchConfig:
     # Agent traffic (loadgen.sessions): this many sessions, 0 = skip; run with the prefix
     # cache on and off, and on two workers sharing one consumer.
     agent_sessions: int = 0
+    # An embedding checkpoint (sentence-transformers directory): the embedding table, with
+    # this many texts; "" = skip (loadgen.embedbench).
+    embed_model: str = ""
+    embed_jobs: int = 2000
     agent_turns: int = 4
     agent_system_prompts: int = 4
     agent_system_tokens: tuple[int, int] = (300, 700)
@@ -420,6 +424,46 @@ def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
     return out
 
 
+def run_embed(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
+              partial=lambda: None) -> dict[str, Any]:
+    """The embedding table (`loadgen.embedbench`): an embedding worker through NATS, a
+    consumer as a user would write it, and the kernel-only ceiling, on the same texts."""
+    import torch
+
+    from loadgen import embedbench as eb
+    from worker.model.embed_checkpoint import load_encoder
+
+    limit = load_encoder(Path(cfg.embed_model), torch.float32,
+                         torch.device("cpu")).info.max_seq_len
+    jobs = eb.embed_jobs(cfg.embed_jobs, cfg.seed, limit, "emb")
+    ids = eb.token_counts(cfg.embed_model, [j.prompt for j in jobs])
+    tokens = sum(map(len, ids))
+    out: dict[str, Any] = {"texts": len(jobs), "tokens": tokens, "model_limit": limit}
+    log(f"embeddings, worker: {len(jobs)} texts, {tokens} tokens ...")
+    ecfg = dataclasses.replace(cfg, max_seq_len=limit)
+    r = run_rung(ecfg, broker, work, "embed", "continuous", jobs, model=cfg.embed_model)
+    r.pop("completions", None)
+    out["worker"] = r
+    partial()
+    log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s")
+    log("embeddings, a consumer with SentenceTransformer.encode ...")
+    out["consumer"] = eb.consumer(broker.url, cfg.embed_model, jobs, "bench",
+                                  {j.id: len(i) for j, i in zip(jobs, ids)})
+    partial()
+    if out["consumer"]:
+        log(f"  {out['consumer']['useful_tokens_per_s']:.0f} useful tok/s, padding "
+            f"{out['consumer']['padding_fraction']:.3f}")
+    log("embeddings, kernel-only ceiling ...")
+    out["ceiling"] = eb.ceiling(cfg.embed_model, ids, max(limit, 2048))  # the worker's step cap
+    if out["consumer"]:
+        out["worker_over_consumer"] = (r["useful_tokens_per_s"]
+                                       / out["consumer"]["useful_tokens_per_s"])
+    out["worker_over_ceiling"] = r["useful_tokens_per_s"] / out["ceiling"]["useful_tokens_per_s"]
+    log(f"  {out['ceiling']['useful_tokens_per_s']:.0f} useful tok/s; worker / ceiling "
+        f"{out['worker_over_ceiling']:.3f}")
+    return out
+
+
 def run_backlog(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str,
                 jobs: list[JobSpec], model: str | None = None) -> dict[str, Any]:
     """The workload published first, then one worker started on it (`loadgen.backlog`)."""
@@ -490,6 +534,8 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
             result["fleet"] = run_fleet(cfg, broker, work, log, partial=lambda: partial(result))
         if cfg.agent_sessions:
             result["agent"] = run_agent(cfg, broker, work, log, partial=lambda: partial(result))
+        if cfg.embed_model:
+            result["embed"] = run_embed(cfg, broker, work, log, partial=lambda: partial(result))
     jobs = generate(WorkloadSpec(num_jobs=cfg.jobs, seed=cfg.seed, run_id="r4"))
     top = result["rungs"].get("4", {}).get("completions", {})
     log(f"kernel-only ceiling ({cfg.ceiling_runs} runs, median) ...")
@@ -594,6 +640,24 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{r['jobs_per_s']:.1f} | {100 * r['cache_hit_fraction']:.1f}% | "
                          f"{lat['p50']:,.0f} / {lat['p99']:,.0f} |")
         lines += ["", f"Prefix caching on over off: {a['ratio']:.2f}x useful tokens/s."]
+    if "embed" in result:
+        e = result["embed"]
+        lines += ["", f"Embeddings ({e['texts']:,} texts, {e['tokens']:,} tokens, lognormal "
+                  f"lengths up to the model's {e['model_limit']}):", "",
+                  "| way | useful tok/s | dense padding | attention padding |", "|---|---|---|---|"]
+        w = e["worker"]
+        lines.append(f"| worker through NATS | {w['useful_tokens_per_s']:,.0f} | 0.0% | "
+                     f"{100 * (w.get('attn_padding_fraction') or 0):.1f}% |")
+        if e["consumer"]:
+            c = e["consumer"]
+            lines.append(f"| consumer, SentenceTransformer.encode, 32 a batch | "
+                         f"{c['useful_tokens_per_s']:,.0f} | {100 * c['padding_fraction']:.1f}% | "
+                         "(padded batch) |")
+        lines.append(f"| kernel-only ceiling, perfectly packed | "
+                     f"{e['ceiling']['useful_tokens_per_s']:,.0f} | 0.0% | - |")
+        if e.get("worker_over_consumer"):
+            lines += ["", f"Worker over consumer: {e['worker_over_consumer']:.2f}x; worker over "
+                      f"ceiling: {100 * e['worker_over_ceiling']:.1f}%."]
     if "null_model" in result:
         n = result["null_model"]
         lines += ["", f"Null model (broker path alone): {n['jobs_per_s']:,.0f} jobs/s through one "

@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--trace", type=Path, help="trace: file of arrival_s,prompt_tokens,"
                    "max_new_tokens (CSV or JSON Lines)")
     j = run.add_argument_group("what each job asks (not for --workload agent)")
+    j.add_argument("--embed", action="store_true",
+                   help="embedding jobs (task embed, truncate on) of word texts, the length "
+                        "law in about-tokens: for an embedding worker")
     j.add_argument("--chat", action="store_true",
                    help="send messages (a fixed system message, the text prompt as the "
                         "user's) instead of a prompt; implies --text")
@@ -190,6 +193,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--agent-system-prompts", type=int, default=4)
     bench.add_argument("--agent-system-tokens", type=_range, default=(300, 700),
                        metavar="LO,HI")
+    bench.add_argument("--embed-model", default="",
+                       help="an embedding checkpoint (sentence-transformers directory): the "
+                            "embedding table -- worker, a SentenceTransformer consumer, the "
+                            "kernel-only ceiling -- on the same texts (empty = skip)")
+    bench.add_argument("--embed-jobs", type=int, default=2000, help="texts for the table")
     bench.add_argument("--fleet-sustained-s", type=float, default=0.0,
                        help="the same comparison under S seconds of sustained load, read over "
                             "the last three quarters (0 = skip)")
@@ -217,7 +225,8 @@ def _range(text: str) -> tuple[int, int]:
 
 def _cmd_agent(args: argparse.Namespace, run_id: str) -> int:
     given = [flag for flag, on in (
-        ("--chat", args.chat), ("--stop", args.stop), ("--logprobs", args.logprobs),
+        ("--embed", args.embed), ("--chat", args.chat), ("--stop", args.stop),
+        ("--logprobs", args.logprobs),
         ("--ignore-eos", args.ignore_eos), ("--json-jobs", args.json_jobs),
         ("--cancel-fraction", args.cancel_fraction)) if on]
     if given:
@@ -267,7 +276,7 @@ def _run_workload(args: argparse.Namespace, run_id: str) -> tuple[WorkloadSpec, 
                             LogNormal(args.prompt_median, args.prompt_sigma, args.prompt_min,
                                       args.prompt_max)),
             shape=(Bimodal(doc_share=args.doc_share) if args.workload == "bimodal" else trace),
-            chat=args.chat, stop=tuple(args.stop), logprobs=args.logprobs,
+            chat=args.chat, stop=tuple(args.stop), logprobs=args.logprobs, embed=args.embed,
             ignore_eos=args.ignore_eos, cancel_fraction=args.cancel_fraction,
             cancel_after_ms=args.cancel_after_ms)
         if not 0 <= spec.min_new_tokens <= spec.max_new_tokens or jobs < 0:
@@ -452,7 +461,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       sustained_s=args.sustained_s, agent_sessions=args.agent_sessions,
                       agent_turns=args.agent_turns,
                       agent_system_prompts=args.agent_system_prompts,
-                      agent_system_tokens=args.agent_system_tokens)
+                      agent_system_tokens=args.agent_system_tokens,
+                      embed_model=args.embed_model, embed_jobs=args.embed_jobs)
     result = run_bench(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True))
     print((args.out / "ladder.md").read_text(), end="")
     return 0 if all(r["jobs_ok"] == r["jobs"] for r in result["rungs"].values()) else 1

@@ -59,6 +59,15 @@ MAX_PROMPT_TOKENS = 1024
 # Printable ASCII without whitespace control characters (space..tilde): one byte each,
 # so a text prompt of n characters is n byte tokens for a byte-level tokenizer.
 _PRINTABLE = "".join(chr(c) for c in range(32, 127))
+# Embedding jobs' texts: words drawn from this list (wordpiece tokenizers split text into
+# about 1.3 tokens a word of it), so lengths in tokens follow the law as they would for prose.
+_WORDS = ("the of and to in is was for on that with as by at from his her an were are "
+          "which this be or has had not but have they one their its new first after also "
+          "who two been more when time would there other into only about over year may "
+          "city state world between during under people known three since later being "
+          "company government university century system music national river several "
+          "station village water embedding retrieval queue worker message broker token "
+          "index search document question answer agent pipeline batch latency throughput").split()
 # A chat job's system message: fixed, so chat traffic shares a prefix as real traffic does.
 CHAT_SYSTEM = "You are a helpful assistant. Answer briefly."
 
@@ -182,6 +191,9 @@ class WorkloadSpec:
     ignore_eos: bool = False  # sampling.ignore_eos of every job
     cancel_fraction: float = 0.0  # share of jobs whose producer cancels them, drawn per job
     cancel_after_ms: float = 0.0  # a cancel goes this long after its job was published
+    # Embedding jobs (task embed, truncate on): texts of words, lengths by the length law in
+    # about-tokens; for an embedding worker.
+    embed: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.cancel_fraction <= 1.0:
@@ -213,11 +225,15 @@ class JobSpec:
     logprobs: int = 0
     ignore_eos: bool = False
     cancel_after_s: float | None = None  # cancel this long after the publish; None: never
+    task: str = "generate"  # "embed": the prompt's embedding (truncated to the model's limit)
 
     def to_job(self, reply_to: str) -> Job:
         """The wire model; greedy sampling, no deadline."""
         from schemas import Job, Message, Role, Sampling  # deferred: only publishing needs it
 
+        if self.task == "embed":
+            return Job(id=self.id, prompt=self.prompt, task="embed", reply_to=reply_to,
+                       truncate=True)
         if self.system is None:
             body: dict[str, object] = {"prompt": self.prompt}
         else:
@@ -253,7 +269,9 @@ def generate(spec: WorkloadSpec) -> list[JobSpec]:
     for n in range(spec.num_jobs):
         prompt_len, max_new = law.shape(n, rng)
         prompt: list[int] | str
-        if text:
+        if spec.embed:
+            prompt = " ".join(rng.choices(_WORDS, k=max(1, prompt_len * 3 // 4)))
+        elif text:
             prompt = "".join(rng.choices(_PRINTABLE, k=prompt_len))
         else:
             prompt = [rng.randrange(VOCAB_SIZE) for _ in range(prompt_len)]
@@ -261,5 +279,6 @@ def generate(spec: WorkloadSpec) -> list[JobSpec]:
         jobs.append(JobSpec(f"{spec.run_id}-{n}", prompt, prompt_len, max_new,
                             system=CHAT_SYSTEM if spec.chat else None, stop=spec.stop,
                             logprobs=spec.logprobs, ignore_eos=spec.ignore_eos,
-                            cancel_after_s=spec.cancel_after_ms / 1e3 if cancelled else None))
+                            cancel_after_s=spec.cancel_after_ms / 1e3 if cancelled else None,
+                            task="embed" if spec.embed else "generate"))
     return jobs

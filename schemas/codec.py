@@ -118,6 +118,7 @@ def encode_completion(
                        "first_token_ms": None if first_token_ms is None else float(first_token_ms),
                        "total_ms": float(total_ms)},
             "worker": worker, "attempt": attempt, "logprobs": logprobs,
+            "embedding": None, "truncated": False,
     }
     if as_json:
         return json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode()

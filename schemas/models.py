@@ -81,6 +81,7 @@ class ErrorCode(StrEnum):
     NO_CHAT_TEMPLATE = "no_chat_template"  # messages for a model without a chat template
     CANCELLED = "cancelled"  # withdrawn by its producer (a cancel message named its id)
     BAD_SCHEMA = "bad_schema"  # a response_format that cannot be compiled (or not in time)
+    UNSUPPORTED_TASK = "unsupported_task"  # a task this worker's model does not do
 
 
 class FinishReason(StrEnum):
@@ -224,8 +225,12 @@ class Job(_Wire):
     # Exactly one of prompt and messages (the validator below; `oneOf` in the JSON Schema).
     # Each may be absent but never null: the None default is not validated, a sent null is,
     # and fails with the field's own message.
-    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]},
-                                                           {"required": ["messages"]}]})
+    # Task embed takes a prompt and no max_new_tokens; generate needs max_new_tokens.
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}],
+        "if": {"properties": {"task": {"const": "embed"}}, "required": ["task"]},
+        "then": {"required": ["prompt"]},
+        "else": {"required": ["max_new_tokens"]}})
 
     prompt: Prompt = Field(  # type: ignore[assignment]
         None, description="Token ids, or text the worker tokenizes. Never empty. Exactly one "
@@ -234,7 +239,12 @@ class Job(_Wire):
         None, description="A conversation the worker renders with the model's chat template "  # type: ignore[assignment]
         "(generation prompt added). Exactly one of prompt and messages.",
         json_schema_extra=_no_default, exclude_if=_absent)
-    max_new_tokens: NonNegInt = Field(description="Most tokens to generate.")
+    task: Literal["generate", "embed"] = Field(
+        "generate", description="generate: tokens after the prompt; embed: the prompt's "
+        "embedding (an embedding checkpoint; max_new_tokens and sampling do not apply).")
+    max_new_tokens: NonNegInt = Field(  # type: ignore[assignment]
+        None, description="Most tokens to generate (task generate: required).",
+        json_schema_extra=_no_default, exclude_if=_absent)
     reply_to: Annotated[
         StrictStr, Field(min_length=1, max_length=MAX_SUBJECT_CHARS, pattern=SUBJECT_PATTERN)
     ] = Field(description="NATS subject the Result is published to; no wildcards.")
@@ -244,11 +254,27 @@ class Job(_Wire):
     )
     response_format: ResponseFormat | None = Field(
         None, description="Constrain the output to JSON (see ResponseFormat).")
+    normalize: Annotated[bool, Strict()] | None = Field(
+        None, description="embed: L2-normalize the embedding; null: as the checkpoint says.")
+    dimensions: Annotated[int, Strict(), Field(ge=1)] | None = Field(
+        None, description="embed: keep the first n values (Matryoshka), then normalize.")
+    truncate: Annotated[bool, Strict()] = Field(
+        False, description="embed: cut an over-long input to the model's limit (the Result "
+        "says so) instead of answering too_long.")
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> Job:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of prompt and messages is required")
+        if self.task == "generate":
+            if self.max_new_tokens is None:
+                raise ValueError("max_new_tokens is required for task generate")
+            if self.normalize is not None or self.dimensions is not None or self.truncate:
+                raise ValueError("normalize, dimensions and truncate apply to task embed only")
+        elif self.messages is not None:
+            raise ValueError("an embed job sends its input as prompt, not messages")
+        elif self.response_format is not None:
+            raise ValueError("response_format applies to task generate only")
         return self
 
 
@@ -310,6 +336,10 @@ class Result(_Wire):
     logprobs: list[TokenLogprob] | None = Field(
         None, description="One entry per generated token when the job asked for logprobs."
     )
+    embedding: list[Annotated[float, Strict()]] | None = Field(
+        None, description="task embed: the embedding (float32 values; msgpack float 32).")
+    truncated: Annotated[bool, Strict()] = Field(
+        False, description="task embed: the input was cut to the model's limit (truncate).")
 
     @model_validator(mode="after")
     def _ok_means_no_error(self) -> Result:

@@ -70,3 +70,13 @@ def _unpacked(source: Path | io.BytesIO) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def minilm_dir_or_skip() -> Path:
+    """`minilm_dir()`, or skip the calling test with the reason."""
+    import pytest
+
+    try:
+        return minilm_dir()
+    except MiniLMUnavailable as e:
+        pytest.skip(str(e))

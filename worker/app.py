@@ -25,7 +25,7 @@ from worker.broker.connection import Security, connect
 from worker.broker.ingress import Ingress
 from worker.broker.publisher import DeadLetter, Delivery, Publisher, Settle
 from worker.broker.replies import (JobTimes, cancelled_result, completion_payload, dead_letter,
-                                   edge_result, reply_json)
+                                   edge_result, embedding_payload, reply_json)
 from worker.broker.topology import Topology, verify
 from worker.broker.validate import Limits, Outcome, Ticket, Validator
 from worker.config import EngineConfig, config_hash
@@ -91,7 +91,9 @@ class Worker:
         self.cancelled = Cancelled(window_s=120.0)  # ids cancelled lately (broker.cancels)
         self._stops: dict[int, StopMatcher] = {}  # admitted jobs with stop strings, by key
         loaded = engine.loaded
-        self.grammars = Grammars(loaded.tokenizer, loaded.args.vocab_size, loaded.eos_ids)
+        # Structured output is generation's (an embedding worker refuses such jobs by task).
+        self.grammars = (Grammars(loaded.tokenizer, loaded.args.vocab_size, loaded.eos_ids)
+                         if engine.task == "generate" else None)
         # Response formats compile here, never on the loop or the executor; one at a time.
         self._compiler = ThreadPoolExecutor(1, thread_name_prefix="grammar")
         self._compiling: set[asyncio.Task] = set()
@@ -127,10 +129,12 @@ class Worker:
                                    publish_give_up_s=self.opts.publish_give_up_s,
                                    results_captured=verified.results_captured)
         await self.publisher.start()
+        embed = self.engine.task == "embed"
         limits = Limits(vocab_size=self.engine.loaded.args.vocab_size,
                         max_seq_len=self.cfg.max_seq_len, budget_tokens=self.cfg.token_budget,
                         block_size=self.engine.block_size, reply_prefix=self.topo.results_prefix,
-                        max_deliver=verified.max_deliver)
+                        max_deliver=verified.max_deliver, task=self.engine.task,
+                        embed_dim=self.engine.loaded.info.dim if embed else 0)
         self.ingress = Ingress(self.nc, self.topo.jobs_stream, self.topo.consumer,
                                Validator(limits, self.engine.loaded.tokenizer,
                                          chat=self.engine.loaded.chat),
@@ -254,7 +258,7 @@ class Worker:
         seed = self._rng.getrandbits(63) if s.seed is None else s.seed
         if s.stop:
             self._stops[t.key] = StopMatcher(self.engine.loaded.tokenizer, s.stop)
-        return Request(key=t.key, prompt=t.prompt, max_new_tokens=t.job.max_new_tokens,
+        return Request(key=t.key, prompt=t.prompt, max_new_tokens=t.job.max_new_tokens or 0,
                        reserved_tokens=t.reserved_tokens, temperature=s.temperature,
                        top_k=s.top_k, top_p=s.top_p, seed=fold_seed(seed),
                        stop_ids=frozenset(s.stop_token_ids), solo=solo, hashes=t.hashes,
@@ -380,8 +384,12 @@ class Worker:
                 continue
             times = JobTimes.of(t, c, now)
             cancelled = c.finish_reason == "cancelled"
-            if cancelled:
-                res = cancelled_result(t, c, tok.decode(c.tokens), self.opts.worker_id, times)
+            if c.embedding is not None:
+                payload = embedding_payload(t, c, self.opts.worker_id, times,
+                                            self.engine.loaded.info.normalize)
+            elif cancelled:
+                res = cancelled_result(t, c, tok.decode(c.tokens) if c.tokens else None,
+                                       self.opts.worker_id, times)
                 payload = encode(res, as_json=t.json)
                 log.info("job_cancelled", job=t.job.id, attempt=t.attempt, tokens=len(c.tokens))
             else:

@@ -250,7 +250,8 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     if args.policy != "continuous":
         log.warning("bench_policy", policy=args.policy, low_water=cfg.low_water)
     _settle_heap()
-    log.info("engine_ready", model=engine.loaded.name, params=engine.loaded.args.num_params(),
+    log.info("engine_ready", model=engine.loaded.name, task=engine.task,
+             params=engine.loaded.args.num_params(),
              kv_pool_mib=round(engine.pool.nbytes / 2**20, 1), kv_blocks=engine.pool.num_blocks,
              block_size=engine.block_size, max_step_tokens=engine.max_step_tokens,
              runner=engine.runner_mode, prefix_cache=engine.pool.blocks.caching,

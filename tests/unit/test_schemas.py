@@ -185,7 +185,7 @@ def test_enums_are_strings_with_the_contract_values() -> None:
     assert [c.value for c in ErrorCode] == [
         "bad_payload", "invalid_job", "empty_prompt", "too_long", "forbidden_reply_to",
         "expired", "bad_token", "poison", "bad_messages", "no_chat_template", "cancelled",
-        "bad_schema",
+        "bad_schema", "unsupported_task",
     ]  # fmt: skip
     assert [f.value for f in FinishReason] == ["length", "stop", "error", "expired", "cancelled"]
     assert [r.value for r in Role] == ["system", "user", "assistant", "tool"]
@@ -339,6 +339,27 @@ def test_a_response_format_round_trips_with_schema_by_its_wire_name() -> None:
     assert decode_job(encode(job)) == job == decode_job(encode(job, as_json=True))
     assert decode_job(pack(job_map(response_format={"type": "json_object"}))
                       ).response_format.as_dict() == {"type": "json_object"}
+
+
+def test_an_embed_job_needs_no_max_new_tokens_and_its_options_are_its_own() -> None:
+    embed = {k: v for k, v in job_map().items() if k != "max_new_tokens"}
+    job = decode_job(pack({**embed, "task": "embed", "dimensions": 64, "normalize": False,
+                           "truncate": True}))
+    assert job.task == "embed" and job.max_new_tokens is None and job.dimensions == 64
+    assert "max_new_tokens" not in msgpack.unpackb(encode(job))
+    assert decode_job(encode(job)) == job == decode_job(encode(job, as_json=True))
+    for payload, words in ((embed, "max_new_tokens is required"),
+                           (job_map(truncate=True), "apply to task embed only"),
+                           ({**embed, "task": "embed", "dimensions": 0}, "dimensions"),
+                           ({**embed, "task": "classify"}, "task"),
+                           ({**embed, "task": "embed",
+                             "response_format": {"type": "json_object"}}, "generate only")):
+        err = decode_error(pack(payload))
+        assert err.code is ErrorCode.INVALID_JOB and words in err.message, err.message
+    chat = {k: v for k, v in embed.items() if k != "prompt"}
+    err = decode_error(pack({**chat, "task": "embed", "messages": [{"role": "user",
+                                                                     "content": "x"}]}))
+    assert "prompt, not messages" in err.message
 
 
 def test_a_json_job_is_the_same_job_as_its_msgpack_twin() -> None:

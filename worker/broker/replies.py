@@ -10,6 +10,9 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+import numpy as np
+
 from schemas import (ErrorCode, ErrorInfo, FinishReason, Result, Timing, TokenLogprob, Usage,
                      encode_completion)
 from worker.broker.publisher import DeadLetter
@@ -53,7 +56,7 @@ def completion_payload(t: Ticket, c: Completion, text: str, worker_id: str,
         attempt=t.attempt, logprobs=logprob_entries(c, len(c.tokens)), as_json=t.json)
 
 
-def cancelled_result(t: Ticket, c: Completion, text: str, worker_id: str,
+def cancelled_result(t: Ticket, c: Completion, text: str | None, worker_id: str,
                      times: JobTimes) -> Result:
     """A job the executor ended because a cancel named it: an error, with what it made."""
     return Result(id=t.job.id, ok=False, tokens=c.tokens, text=text,
@@ -67,6 +70,28 @@ def cancelled_result(t: Ticket, c: Completion, text: str, worker_id: str,
                   worker=worker_id, attempt=t.attempt,
                   logprobs=[TokenLogprob.model_validate(e)
                             for e in logprob_entries(c, len(c.tokens)) or []] or None)
+
+
+def embedding_payload(t: Ticket, c: Completion, worker_id: str, times: JobTimes,
+                      default_normalize: bool) -> bytes:
+    """An embed job's Result: its vector cut to `dimensions` and normalized as the job (or
+    the checkpoint) says, as float32 values -- msgpack float 32, or JSON numbers of the
+    float32's shortest round-trip form."""
+    v = np.asarray(c.embedding, dtype=np.float32)
+    if t.job.dimensions is not None:
+        v = v[:t.job.dimensions]
+    if default_normalize if t.job.normalize is None else t.job.normalize:
+        v = v / max(float(np.linalg.norm(v)), 1e-12)
+    values = [float(f"{x:.9g}") for x in v.tolist()] if t.json else v.tolist()
+    res = Result(id=t.job.id, ok=True, finish_reason=FinishReason.STOP, embedding=values,
+                 truncated=t.truncated,
+                 usage=Usage(prompt_tokens=len(t.prompt), padded_tokens=c.computed_tokens),
+                 timing=Timing(queued_ms=times.queued_ms, first_token_ms=times.first_token_ms,
+                               total_ms=times.total_ms),
+                 worker=worker_id, attempt=t.attempt)
+    if t.json:
+        return res.model_dump_json().encode()
+    return msgpack.packb(res.model_dump(mode="json"), use_bin_type=True, use_single_float=True)
 
 
 def logprob_entries(c: Completion, n_tokens: int) -> list[dict[str, Any]] | None:

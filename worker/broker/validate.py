@@ -41,6 +41,7 @@ class Ticket:
     hashes: tuple[bytes, ...] = ()  # content keys of the prompt's full KV blocks
     json: bool = False  # the job came as JSON: its Result goes back as JSON
     grammar: Any = None  # its compiled response_format (worker.model.grammar.Grammar)
+    truncated: bool = False  # embed: the input was cut to the model's limit (job.truncate)
     admitted_at: float = 0.0  # time.monotonic() when admitted (0 while pending)
     reservation: Reservation | None = None  # its KV blocks, from admission on
 
@@ -70,6 +71,8 @@ class Limits:
     block_size: int
     reply_prefix: str
     max_deliver: int = 0  # the consumer's; a message on this delivery is poison (<= 0: never)
+    task: str = "generate"  # what this worker's model does: "generate" or "embed"
+    embed_dim: int = 0  # embed: values per embedding
 
 
 class Validator:
@@ -108,6 +111,11 @@ class Validator:
         if job.deadline_s is not None and job.deadline_s <= time.time():
             return fail(ErrorCode.EXPIRED, "deadline passed before the job started",
                         reason=FinishReason.EXPIRED)
+        if job.task != lim.task:
+            return fail(ErrorCode.UNSUPPORTED_TASK, f"this worker's model does task "
+                        f"{lim.task!r}, not {job.task!r}: send it to a worker that does")
+        if job.task == "embed":
+            return self._embed(msg, job, attempt, now, as_json, fail)
         if job.messages is not None:
             if self.chat is None:
                 return fail(ErrorCode.NO_CHAT_TEMPLATE, "this model has no chat template: send "
@@ -138,6 +146,35 @@ class Validator:
                       reserved_tokens=reserved, arrived_at=now,
                       hashes=tuple(block_hashes(prompt, lim.block_size)), json=as_json)
 
+
+    def _embed(self, msg: Msg, job: Job, attempt: int, now: float, as_json: bool,
+               fail) -> Ticket | Outcome:
+        """An embed job: its input's ids (cut to the model's limit if it asks), no decode."""
+        lim = self.limits
+        truncated = False
+        if isinstance(job.prompt, str):
+            try:
+                enc = self.tokenizer.encode(job.prompt, truncate=job.truncate)
+            except ValueError as e:  # TextTooLong
+                return fail(ErrorCode.TOO_LONG, str(e))
+            prompt, truncated = enc.ids, enc.truncated
+        else:
+            prompt = job.prompt
+        if not prompt:
+            return fail(ErrorCode.EMPTY_PROMPT, "the input encodes to no tokens")
+        if max(prompt) >= lim.vocab_size:
+            return fail(ErrorCode.BAD_TOKEN, f"token id {max(prompt)} is outside the "
+                        f"vocabulary (size {lim.vocab_size})")
+        if len(prompt) > lim.max_seq_len:
+            return fail(ErrorCode.TOO_LONG, f"the input is {len(prompt)} tokens, over "
+                        f"max_seq_len {lim.max_seq_len}")
+        if job.dimensions is not None and job.dimensions > lim.embed_dim:
+            return fail(ErrorCode.INVALID_JOB, f"dimensions {job.dimensions} is over the "
+                        f"model's {lim.embed_dim}")
+        self._next_key += 1
+        return Ticket(msg=msg, job=job, key=self._next_key, attempt=attempt, prompt=prompt,
+                      reserved_tokens=padded_tokens(len(prompt), lim.block_size), arrived_at=now,
+                      json=as_json, truncated=truncated)
 
     def _poison(self, msg: Msg, attempt: int, now: float) -> Outcome:
         why = (f"delivered {attempt} times (max_deliver {self.limits.max_deliver}) without an "

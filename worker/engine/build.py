@@ -8,10 +8,12 @@ allocate the KV pool once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from worker.engine.blocks import blocks_for
+from worker.engine.embedder import BlocksOnly, EmbedArgs, EmbedEngine, EmbedModel
 from worker.engine.kv import KVPool
 from worker.engine.ladder import make_scheduler
 from worker.engine.lanes import LANE_MIN_WIDTH
@@ -20,6 +22,7 @@ from worker.engine.runner import Runner
 from worker.engine.scheduler import Scheduler
 from worker.engine.threads import off_main
 from worker.model.checkpoint import CheckpointError, LoadedModel, load_model
+from worker.model.embed_checkpoint import is_encoder_checkpoint, load_encoder
 
 BLOCK_SIZE = LANE_MIN_WIDTH
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +42,7 @@ class Engine:
     policy: str = "continuous"  # worker.engine.modes.POLICIES; others are the ladder's
     runner_mode: str = "eager"  # worker.engine.modes.RUNNER_MODES; "pipelined" is CUDA's default
     max_seq_len: int = 0  # the longest job (prompt + generation); bounds decode graph shapes
+    task = "generate"  # what its jobs ask for (an embedding checkpoint: EmbedEngine, "embed")
 
     def scheduler(self, overlap: bool = False) -> Scheduler:
         return make_scheduler(self.policy, self.pool.blocks, self.block_size,
@@ -84,10 +88,12 @@ def resolve_device(name: str) -> torch.device:
 
 def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq_len: int,
                  max_step_tokens: int | None = None, policy: str = "continuous",
-                 runner: str = "auto", prefix_cache: bool = True) -> Engine:
+                 runner: str = "auto", prefix_cache: bool = True) -> Engine | EmbedEngine:
     dev = resolve_device(device)
     mode = resolve_runner(runner, dev)
     dt = DTYPES[dtype]
+    if not model.startswith("builtin:") and is_encoder_checkpoint(model):
+        return _embed_engine(model, dev, dt, token_budget, max_seq_len, max_step_tokens)
     try:
         loaded = load_model(model, dt, dev)
     except CheckpointError as e:
@@ -112,6 +118,24 @@ def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq
     # cap keeps one step's activations bounded while letting the longest prompt through.
     step_cap = max_step_tokens or max(max_seq_len, 2048)
     return Engine(loaded, pool, dev, BLOCK_SIZE, step_cap, policy, mode, max_seq_len)
+
+
+def _embed_engine(model: str, dev: torch.device, dt: torch.dtype, token_budget: int,
+                  max_seq_len: int, max_step_tokens: int | None) -> EmbedEngine:
+    """An embedding worker's engine: the encoder, and the block pool as the admission unit
+    (no KV: a job's blocks are its input's, held until its step)."""
+    try:
+        loaded = load_encoder(Path(model), dt, dev)
+    except CheckpointError as e:
+        raise EngineError(f"model: {e}") from None
+    limit = loaded.info.max_seq_len
+    if max_seq_len > limit:
+        raise EngineError(f"max_seq_len: {max_seq_len} is over the embedding model's limit of "
+                          f"{limit} tokens")
+    step_cap = max_step_tokens or max(max_seq_len, 2048)
+    return EmbedEngine(EmbedModel(loaded, EmbedArgs(loaded)),
+                       BlocksOnly(blocks_for(token_budget, BLOCK_SIZE), BLOCK_SIZE), dev,
+                       BLOCK_SIZE, step_cap, max_seq_len=max_seq_len)
 
 
 def build_engine_off_main(*args, **kwargs) -> Engine:

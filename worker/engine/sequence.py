@@ -57,6 +57,7 @@ class Completion:
     # Requests with logprobs: [tokens, 1 + 2n] float32 rows, (chosen token's logprob, the
     # top n ids, their logprobs), one per generated token.
     logprobs: np.ndarray | None = None
+    embedding: np.ndarray | None = None  # embed jobs: the pooled vector, float32, not normalized
 
 
 @dataclass(slots=True, eq=False)  # one job's state: compared (and found in lists) by identity

@@ -168,18 +168,35 @@ class _Builder:
         self.rows += len(seqs)
 
 
+# Splitting a cascade group costs another gather of its prefix's keys and another attention
+# call; keeping it whole costs the padding of short tails to the longest. Groups of similar
+# tails (`group_by_length`) stay apart only while merging them would add more padded query x
+# key pairs than this many per shared token, plus one call's worth.
+_MERGE_PAIRS_PER_SHARED_TOKEN = 4
+_MERGE_PAIRS_PER_CALL = 4096
+
+
 def by_tail_length(cascades: list[tuple[int, list[int]]], lengths: list[int],
                    block_size: int) -> list[tuple[int, list[int]]]:
-    """Cascade groups [(shared tokens, indices)] split so that each one's own keys after
-    the prefix are of similar length (`group_by_length`): a group pads its members' tails to
-    its longest, so one system prompt shared by short and long conversations must not put
-    them in one call. Members left alone by the split are dropped (they attend as usual)."""
+    """Cascade groups [(shared tokens, indices)] split where their members' own keys after
+    the prefix differ so much in length that padding the short to the long would cost more
+    than reading the prefix again: one system prompt under conversations of every length
+    must not put them all in one call, while sessions over a long shared prompt stay
+    together. Members left alone by the split are dropped (they attend as usual)."""
     out = []
     for p, idx in cascades:
         shared = p * block_size
-        for g in group_by_length([lengths[i] - shared for i in idx]):
-            if len(g) >= 2:
-                out.append((shared, [idx[j] for j in g]))
+        tails = [lengths[i] - shared for i in idx]
+        limit = _MERGE_PAIRS_PER_SHARED_TOKEN * shared + _MERGE_PAIRS_PER_CALL
+        merged: list[list[int]] = []
+        for g in group_by_length(tails):  # longest tails first
+            if merged:
+                head = max(tails[j] for j in merged[-1])
+                if sum(head - tails[j] for j in g) <= limit:
+                    merged[-1] += g
+                    continue
+            merged.append(g)
+        out += [(shared, [idx[j] for j in g]) for g in merged if len(g) >= 2]
     return out
 
 

@@ -37,10 +37,12 @@ VARIANTS = {
 
 
 def summary(log: Path) -> dict:
+    """The worker's last summary in its log (a rerun into the same directory appends)."""
+    found = {}
     for line in log.read_text().splitlines():
         if '"worker_summary"' in line:
-            return json.loads(line)
-    return {}
+            found = json.loads(line)
+    return found
 
 
 def features(rounds: int, seconds: float, broker: EmbeddedNats, work: Path) -> list[dict]:

@@ -373,12 +373,14 @@ def test_worker_permissions_are_least_privilege():
         f"{topo.results_prefix}>",
         f"{topo.dlq_prefix}>",
     }
-    assert _allowed(users["worker"], "subscribe") == {"_INBOX.>"}
+    # Cancels: every worker hears them, and may answer one sent as a request (only that).
+    assert _allowed(users["worker"], "subscribe") == {"_INBOX.>", "fabric.cancel"}
+    assert "allow_responses: true" in users["worker"]
     provisioner = _allowed(users["provisioner"], "publish")
     assert not any(".DELETE" in subject for subject in provisioner)
     for name in (stream, topo.results_stream, topo.dlq_stream):
         assert {f"$JS.API.STREAM.CREATE.{name}", f"$JS.API.STREAM.UPDATE.{name}"} <= provisioner
-    assert "fabric.jobs.>" in _allowed(users["producer"], "publish")
+    assert {"fabric.jobs.>", "fabric.cancel"} <= _allowed(users["producer"], "publish")
     assert _allowed(users["producer"], "subscribe") == {f"{topo.results_prefix}>", "_INBOX.>"}
     for rel in ("worker/deployment.yaml", "provision/job.yaml"):
         assert _env(_container(rel))["FABRIC_NATS_USER"] in users

@@ -55,7 +55,7 @@ class EngineConfig(BaseModel):
     consumer: str  # durable pull consumer the whole fleet shares
     model: str  # "builtin:<name>" or a checkpoint directory
     device: str  # "cpu", "cuda" or "cuda:N"
-    dtype: Literal["bfloat16", "float16", "float32"]
+    dtype: Literal["bfloat16", "float16", "float32", "fp8"]
     token_budget: int = Field(gt=0)  # high-water mark of in-flight padded tokens
     low_water: int = Field(ge=0)  # admission resumes at or below this
     max_seq_len: int = Field(gt=0)  # longest prompt + generation one job may ask for

@@ -146,3 +146,19 @@ def test_logprobs_come_back_with_the_tokens_without_another_sync() -> None:
         while same < len(c.tokens) and c.tokens[same] == cpu[k].tokens[same]:
             same += 1
         assert abs(c.logprobs[:same, 0] - cpu[k].logprobs[:same, 0]).max(initial=0) < 1e-3
+
+
+def test_fp8_logits_follow_bfloat16_and_the_pipelined_runner_runs() -> None:
+    """FP8 projections on the tensor cores (`_scaled_mm`, bfloat16 out) against bfloat16."""
+    from tests.unit.test_fp8 import all_position_logits, prompts
+
+    bf = build_engine("builtin:small", "cuda:0", "bfloat16", 65536, 1088)
+    f8 = build_engine("builtin:small", "cuda:0", "fp8", 65536, 1088)
+    ps = prompts(12, seed=1)
+    cos = torch.cat([torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+                     for a, b in zip(all_position_logits(bf, ps), all_position_logits(f8, ps))])
+    print(f"fp8 vs bf16 logits cosine: mean {cos.mean():.4f}, min {cos.min():.4f}")
+    assert cos.mean() >= 0.98
+    piped = build_engine("builtin:small", "cuda:0", "fp8", 65536, 1088, runner="pipelined")
+    out, graphed, runner = run_all(piped, ragged(64, seed=7))
+    assert len(out) == 64 and all(out.values()) and piped.pool.blocks.used_blocks == 0

@@ -22,6 +22,7 @@ from worker.engine.runner import Runner
 from worker.engine.scheduler import Scheduler
 from worker.engine.threads import off_main
 from worker.model.checkpoint import CheckpointError, LoadedModel, load_model
+from worker.model.fp8 import quantize_model
 from worker.model.embed_checkpoint import is_encoder_checkpoint, load_encoder
 
 BLOCK_SIZE = LANE_MIN_WIDTH
@@ -91,13 +92,21 @@ def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq
                  runner: str = "auto", prefix_cache: bool = True) -> Engine | EmbedEngine:
     dev = resolve_device(device)
     mode = resolve_runner(runner, dev)
-    dt = DTYPES[dtype]
+    # fp8: the decoder's projections in e4m3 (worker.model.fp8); everything else, the KV
+    # pool included, in the compute dtype -- bfloat16 on CUDA, float32 on the CPU.
+    fp8 = dtype == "fp8"
+    dt = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if fp8 else DTYPES[dtype]
     if not model.startswith("builtin:") and is_encoder_checkpoint(model):
+        if fp8:
+            raise EngineError("dtype: fp8 is for generation models; an embedding model runs "
+                              "in bfloat16, float16 or float32")
         return _embed_engine(model, dev, dt, token_budget, max_seq_len, max_step_tokens)
     try:
         loaded = load_model(model, dt, dev)
     except CheckpointError as e:
         raise EngineError(f"model: {e}") from None
+    if fp8:
+        quantize_model(loaded.model, dt)
     if max_seq_len > loaded.args.max_position:
         raise EngineError(f"max_seq_len: {max_seq_len} is over the model's "
                           f"{loaded.args.max_position} positions")

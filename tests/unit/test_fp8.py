@@ -130,3 +130,98 @@ def test_fp8_is_refused_for_an_embedding_model(tmp_path) -> None:
     (tmp_path / "modules.json").write_text("[]")
     with pytest.raises(EngineError, match="fp8"):
         build_engine(str(tmp_path), "cpu", "fp8", 4096, 128)
+
+
+# -- checkpoints already in FP8 ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from tests.unit.test_hf_reference import BASE, randomize
+
+    cfg = transformers.LlamaConfig(**{**BASE, "attention_bias": True})
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    randomize(ref, seed=5)
+    path = tmp_path_factory.mktemp("llama")
+    ref.save_pretrained(path)
+    return path
+
+
+def save_fp8(model, src, dst, per_tensor: bool = False) -> None:
+    """Write `model` (already quantized) as an FP8 checkpoint in Hugging Face's layout: each
+    projection part's e4m3 weight and its `weight_scale` (per channel, or one per tensor)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from worker.model.decoder import fused_parts
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, dst)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    out = {}
+    for name, t in model.hf_parameters().items():
+        out[name if name.startswith("lm_head") else f"model.{name}"] = t.detach().clone()
+    parts = fused_parts(model.args)
+    for i, layer in enumerate(model.layers):
+        for kind, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+            for proj in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                mod = getattr(parent, proj, None)
+                if mod is None:
+                    continue
+                at = 0
+                for part, n in parts.get(proj, ((proj, mod.out_features),)):
+                    key = f"model.layers.{i}.{kind}.{part}"
+                    w, s = mod.weight[at:at + n], mod.weight_scale[0, at:at + n]
+                    if per_tensor:
+                        w, s1 = quantize_rows((w.float() * s[:, None]).reshape(1, -1))
+                        w, s = w.reshape(n, -1), s1.reshape(())
+                    out[f"{key}.weight"], out[f"{key}.weight_scale"] = w.contiguous(), s.clone()
+                    at += n
+    save_file(out, str(dst / "model.safetensors"))
+
+
+def test_an_fp8_checkpoint_loads_as_it_is_and_gives_the_same_logits(hf_checkpoint, tmp_path):
+    ps = prompts(6, seed=4)
+    ps = [[t % 300 for t in p] for p in ps]
+    at_load = build_engine(str(hf_checkpoint), "cpu", "fp8", 4096, 256)
+    save_fp8(at_load.loaded.model, hf_checkpoint, tmp_path / "fp8")
+    saved = build_engine(str(tmp_path / "fp8"), "cpu", "fp8", 4096, 256)
+    assert all(m.weight.dtype == E4M3 for m in saved.loaded.model.modules()
+               if isinstance(m, FP8Linear))
+    for a, b in zip(all_position_logits(at_load, ps), all_position_logits(saved, ps)):
+        assert torch.equal(a, b)
+    save_fp8(at_load.loaded.model, hf_checkpoint, tmp_path / "per-tensor", per_tensor=True)
+    per_tensor = build_engine(str(tmp_path / "per-tensor"), "cpu", "fp8", 4096, 256)
+    f32 = build_engine(str(hf_checkpoint), "cpu", "float32", 4096, 256)
+    cos = torch.cat([torch.nn.functional.cosine_similarity(a, b, dim=-1) for a, b in
+                     zip(all_position_logits(f32, ps), all_position_logits(per_tensor, ps))])
+    assert cos.mean() >= 0.98, float(cos.mean())
+
+
+def test_other_quantized_checkpoints_are_refused(hf_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    at_load = build_engine(str(hf_checkpoint), "cpu", "fp8", 4096, 256)
+    save_fp8(at_load.loaded.model, hf_checkpoint, tmp_path / "fp8")
+    with pytest.raises(EngineError, match='loads with dtype "fp8"'):
+        build_engine(str(tmp_path / "fp8"), "cpu", "float32", 4096, 256)
+    for k, (qc, words) in enumerate((
+            ({"quant_method": "gptq"}, "not supported"),
+            ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "block-wise"),
+            ({"quant_method": "fp8", "activation_scheme": "static"}, "dynamic"))):
+        d = tmp_path / f"variant{k}"
+        shutil.copytree(tmp_path / "fp8", d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["quantization_config"] = qc
+        (d / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(EngineError, match=words):
+            build_engine(str(d), "cpu", "fp8", 4096, 256)

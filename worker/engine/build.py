@@ -102,7 +102,7 @@ def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq
                               "in bfloat16, float16 or float32")
         return _embed_engine(model, dev, dt, token_budget, max_seq_len, max_step_tokens)
     try:
-        loaded = load_model(model, dt, dev)
+        loaded = load_model(model, dt, dev, fp8=fp8)
     except CheckpointError as e:
         raise EngineError(f"model: {e}") from None
     if fp8:

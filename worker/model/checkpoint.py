@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from worker.model.chat import BUILTIN_TEMPLATE, ChatError, ChatTemplate, load_chat_template
-from worker.model.decoder import ModelArgs, Transformer, init_random, rope_inv_freq, rope_tables
+from worker.model.decoder import (ModelArgs, Transformer, fused_parts, init_random, rope_inv_freq,
+                                  rope_tables)
 from worker.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -61,9 +63,6 @@ def args_from_hf(cfg: dict, where: str) -> ModelArgs:
             f"{where}: architecture {archs or cfg.get('model_type')!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_ARCHS)})"
         )
-    if cfg.get("quantization_config"):
-        method = cfg["quantization_config"].get("quant_method", "?")
-        raise CheckpointError(f"{where}: quantized checkpoints ({method}) are not supported")
     max_position = int(cfg.get("max_position_embeddings") or 4096)
     window = _sliding_window(cfg, arch)
     if window is not None and window < max_position:
@@ -166,7 +165,10 @@ def _eos_ids(path: Path, cfg: dict) -> tuple[int, ...]:
     return tuple(out)
 
 
-def load_model(spec: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype, device: torch.device,
+               fp8: bool = False) -> LoadedModel:
+    """`dtype` is the compute dtype; with `fp8` a checkpoint already in FP8 loads as it is
+    (the caller quantizes any other: `worker.model.fp8.quantize_model`)."""
     if spec.startswith("builtin:"):
         name = spec.removeprefix("builtin:")
         if name not in BUILTINS:
@@ -179,7 +181,7 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device) -> LoadedMod
         tok = ByteTokenizer()
         return LoadedModel(model, tok, args, spec, (ByteTokenizer.eos_id,),
                            ChatTemplate(BUILTIN_TEMPLATE, tok))
-    return _load_hf(Path(spec), dtype, device)
+    return _load_hf(Path(spec), dtype, device, fp8)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -224,7 +226,7 @@ def _checkpoint_tensors(path: Path, files: list[Path]) -> dict[str, tuple[Path, 
     return out
 
 
-def _load_hf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_hf(path: Path, dtype: torch.dtype, device: torch.device, fp8: bool) -> LoadedModel:
     from safetensors import safe_open
 
     cfg_path = path / "config.json"
@@ -233,18 +235,25 @@ def _load_hf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMode
                               "or builtin:<name>)")
     cfg = _read_json(cfg_path)
     args = args_from_hf(cfg, str(path))
+    prequantized = _fp8_checkpoint(path, cfg, fp8)
     tensors = _checkpoint_tensors(path, _weight_files(path))
     if args.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # a tied head is the embedding, whatever was saved
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
+        if prequantized:  # its projections as the file has them: e4m3 and scales, no more
+            fp8_structure(model, dtype)
     params = model.hf_parameters()  # checkpoint names; a tied lm_head.weight is the embedding
-    missing, unexpected = params.keys() - tensors.keys(), tensors.keys() - params.keys()
+    quantized = _fp8_tensors(model, args) if prequantized else {}
+    missing = (params.keys() | quantized.keys()) - tensors.keys()
+    unexpected = tensors.keys() - params.keys() - quantized.keys()
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the config: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     wrong = [f"{n} {tensors[n][2]} (config says {tuple(p.shape)})"
              for n, p in params.items() if tensors[n][2] != tuple(p.shape)]
+    wrong += [f"{n} {tensors[n][2]} (config says {shape})" for n, (shape, _) in quantized.items()
+              if tensors[n][2] not in shape]
     if wrong:
         raise CheckpointError(f"{path}: weights do not match the config: {wrong[:3]}")
 
@@ -265,6 +274,8 @@ def _load_hf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMode
             with safe_open(str(f), framework="pt", device="cpu") as st:
                 for name in names:
                     params[name].copy_(st.get_tensor(tensors[name][1]))
+        if prequantized:
+            _fill_fp8(model, args, tensors)
     # to_empty() left the rotary tables uninitialised: rebuild them.
     cos, sin = rope_tables(args)
     model.rope_cos, model.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
@@ -288,3 +299,86 @@ def _chat(path: Path, tok: Tokenizer) -> ChatTemplate | None:
         return load_chat_template(path, tok)
     except ChatError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+# -- checkpoints already in FP8 ------------------------------------------------------------
+
+
+def _fp8_checkpoint(path: Path, cfg: dict, fp8: bool) -> bool:
+    """Is this checkpoint's weights already FP8 (loaded as they are)? Any other quantization
+    is refused: the loader would read its packed tensors as plain weights."""
+    qc = cfg.get("quantization_config")
+    if not qc:
+        return False
+    method = qc.get("quant_method")
+    if method != "fp8":
+        raise CheckpointError(f"{path}: quantization {method!r} is not supported (plain "
+                              "float16/bfloat16/float32 checkpoints, or fp8)")
+    if qc.get("weight_block_size"):
+        raise CheckpointError(f"{path}: block-wise FP8 (weight_block_size "
+                              f"{qc['weight_block_size']}) is not supported: per-tensor or "
+                              "per-channel weight scales only")
+    if qc.get("activation_scheme", "dynamic") != "dynamic":
+        raise CheckpointError(f"{path}: activation_scheme {qc.get('activation_scheme')!r}: "
+                              "activations are quantized per token at run time (dynamic) only")
+    if not fp8:
+        raise CheckpointError(f"{path}: an FP8 checkpoint loads with dtype \"fp8\"")
+    return True
+
+
+def fp8_structure(model: Transformer, dtype: torch.dtype) -> None:
+    """Swap the projections for FP8Linear shells (on whatever device the model is: meta
+    while loading), so no full-precision projection is ever allocated."""
+    from worker.model.fp8 import E4M3, PROJECTIONS, FP8Linear
+
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in PROJECTIONS:
+                lin = getattr(parent, name, None)
+                if isinstance(lin, nn.Linear):
+                    w = lin.weight
+                    setattr(parent, name, FP8Linear.from_quantized(
+                        torch.empty(w.shape, dtype=E4M3, device=w.device),
+                        torch.empty(w.shape[0], device=w.device),
+                        None if lin.bias is None else lin.bias, dtype))
+
+
+def _fp8_parts(model: Transformer, args: ModelArgs):
+    """(layer index, module path, FP8Linear, [(checkpoint part name, rows)]) per projection."""
+    parts = fused_parts(args)
+    for i, layer in enumerate(model.layers):
+        for kind, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                mod = getattr(parent, name, None)
+                if mod is not None:
+                    rows = parts.get(name, ((name, mod.out_features),))
+                    yield f"layers.{i}.{kind}", mod, rows
+
+
+def _fp8_tensors(model: Transformer, args: ModelArgs) -> dict[str, tuple[tuple, str]]:
+    """The FP8 tensors the file must hold: name -> (accepted shapes, kind)."""
+    out: dict[str, tuple[tuple, str]] = {}
+    for prefix, mod, rows in _fp8_parts(model, args):
+        for part, n in rows:
+            out[f"{prefix}.{part}.weight"] = (((n, mod.in_features),), "weight")
+            out[f"{prefix}.{part}.weight_scale"] = (((), (1,), (n,), (n, 1)), "scale")
+    return out
+
+
+def _fill_fp8(model: Transformer, args: ModelArgs, tensors: dict) -> None:
+    """Copy each part's e4m3 rows into its fused projection, its scale (per tensor or per
+    channel) expanded to one per row."""
+    from safetensors import safe_open
+
+    def read(name: str) -> torch.Tensor:
+        f, key, _ = tensors[name]
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            return st.get_tensor(key)
+
+    for prefix, mod, rows in _fp8_parts(model, args):
+        at = 0
+        for part, n in rows:
+            mod.weight[at:at + n].copy_(read(f"{prefix}.{part}.weight"))
+            scale = read(f"{prefix}.{part}.weight_scale").float().reshape(-1)
+            mod.weight_scale[0, at:at + n].copy_(scale.expand(n) if scale.numel() == 1 else scale)
+            at += n

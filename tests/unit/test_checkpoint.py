@@ -292,3 +292,12 @@ def test_engine_reports_the_refusal_under_the_model_field(tmp_path: Path) -> Non
     with pytest.raises(EngineError, match=r"^max_seq_len: 512 is over the model's 256"):
         build_engine(str(write_checkpoint(tmp_path / "m", hf_config())), "cpu", "float32",
                      token_budget=1024, max_seq_len=512)
+
+
+def test_the_gpu_ladders_builtin_is_a_1b_llama_shape() -> None:
+    """builtin:1b is only built on a GPU (the device check); its shape is checked here."""
+    from worker.model.checkpoint import BUILTINS
+
+    args = BUILTINS["1b"]
+    assert 0.9e9 <= args.num_params() <= 1.1e9
+    assert args.hd == 64 and args.n_heads % args.n_kv_heads == 0

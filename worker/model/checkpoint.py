@@ -34,6 +34,10 @@ BUILTINS: dict[str, ModelArgs] = {
     # The demo and benchmark load: ~6M parameters, real matmuls and attention.
     "small": ModelArgs(vocab_size=320, dim=384, n_layers=4, n_heads=6, n_kv_heads=2,
                        ffn_dim=1024, max_position=4096),
+    # A Llama shape of ~1B parameters (0.97B): big enough to load a datacenter GPU, for the
+    # GPU ladder (tests/gpu/device-check.sh). Seconds to build; far too slow for the CPU.
+    "1b": ModelArgs(vocab_size=320, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                    ffn_dim=8192, max_position=4096),
     # No layers: measures the broker path (ingress, admission, executor loop, drain) alone.
     "null": ModelArgs(vocab_size=320, dim=8, n_layers=0, n_heads=1, n_kv_heads=1,
                       ffn_dim=8, max_position=4096),

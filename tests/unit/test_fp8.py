@@ -225,3 +225,27 @@ def test_other_quantized_checkpoints_are_refused(hf_checkpoint, tmp_path):
         (d / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(EngineError, match=words):
             build_engine(str(d), "cpu", "fp8", 4096, 256)
+
+
+def test_job_features_work_in_fp8(engines) -> None:
+    """Structured output, logprobs and stop ids ride on the logits whatever the projections."""
+    import json
+
+    import jsonschema
+
+    from worker.model.grammar import Grammars
+
+    _, f8 = engines
+    loaded = f8.loaded
+    g = Grammars(loaded.tokenizer, loaded.args.vocab_size, loaded.eos_ids)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    ps = prompts(4, seed=6)
+    reqs = [Request.greedy(i, p, 40) for i, p in enumerate(ps)]
+    for r in reqs:
+        r.grammar = g.compile({"type": "json_schema", "schema": schema}).matcher()
+        r.logprobs = 2
+    for c in generate(f8, reqs):
+        assert c.logprobs.shape == (len(c.tokens), 5)
+        if c.finish_reason == "stop":
+            jsonschema.validate(json.loads(loaded.tokenizer.decode(c.tokens)), schema)

@@ -128,11 +128,8 @@ class Validator:
             prompt = self.tokenizer.encode(job.prompt)
         else:
             prompt = job.prompt
-        if not prompt:
-            return fail(ErrorCode.EMPTY_PROMPT, "the prompt encodes to no tokens")
-        if max(prompt) >= lim.vocab_size:
-            return fail(ErrorCode.BAD_TOKEN, f"token id {max(prompt)} is outside the "
-                        f"vocabulary (size {lim.vocab_size})")
+        if (bad := self._bad_ids(prompt, "prompt", fail)) is not None:
+            return bad
         total = len(prompt) + job.max_new_tokens
         reserved = padded_tokens(total, lim.block_size)
         if total > lim.max_seq_len or reserved > lim.budget_tokens:
@@ -146,6 +143,14 @@ class Validator:
                       reserved_tokens=reserved, arrived_at=now,
                       hashes=tuple(block_hashes(prompt, lim.block_size)), json=as_json)
 
+    def _bad_ids(self, ids: list[int], what: str, fail) -> Outcome | None:
+        """The answer for ids no model can take (none, or outside the vocabulary)."""
+        if not ids:
+            return fail(ErrorCode.EMPTY_PROMPT, f"the {what} encodes to no tokens")
+        if max(ids) >= self.limits.vocab_size:
+            return fail(ErrorCode.BAD_TOKEN, f"token id {max(ids)} is outside the "
+                        f"vocabulary (size {self.limits.vocab_size})")
+        return None
 
     def _embed(self, msg: Msg, job: Job, attempt: int, now: float, as_json: bool,
                fail) -> Ticket | Outcome:
@@ -160,11 +165,8 @@ class Validator:
             prompt, truncated = enc.ids, enc.truncated
         else:
             prompt = job.prompt
-        if not prompt:
-            return fail(ErrorCode.EMPTY_PROMPT, "the input encodes to no tokens")
-        if max(prompt) >= lim.vocab_size:
-            return fail(ErrorCode.BAD_TOKEN, f"token id {max(prompt)} is outside the "
-                        f"vocabulary (size {lim.vocab_size})")
+        if (bad := self._bad_ids(prompt, "input", fail)) is not None:
+            return bad
         if len(prompt) > lim.max_seq_len:
             return fail(ErrorCode.TOO_LONG, f"the input is {len(prompt)} tokens, over "
                         f"max_seq_len {lim.max_seq_len}")

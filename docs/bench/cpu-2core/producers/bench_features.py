@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 import nats  # noqa: E402
 
 from loadgen.arrivals import Closed  # noqa: E402
-from loadgen.bench import BenchConfig, run_rung, saturating_outstanding  # noqa: E402
+from loadgen.bench import BenchConfig, log_event, run_rung, saturating_outstanding  # noqa: E402
 from loadgen.broker import EmbeddedNats  # noqa: E402
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml  # noqa: E402
 from loadgen.workload import CHAT_SYSTEM, WorkloadSpec, generate  # noqa: E402
@@ -34,15 +34,6 @@ VARIANTS = {
     "stop": {"stop": ("<|none|>", "\n\n\n\n")},
     "chat": {"system": CHAT_SYSTEM},
 }
-
-
-def summary(log: Path) -> dict:
-    """The worker's last summary in its log (a rerun into the same directory appends)."""
-    found = {}
-    for line in log.read_text().splitlines():
-        if '"worker_summary"' in line:
-            found = json.loads(line)
-    return found
 
 
 def features(rounds: int, seconds: float, broker: EmbeddedNats, work: Path) -> list[dict]:
@@ -57,7 +48,7 @@ def features(rounds: int, seconds: float, broker: EmbeddedNats, work: Path) -> l
             name = f"f{mode}{rnd}"
             r = run_rung(cfg, broker, work, name, "continuous", jobs, runner="eager",
                          arrival=Closed(saturating_outstanding(cfg)), duration_s=seconds)
-            s = summary(work / f"{name}-0.log")
+            s = log_event(work / f"{name}-0.log", "worker_summary")
             row = {"mode": mode, "round": rnd,
                    "useful_tokens_per_s": round(r["sustained"]["useful_tokens_per_s"]),
                    "jobs_per_s": round(r["sustained"]["jobs_per_s"], 1),
@@ -101,7 +92,7 @@ async def cancel_latency(broker: EmbeddedNats, work: Path, n: int = 40) -> dict:
     await asyncio.sleep(2.0)
     await nc.close()
     w.terminate(grace_s=10)
-    s = summary(work / "cancel-0.log")
+    s = log_event(work / "cancel-0.log", "worker_summary")
     lat = sorted(1e3 * (got[k] - sent[k]) for k in sent if k in got)
     cancelled = sum(1 for r in results.values() if r.error and r.error.code.value == "cancelled")
     step_ms = 1e3 * s["busy_s"] / s["steps"]

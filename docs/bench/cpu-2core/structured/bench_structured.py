@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 
 from loadgen.arrivals import Closed  # noqa: E402
-from loadgen.bench import BenchConfig, run_rung, saturating_outstanding  # noqa: E402
+from loadgen.bench import BenchConfig, log_event, run_rung, saturating_outstanding  # noqa: E402
 from loadgen.broker import EmbeddedNats  # noqa: E402
 from loadgen.workload import JobSpec, WorkloadSpec, generate  # noqa: E402
 from schemas import Job  # noqa: E402
@@ -47,13 +47,6 @@ def half_constrained(jobs: list[JobSpec]) -> list[JobSpec]:
     return out
 
 
-def summary(log: Path) -> dict:
-    for line in log.read_text().splitlines():
-        if '"worker_summary"' in line:
-            return json.loads(line)
-    return {}
-
-
 def main(rounds: int = 2, seconds: float = 60.0, first: int = 1) -> None:
     cfg = BenchConfig()
     work = Path("/tmp/bench_structured")
@@ -69,7 +62,7 @@ def main(rounds: int = 2, seconds: float = 60.0, first: int = 1) -> None:
                 name = f"s{mode}{rnd}"
                 r = run_rung(cfg, broker, work, name, "continuous", jobs, runner="eager",
                              arrival=Closed(saturating_outstanding(cfg)), duration_s=seconds)
-                s = summary(work / f"{name}-0.log")
+                s = log_event(work / f"{name}-0.log", "worker_summary")
                 row = {"mode": mode, "round": rnd,
                        "useful_tokens_per_s": round(r["sustained"]["useful_tokens_per_s"]),
                        "jobs_per_s": round(r["sustained"]["jobs_per_s"], 1),

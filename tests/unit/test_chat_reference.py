@@ -200,15 +200,7 @@ def test_stop_strings_end_where_transformers_stop_strings_end(tmp_path: Path,
 
 def test_a_messages_job_generates_what_transformers_generates(tmp_path: Path) -> None:
     path = write_tokenizer(tmp_path, "llama3")
-    cfg = transformers.LlamaConfig(
-        vocab_size=HFTokenizer(path / "tokenizer.json").vocab_size, hidden_size=64,
-        intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None,
-        eos_token_id=None, pad_token_id=None, attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    randomize(model, seed=11)
-    model.save_pretrained(path)
+    model = tiny_llama(path)
 
     pairs = CONVERSATIONS["multi-turn"]
     ids = reference_ids(reference(path), pairs)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from loadgen.broker import EmbeddedNats, delete_streams
-from loadgen.fleet import write_engine_toml
+from loadgen.fleet import WorkerProcess, write_engine_toml
 
 # Small enough for CPU tests; max_seq_len is 1024 prompt + 64 new, like the demo.
 ENGINE_DEFAULTS: dict[str, object] = {
@@ -75,3 +75,20 @@ def tmp_engine_toml(
     if streams and nats_server.is_running():
         # A sync teardown runs outside the session loop, so a private loop is safe here.
         asyncio.run(delete_streams(nats_server.url, *streams))
+
+
+@pytest.fixture
+def workers(tmp_path: Path):
+    """Factory: `workers(config, name="w1", **WorkerProcess kwargs)` starts a worker and
+    waits until it is ready; every worker started is stopped (SIGTERM) after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(config: Path, name: str = "w1", **kw) -> WorkerProcess:
+        w = WorkerProcess(config, worker_id=name, log_path=tmp_path / f"{name}.log", **kw).start()
+        started.append(w)
+        w.wait_ready(120)
+        return w
+
+    yield start
+    for w in started:
+        w.terminate(grace_s=10)

@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 
 import msgpack
 import nats
 import pytest
 
-from loadgen.fleet import WorkerProcess, provision
+from loadgen.fleet import provision
 from schemas import ErrorCode, FinishReason, Job, Message, Result, Role, Sampling, encode
 from schemas import decode_result
 from worker.engine.build import build_engine
@@ -33,21 +32,6 @@ def reference_engine():
 
 def reference_tokens(engine, prompt: list[int], n: int) -> list[int]:
     return generate(engine, [Request.greedy(1, prompt, n)])[0].tokens
-
-
-@pytest.fixture
-def workers(tmp_path: Path):
-    started: list[WorkerProcess] = []
-
-    def start(config: Path, name: str = "w1", **kw) -> WorkerProcess:
-        w = WorkerProcess(config, worker_id=name, log_path=tmp_path / f"{name}.log", **kw).start()
-        started.append(w)
-        w.wait_ready(120)
-        return w
-
-    yield start
-    for w in started:
-        w.terminate(grace_s=10)
 
 
 class Client:

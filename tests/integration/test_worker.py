@@ -17,7 +17,7 @@ import pytest
 from loadgen.backlog import result_counts
 from loadgen.bench import log_event
 from loadgen.client import run_jobs
-from loadgen.fleet import WorkerProcess, provision, worker_env
+from loadgen.fleet import provision, worker_env
 from loadgen.workload import WorkloadSpec, generate
 from schemas import Job, Sampling, decode_result, encode
 from tests.chaos.harness import log_events
@@ -36,21 +36,6 @@ def reference_engine():
 def reference_tokens(engine, job: Job) -> list[int]:
     r = Request.greedy(1, list(job.prompt), job.max_new_tokens)
     return engine_generate(engine, [r])[0].tokens
-
-
-@pytest.fixture
-def workers(tmp_path: Path):
-    started: list[WorkerProcess] = []
-
-    def start(config: Path, name: str = "w1", **kw) -> WorkerProcess:
-        w = WorkerProcess(config, worker_id=name, log_path=tmp_path / f"{name}.log", **kw).start()
-        started.append(w)
-        w.wait_ready(120)
-        return w
-
-    yield start
-    for w in started:
-        w.terminate(grace_s=10)
 
 
 def summary_of(log_path: Path) -> dict:

@@ -15,7 +15,7 @@ import os
 import threading
 from typing import Any
 
-from worker.ops.metrics import open_nvml
+from worker.ops.gpu import open_nvml
 
 
 class BusySampler:

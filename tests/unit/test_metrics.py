@@ -28,17 +28,11 @@ from worker.config import EngineConfig, config_hash
 from worker.engine.blocks import BlockPool
 from worker.engine.executor import StepReport
 from worker.ops.health import liveness, readiness
-from worker.ops.metrics import (
-    GpuCollector,
-    WorkerCollector,
-    new_registry,
-    nvml_target,
-    padding_fraction,
-    register_worker,
-    step_phase,
-)
+from worker.ops.gpu import GpuCollector, nvml_target
+from worker.ops.histograms import step_phase
+from worker.ops.metrics import WorkerCollector, new_registry, register_worker
 from worker.ops.http import Observer, start_http
-from worker.ops.stats import WorkerStats
+from worker.ops.stats import WorkerStats, padding_fraction
 from worker.ops.view import WorkerInfo, WorkerView
 
 CFG = EngineConfig.model_validate({

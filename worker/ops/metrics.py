@@ -2,25 +2,21 @@
 
 Rule: a scrape never waits on the event loop or the executor. Levels (queue depths,
 in-flight tokens, admission state, KV blocks) and counters are read at scrape time from
-the worker's typed view (`worker.ops.view.WorkerView`) by a pull-based collector. Only distributions are pushed, in O(1) where the value is born: per
-step on the executor thread, per Result on the event loop (`Distributions`, owned by
-WorkerStats). Reading another thread's ints and lengths without a lock can be one sample
-stale; it never raises and never blocks the owner.
+the worker's typed view (`worker.ops.view.WorkerView`) by a pull-based collector. Only
+distributions are pushed, in O(1) where the value is born (`worker.ops.histograms`).
+Reading another thread's ints and lengths without a lock can be one sample stale; it never
+raises and never blocks the owner.
 
-GPU readings come from NVML when the device is `cuda:N` and NVML answers; otherwise the
-`fabric_gpu_*` series are absent and one info line says why. docs/operations.md says what
-every series means and what healthy looks like.
+GPU readings are `worker.ops.gpu`'s. docs/operations.md says what every series means and
+what healthy looks like.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from bisect import bisect_left
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
-import structlog
 from prometheus_client import (
     CollectorRegistry,
     ProcessCollector,
@@ -29,138 +25,15 @@ from prometheus_client import (
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     InfoMetricFamily,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from schemas import ErrorCode
+from worker.ops.gpu import GpuCollector
 from worker.ops.health import readiness
+from worker.ops.stats import padding_fraction
 from worker.ops.view import WorkerInfo, WorkerView
-
-log = structlog.get_logger("metrics")
-
-STEP_PHASES = ("prefill", "decode", "mixed")
-# Token rows per step reach max_step_tokens (2048 by default, more for long prompts).
-_TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-_SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-_STEP_S_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-_JOB_S_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                  120.0, 300.0)
-
-
-def step_phase(prefill_seqs: int, decode_seqs: int) -> str:
-    """A step that only prefills, only decodes, or does both in one packed forward."""
-    if prefill_seqs and decode_seqs:
-        return "mixed"
-    return "prefill" if prefill_seqs else "decode"
-
-
-def padding_fraction(real: int, computed: int) -> float:
-    """1 - real/computed: the share of computed work that was padding (0 when none ran)."""
-    if computed <= 0:
-        return 0.0
-    return min(1.0, max(0.0, 1.0 - real / computed))
-
-
-class _Series:
-    """One histogram series: counts per bucket and a sum, written by one thread only."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        # le semantics: a value equal to a bound falls in that bound's bucket.
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-
-class Hist(Collector):
-    """A histogram for a hot path: one bisect and two additions per observation.
-
-    prometheus-client's Histogram takes a lock and scans its buckets per observation,
-    twice per value (bucket and sum); at thousands of jobs a second that was a tenth of
-    the event loop. Each series here has a single writer (the executor thread or the
-    event loop); a scrape copies the counts, so a bucket total and its count always agree
-    and a scrape is at most one observation stale."""
-
-    def __init__(self, name: str, doc: str, buckets: tuple[float, ...],
-                 labelnames: tuple[str, ...] = ()) -> None:
-        self.name, self.doc, self.bounds = name, doc, tuple(float(b) for b in buckets)
-        # The `le` labels, as prometheus-client's own Histogram writes them, +Inf last.
-        self._les = [floatToGoString(b) for b in (*self.bounds, float("inf"))]
-        self.labelnames = labelnames
-        self._series: dict[tuple[str, ...], _Series] = {} if labelnames else {(): _Series(self.bounds)}
-
-    def labels(self, *values: str) -> _Series:
-        return self._series.setdefault(values, _Series(self.bounds))
-
-    def observe(self, value: float) -> None:
-        self._series[()].observe(value)
-
-    def collect(self):
-        fam = HistogramMetricFamily(self.name, self.doc, labels=list(self.labelnames))
-        for values, series in list(self._series.items()):
-            counts, total = list(series.counts), series.sum
-            cumulative, buckets = 0, []
-            for le, n in zip(self._les, counts):
-                cumulative += n
-                buckets.append((le, cumulative))
-            fam.add_metric(list(values), buckets, total)
-        yield fam
-
-
-class Distributions:
-    """The histograms, observed where their values are born; registered by `register_worker`.
-
-    `on_step` runs on the executor thread once per step: three observations, no allocation,
-    no lock. `on_result` runs on the event loop per executed job.
-    """
-
-    def __init__(self) -> None:
-        self.step_seqs = Hist(
-            "fabric_step_batch_seqs", "Sequences in one executor step (prefills + decodes).",
-            _SEQ_BUCKETS)
-        self.step_tokens = Hist(
-            "fabric_step_tokens", "Packed token rows through the dense layers in one step.",
-            _TOKEN_BUCKETS)
-        self._step_s = Hist(
-            "fabric_step_seconds", "Wall time of one executor step, by phase.", _STEP_S_BUCKETS,
-            ("phase",))
-        self.step_s = {p: self._step_s.labels(p) for p in STEP_PHASES}
-        self.queued_s = Hist(
-            "fabric_job_queued_seconds", "Arrival at the worker to admission (executed jobs).",
-            _JOB_S_BUCKETS)
-        self.ttft_s = Hist(
-            "fabric_time_to_first_token_seconds",
-            "Arrival at the worker to the first generated token (jobs answered ok).",
-            _JOB_S_BUCKETS)
-        self.latency_s = Hist(
-            "fabric_job_latency_seconds", "Arrival at the worker to its Result (jobs answered ok).",
-            _JOB_S_BUCKETS)
-
-    def collectors(self) -> list[Collector]:
-        return [self.step_seqs, self.step_tokens, self._step_s, self.queued_s, self.ttft_s,
-                self.latency_s]
-
-    def on_step(self, prefill_seqs: int, decode_seqs: int, rows: int, step_s: float) -> None:
-        self.step_seqs.observe(prefill_seqs + decode_seqs)
-        self.step_tokens.observe(rows)
-        self.step_s[step_phase(prefill_seqs, decode_seqs)].observe(step_s)
-
-    def on_result(self, ok: bool, queued_ms: float, first_token_ms: float | None,
-                  total_ms: float) -> None:
-        self.queued_s.observe(queued_ms / 1e3)
-        if not ok:
-            return  # a failed job's latency says nothing about serving speed
-        self.latency_s.observe(total_ms / 1e3)
-        if first_token_ms is not None:
-            self.ttft_s.observe(first_token_ms / 1e3)
 
 
 def _copy(d: dict) -> dict:
@@ -351,103 +224,6 @@ class WorkerCollector(Collector):
                                                      stats.computed_tokens))
         pad.add_metric(["attention"], padding_fraction(stats.attn_real, stats.attn_padded))
         yield pad
-
-
-# -- NVML ------------------------------------------------------------------------------
-
-
-def nvml_target(device: str, visible_devices: str | None) -> int | str | None:
-    """The NVML key of a torch device: an NVML index, a GPU/MIG UUID, or None (no GPU).
-
-    NVML numbers every GPU on the host; CUDA numbers only those CUDA_VISIBLE_DEVICES lists,
-    in its order, by index or UUID. In a container that sees one GPU both say 0.
-    """
-    if not device.startswith("cuda"):
-        return None
-    idx = int(device.partition(":")[2] or 0)
-    if visible_devices is None:
-        return idx
-    entries = [e.strip() for e in visible_devices.split(",") if e.strip()]
-    if idx >= len(entries):
-        return None
-    entry = entries[idx]
-    return int(entry) if entry.isdigit() else entry
-
-
-def open_nvml(device: str, nvml: Any = None,
-              environ: dict[str, str] | os._Environ = os.environ) -> tuple[Any, Any, Any] | None:
-    """(the NVML module, the device's handle, its NVML key) for a torch device; None when
-    the device is not a GPU. Raises whatever NVML raises (no driver, no library, no GPU)."""
-    target = nvml_target(device, environ.get("CUDA_VISIBLE_DEVICES"))
-    if target is None:
-        return None
-    if nvml is None:
-        import pynvml
-        nvml = pynvml
-    nvml.nvmlInit()
-    handle = (nvml.nvmlDeviceGetHandleByIndex(target) if isinstance(target, int)
-              else nvml.nvmlDeviceGetHandleByUUID(target))
-    return nvml, handle, target
-
-
-class GpuCollector(Collector):
-    """SM utilisation, memory, power and temperature of the worker's GPU, read per scrape."""
-
-    def __init__(self, device: str, nvml: Any = None,
-                 environ: dict[str, str] | os._Environ = os.environ):
-        self.device = device
-        self._nvml = nvml
-        self._handle = None
-        self._failed: set[str] = set()  # readings that failed once: not asked again
-        try:
-            opened = open_nvml(device, nvml, environ)
-        except Exception as e:  # noqa: BLE001 - no driver, no library, no such GPU: metrics only
-            log.info("gpu_metrics_off", device=device, reason=repr(e))
-            return
-        if opened is None:
-            log.info("gpu_metrics_off", device=device, reason="no GPU device configured")
-            return
-        self._nvml, self._handle, target = opened
-        log.info("gpu_metrics_on", device=device, nvml_device=str(target))
-
-    @property
-    def enabled(self) -> bool:
-        return self._handle is not None
-
-    def describe(self) -> Iterator:
-        return iter(())
-
-    def _readings(self) -> list[tuple[str, str, Callable[[Any], float]]]:
-        n = self._nvml
-        return [
-            ("fabric_gpu_sm_utilization_ratio",
-             "Share of the last sample period a kernel ran (NVML utilization.gpu).",
-             lambda h: n.nvmlDeviceGetUtilizationRates(h).gpu / 100),
-            ("fabric_gpu_memory_used_bytes", "Device memory in use (all processes).",
-             lambda h: n.nvmlDeviceGetMemoryInfo(h).used),
-            ("fabric_gpu_memory_total_bytes", "Device memory installed.",
-             lambda h: n.nvmlDeviceGetMemoryInfo(h).total),
-            ("fabric_gpu_power_watts", "Board power draw.",
-             lambda h: n.nvmlDeviceGetPowerUsage(h) / 1e3),
-            ("fabric_gpu_temperature_celsius", "GPU die temperature.",
-             lambda h: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
-        ]
-
-    def collect(self) -> Iterator:
-        if self._handle is None:
-            return
-        for name, doc, read in self._readings():
-            if name in self._failed:
-                continue
-            try:
-                value = float(read(self._handle))
-            except Exception as e:  # noqa: BLE001 - unsupported on this GPU/MIG slice, or lost
-                # Logged once per series, then the series is dropped: a scrape every 15 s
-                # must not turn one unsupported reading into a log line every 15 s.
-                self._failed.add(name)
-                log.info("gpu_metric_unavailable", metric=name, error=repr(e))
-                continue
-            yield _gauge(name, doc, value, {"device": self.device})
 
 
 def register_worker(registry: CollectorRegistry, worker: Observed,

@@ -16,10 +16,17 @@ from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
-from worker.ops.metrics import Distributions, padding_fraction
+from worker.ops.histograms import Distributions
 
 if TYPE_CHECKING:
     from worker.engine.executor import StepReport
+
+
+def padding_fraction(real: int, computed: int) -> float:
+    """1 - real/computed: the share of computed work that was padding (0 when none ran)."""
+    if computed <= 0:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - real / computed))
 
 
 @dataclass(slots=True)

@@ -242,7 +242,7 @@ def test_a_shared_prefix_does_not_put_short_and_long_tails_in_one_attention_call
     """Chat traffic: one short system prompt under conversations of every length is split
     by what follows the prefix (padding 40 short tails to ~900 would cost far more than
     reading 64 prefix tokens again); sessions over a long shared prompt stay together."""
-    from worker.engine.runner import by_tail_length
+    from worker.engine.cascades import by_tail_length
 
     chat = [70 + i % 10 for i in range(40)] + [960, 970, 980]
     groups = by_tail_length([(4, list(range(len(chat))))], chat, BS)

@@ -24,7 +24,7 @@ import torch
 from worker.ops import failpoints
 from worker.engine.build import Engine
 from worker.engine.governor import ThreadGovernor
-from worker.engine.runner import Launched
+from worker.engine.fetch import Launched
 from worker.engine.scheduler import StepPlan
 from worker.engine.sequence import Completion, Request
 from worker.engine.step import overlapped_turn, turn

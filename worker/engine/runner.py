@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from worker.engine.cascades import by_tail_length, shared_prefixes
+from worker.engine.fetch import Fetch, Launched, token_logprobs
 from worker.engine.graphs import DecodeGraphs, GraphStep
 from worker.engine.kv import KVPool
 from worker.engine.modes import RUNNER_MODES
@@ -168,63 +169,6 @@ class _Builder:
         self.rows += len(seqs)
 
 
-# Splitting a cascade group costs another gather of its prefix's keys and another attention
-# call; keeping it whole costs the padding of short tails to the longest. Groups of similar
-# tails (`group_by_length`) stay apart only while merging them would add more padded query x
-# key pairs than this many per shared token, plus one call's worth.
-_MERGE_PAIRS_PER_SHARED_TOKEN = 4
-_MERGE_PAIRS_PER_CALL = 4096
-
-
-def by_tail_length(cascades: list[tuple[int, list[int]]], lengths: list[int],
-                   block_size: int) -> list[tuple[int, list[int]]]:
-    """Cascade groups [(shared tokens, indices)] split where their members' own keys after
-    the prefix differ so much in length that padding the short to the long would cost more
-    than reading the prefix again: one system prompt under conversations of every length
-    must not put them all in one call, while sessions over a long shared prompt stay
-    together. Members left alone by the split are dropped (they attend as usual)."""
-    out = []
-    for p, idx in cascades:
-        shared = p * block_size
-        tails = [lengths[i] - shared for i in idx]
-        limit = _MERGE_PAIRS_PER_SHARED_TOKEN * shared + _MERGE_PAIRS_PER_CALL
-        merged: list[list[int]] = []
-        for g in group_by_length(tails):  # longest tails first
-            if merged:
-                head = max(tails[j] for j in merged[-1])
-                if sum(head - tails[j] for j in g) <= limit:
-                    merged[-1] += g
-                    continue
-            merged.append(g)
-        out += [(shared, [idx[j] for j in g]) for g in merged if len(g) >= 2]
-    return out
-
-
-def shared_prefixes(seqs: list[Sequence], limits: list[int], block_size: int,
-                    min_blocks: int = 2) -> list[tuple[int, list[int]]]:
-    """Groups of sequences that hold their first KV blocks in common: [(blocks, indices)].
-
-    Sharing is physical: the block pool gave them the same blocks for the same prefix. A
-    sequence takes part only with blocks wholly below `limits[i]` (positions it may read as
-    already written); a group needs two members and `min_blocks` blocks in common."""
-    by_first: dict[int, list[int]] = {}
-    for i, s in enumerate(seqs):
-        if s.blocks and limits[i] >= min_blocks * block_size:
-            by_first.setdefault(s.blocks[0], []).append(i)
-    out = []
-    for idx in by_first.values():
-        if len(idx) < 2:
-            continue
-        cap = min(limits[i] // block_size for i in idx)
-        ref = seqs[idx[0]].blocks
-        p = 1
-        while p < cap and all(seqs[i].blocks[p] == ref[p] for i in idx):
-            p += 1
-        if p >= min_blocks:
-            out.append((p, idx))
-    return out
-
-
 def _decode_rows(seqs: list[Sequence], ctx: list[int]) -> tuple[list[int], list[int], list[int]]:
     """Each decode row's input token, position and KV write slot, given its context (the
     keys it attends to, itself included). A row that finished inside a static batch is
@@ -273,7 +217,7 @@ class Runner:
         self.stager = Stager(device) if mode == "pipelined" else None
         self.graphs = (DecodeGraphs(model, kv_pool, device, block_size, max_ctx, max_batch)
                        if mode == "pipelined" and max_ctx and model.args.n_layers else None)
-        self._fetch = _Fetch(device)
+        self._fetch = Fetch(device)
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -382,16 +326,6 @@ class Runner:
         return self.launch(step).wait()
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, 1 + 2n] float32: each row's sampled token's logprob, then the ids and logprobs of
-    its n most likely tokens (log-softmax of the raw logits, before temperature or top-k/p
-    shape them). Ids travel as float32, exact below 2**24 (every vocabulary in use)."""
-    logp = logits.float().log_softmax(dim=-1)  # [B, V]
-    chosen = logp.gather(1, tokens[:, None])  # [B, 1]
-    top = logp.topk(n, dim=-1)
-    return torch.cat((chosen, top.indices.float(), top.values), dim=1)
-
-
 def _feed(fed: list[tuple[int, Sequence]], prev: Launched | None) -> list[np.ndarray]:
     """[dst rows, src rows]: this step's rows whose input token is row src of `prev`'s output."""
     if not fed:
@@ -413,79 +347,3 @@ class Step:
     shape: StepShape
     feed: tuple[torch.Tensor, torch.Tensor] | None = None  # (dst rows, src rows of prev)
     top_n: int = 0  # logprobs: the widest top-n a row asked for; 0: none asked
-
-
-class Launched:
-    """A step on the device: its sampled tokens there, on their way to the host."""
-
-    __slots__ = ("plan", "tokens", "_pending", "_logprobs", "_rows")
-
-    def __init__(self, plan: StepPlan, tokens: torch.Tensor, pending: Callable[[], list[int]],
-                 logprobs: Callable[[], np.ndarray | None] = lambda: None):
-        self.plan = plan
-        self.tokens = tokens
-        self._pending = pending
-        self._logprobs = logprobs
-        self._rows: dict[int, int] | None = None
-
-    @property
-    def logprobs(self) -> np.ndarray | None:
-        """[B, 1 + 2n] logprob rows (`token_logprobs`) after `wait`; None: none asked."""
-        return self._logprobs()
-
-    @property
-    def row_of(self) -> dict[int, int]:
-        """Job key -> its row in this step's output."""
-        if self._rows is None:
-            self._rows = {s.req.key: i for i, s in enumerate(self.plan.rows)}
-        return self._rows
-
-    def wait(self) -> list[int]:
-        return self._pending()
-
-
-class _Fetch:
-    """Device-to-host copies of sampled tokens into two alternating pinned buffers, each
-    copy followed by an event; `wait` syncs on that event only (not the whole device), so
-    a step launched after it keeps the device busy meanwhile. On the CPU: `tolist`."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self._bufs: list[torch.Tensor] = []
-        self._lp_bufs: list[torch.Tensor] = []  # logprob rows, the same way, when asked
-        self._turn = 0
-
-    def start(self, tokens: torch.Tensor, lp: torch.Tensor | None = None
-              ) -> tuple[Callable[[], list[int]], Callable[[], np.ndarray | None]]:
-        """(wait for the tokens, read the logprob rows after that wait)."""
-        if not self.cuda:
-            return tokens.tolist, (lambda: None) if lp is None else lp.numpy
-        n = tokens.shape[0]
-        self._turn ^= 1
-        self._bufs = _pinned(self._bufs, (n,), torch.int64)
-        host = self._bufs[self._turn][:n]
-        host.copy_(tokens, non_blocking=True)
-        host_lp = None
-        if lp is not None:  # copied before the event, so the one wait covers both
-            self._lp_bufs = _pinned(self._lp_bufs, tuple(lp.shape), torch.float32)
-            host_lp = self._lp_bufs[self._turn][:n, :lp.shape[1]]
-            host_lp.copy_(lp, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-
-        def wait() -> list[int]:
-            event.synchronize()
-            return host.tolist()
-
-        return wait, (lambda: None) if host_lp is None else (lambda: host_lp.numpy().copy())
-
-
-def _pinned(bufs: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
-            ) -> list[torch.Tensor]:
-    """Two alternating pinned host buffers holding at least `shape` (rows, then columns),
-    reallocated (rarely: doubled rows) only when too small."""
-    if len(bufs) == 2 and all(b >= s for b, s in zip(bufs[0].shape, shape)):
-        return bufs
-    size = (max(1024, 2 * shape[0]),) + tuple(max(s, 41) for s in shape[1:])
-    return [torch.empty(size, dtype=dtype, pin_memory=True) for _ in range(2)]

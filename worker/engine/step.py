@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 
 from worker.engine.build import Engine
-from worker.engine.runner import Launched, Runner, Step
+from worker.engine.fetch import Launched
+from worker.engine.runner import Runner, Step
 from worker.engine.scheduler import Scheduler, StepPlan
 from worker.engine.sequence import Completion, Request
 

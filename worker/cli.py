@@ -226,7 +226,8 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     sys.setswitchinterval(args.gil_switch_ms / 1000)
     import torch
 
-    from worker.app import Options, Worker
+    from worker.app import Worker
+    from worker.options import Options
     from worker.engine.build import EngineError, build_engine_off_main
 
     torch.set_num_threads(budget.threads)

@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -34,7 +34,8 @@ from nats.aio.msg import Msg
 
 from worker.admission import Intake
 from worker.broker.ingress import Ingress
-from worker.broker.publisher import Publisher
+from worker.broker.publisher import Publisher, quiet
+from worker.broker.topology import Topology
 from worker.engine.executor import Executor
 from worker.ops.stats import WorkerStats
 
@@ -172,6 +173,41 @@ class Watch:
         return None
 
 
+_TICK_S = 0.25  # how often the loop checks the executor, the broker and deadlines
+
+
+async def ticks(life: Lifecycle, look: Callable[[float], tuple[FaultKind, str] | None],
+                sweep: Callable[[float], None], fault: Callable[[FaultKind, str], None]) -> None:
+    """The loop's own watch, every tick until the way out begins: `look(now)` for what cannot
+    report its own failure (`Watch`; a fault found is declared and the ticks end), and once
+    a second `sweep(now)`. Each tick is also the loop's sign of life for `watch_loop`."""
+    last_sweep = time.monotonic()
+    while True:
+        await asyncio.sleep(_TICK_S)
+        if life.stopping:
+            return  # the way out has begun: a stopped executor is expected now
+        now = life.loop_tick = time.monotonic()
+        found = look(now)
+        if found is not None:
+            fault(*found)
+            return
+        if now - last_sweep >= 1.0:
+            last_sweep = now
+            sweep(now)
+
+
+async def burst_watch(life: Lifecycle, js, topo: Topology, held: Mapping[int, Msg]) -> None:
+    """Burst mode's way out: the consumer has nothing pending or unacked, and nothing is held."""
+    while True:
+        await asyncio.sleep(0.5)
+        if held:
+            continue
+        info = await js.consumer_info(topo.jobs_stream, topo.consumer)
+        if info.num_pending == 0 and info.num_ack_pending == 0 and not held:
+            life.stop("burst: queue empty")
+            return
+
+
 @dataclass(slots=True)
 class Stages:
     """What a teardown stops, in order: the pull, the executor, the publisher, the connection."""
@@ -267,11 +303,3 @@ async def _close(nc, timeout_s: float = 2.0) -> None:
         await asyncio.wait_for(nc.close(), timeout_s)
     except Exception as e:  # noqa: BLE001 - closing a broken connection may fail; unacked = redelivered
         log.warning("close_failed", error=repr(e))
-
-
-async def quiet(aw: Awaitable) -> None:
-    """Settle a message; a failure only means the broker redelivers it after the ack wait."""
-    try:
-        await aw
-    except Exception as e:  # noqa: BLE001 - the broker redelivers what we could not settle
-        log.debug("settle_failed", error=repr(e))

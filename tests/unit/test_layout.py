@@ -2,8 +2,9 @@
 
 - `worker/engine/` and `worker/model/` never import nats: the device side knows nothing of
   the broker. `worker/broker/` never imports torch: the edges never touch the device.
-- The rooms (`broker`, `engine`, `model`, `ops`) never import the worker's top level
-  (`app`, `admission`, `lifecycle`, `cli`): the top wires the rooms, not the other way.
+- The rooms (`broker`, `engine`, `features`, `model`, `ops`) never import the worker's top
+  level (`app`, `admission`, `admitter`, `answers`, `lifecycle`, `options`, `cli`): the top
+  wires the rooms, not the other way.
 - Metrics and health read the worker through `worker.ops.view` only: nothing in `ops`
   imports the engine, the broker or the app.
 - `fabric-worker check-config` and `provision` stay light: the command line imports no torch.
@@ -28,8 +29,9 @@ import worker
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG = Path(worker.__file__).parent
-ROOMS = ("broker", "engine", "model", "ops")
-TOP = {"worker.app", "worker.admission", "worker.lifecycle", "worker.cli"}
+ROOMS = ("broker", "engine", "features", "model", "ops")
+TOP = {"worker.app", "worker.admission", "worker.admitter", "worker.answers", "worker.lifecycle",
+       "worker.options", "worker.cli"}
 
 
 def modules(room: str) -> list[str]:
@@ -95,7 +97,7 @@ def test_metrics_and_health_read_the_worker_through_the_view_only() -> None:
 
 def test_every_module_lives_in_a_room_or_is_the_top_level() -> None:
     top = {p.stem for p in PKG.glob("*.py")}
-    assert top == {"__init__", "__main__", "app", "admission", "cli", "config", "lifecycle"}
+    assert top == {"__init__", "__main__", "config"} | {m.split(".")[1] for m in TOP}
     rooms = {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert rooms == set(ROOMS)
     for room in ROOMS:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -292,3 +292,20 @@ class Publisher:
         if d.on_done:
             d.on_done(settle is d.settle)
         self.queue.task_done()
+
+
+async def quiet(aw: Awaitable) -> None:
+    """Settle a message; a failure only means the broker redelivers it after the ack wait."""
+    try:
+        await aw
+    except Exception as e:  # noqa: BLE001 - the broker redelivers what we could not settle
+        log.debug("settle_failed", error=repr(e))
+
+
+async def heartbeats(held: Mapping[int, Msg], ack_wait_s: float) -> None:
+    """Tell the broker held jobs are alive, so the ack wait can be short."""
+    period = max(0.2, ack_wait_s / 3)
+    while True:
+        await asyncio.sleep(period)
+        for msg in list(held.values()):
+            await quiet(msg.in_progress())

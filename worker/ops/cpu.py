@@ -20,6 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
+log = structlog.get_logger("worker")
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SELF_CGROUP = Path("/proc/self/cgroup")
 
@@ -184,6 +188,16 @@ class Starvation:
             return None
         self.starved, self._since = not self.starved, None
         return self.starved
+
+    def report(self, now: float, wait_s: float | None, busy: bool, threads: int) -> None:
+        """`update`, and a log line when the starved state changes."""
+        changed = self.update(now, wait_s, busy)
+        if changed is True:
+            log.warning("cpu_starved", wait_ratio=round(self.wait_ratio, 3), threads=threads,
+                        why="this worker's threads wait for CPUs other processes hold: "
+                            "give it its own cores (--cpus, a CPU limit) or fewer neighbours")
+        elif changed is False:
+            log.info("cpu_starvation_over", wait_ratio=round(self.wait_ratio, 3), threads=threads)
 
 
 class IdleCpus:

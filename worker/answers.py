@@ -1,0 +1,120 @@
+"""Answers: every Result this worker sends, built from what decided it and handed to the publisher.
+
+Rule: a job is answered once, by one of two things: an `Outcome` decided without the device
+(bad input, poison, expired, cancelled or refused before it ran) or the `Completion` of the
+job the executor ran. Either becomes one `Delivery`; the publisher settles the message only
+after the Result is durable, and the message stops being held when it is settled. Once the
+publisher has aborted (a fatal fault) nothing goes out: the message waits for the
+teardown's nak with the rest. What the payloads hold is `worker.broker.replies`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import structlog
+from nats.aio.msg import Msg
+
+from schemas import ErrorCode, ErrorInfo, FinishReason, encode
+from worker.admission import Intake
+from worker.broker.publisher import DeadLetter, Delivery, Publisher, Settle
+from worker.broker.replies import (JobTimes, cancelled_result, completion_payload, dead_letter,
+                                   edge_result, embedding_payload)
+from worker.broker.validate import Outcome, Ticket
+from worker.engine.sequence import Completion
+from worker.model.tokenizer import Tokenizer
+from worker.ops.stats import WorkerStats
+
+log = structlog.get_logger("worker")
+
+
+class Answers:
+    def __init__(self, intake: Intake, publisher: Publisher, stats: WorkerStats, worker_id: str,
+                 dlq_subject: str, tokenizer: Tokenizer, normalize: bool,
+                 room_changed: Callable[[], None]):
+        self._intake = intake  # holds every message until it is settled
+        self._publisher = publisher
+        self._stats = stats
+        self._worker_id = worker_id
+        self._dlq_subject = dlq_subject
+        self._tokenizer = tokenizer
+        self._normalize = normalize  # an embedding model's own setting (its default)
+        self._room_changed = room_changed  # a settled message makes room for another pull
+
+    # -- without the device ------------------------------------------------------------
+
+    def edge(self, o: Outcome) -> None:
+        res = edge_result(o, self._worker_id, time.monotonic())
+        self._stats.on_edge_answer(res.ok, res.error.code.value if res.error else None)
+        dead = None
+        if o.dead_letter is not None:
+            dead = dead_letter(o, self._dlq_subject, self._worker_id, time.time())
+            log.error("job_dead_lettered", job=o.job_id, attempt=o.attempt, subject=dead.subject,
+                      reason=o.dead_letter)
+        else:
+            log.info("job_rejected" if not res.ok else "job_answered_at_edge", job=o.job_id,
+                     attempt=o.attempt, code=o.error.code.value if o.error else None,
+                     reason=o.error.message if o.error else None)
+        self._deliver(o.msg, o.job_id, o.attempt, encode(res, as_json=o.json), o.reply_to,
+                      Settle.TERM if o.terminate else Settle.ACK, dead)
+
+    def unrun(self, t: Ticket, reason: FinishReason, code: ErrorCode, why: str,
+              terminate: bool = True) -> None:
+        """Answer a valid job that never reached the executor."""
+        self.edge(Outcome(t.msg, t.job.id, t.job.reply_to, t.attempt, t.arrived_at, reason,
+                          ErrorInfo(code=code, message=why), prompt_tokens=len(t.prompt),
+                          terminate=terminate, json=t.json))
+
+    def expired(self, t: Ticket, why: str) -> None:
+        self.unrun(t, FinishReason.EXPIRED, ErrorCode.EXPIRED, why)
+
+    def cancelled(self, t: Ticket, why: str) -> None:
+        """Acked, not terminated: a cancelled job is done."""
+        self.unrun(t, FinishReason.CANCELLED, ErrorCode.CANCELLED, why, terminate=False)
+
+    def bad_schema(self, t: Ticket, why: str) -> None:
+        self.unrun(t, FinishReason.ERROR, ErrorCode.BAD_SCHEMA, why)
+
+    # -- after the executor ------------------------------------------------------------
+
+    def completions(self, comps: list[Completion], stop_texts: dict[int, str]) -> None:
+        """Jobs the executor finished; `stop_texts`: the text of those a stop string ended."""
+        now = time.monotonic()
+        tok = self._tokenizer
+        for c in comps:
+            t = self._intake.finished(c.key)
+            if t is None:
+                continue
+            times = JobTimes.of(t, c, now)
+            cancelled = c.finish_reason == "cancelled"
+            if c.embedding is not None:
+                payload = embedding_payload(t, c, self._worker_id, times, self._normalize)
+            elif cancelled:
+                res = cancelled_result(t, c, tok.decode(c.tokens) if c.tokens else None,
+                                       self._worker_id, times)
+                payload = encode(res, as_json=t.json)
+                log.info("job_cancelled", job=t.job.id, attempt=t.attempt, tokens=len(c.tokens))
+            else:
+                text = stop_texts.get(c.key)
+                payload = completion_payload(t, c, tok.decode(c.tokens) if text is None else text,
+                                             self._worker_id, times)
+            self._stats.on_result(ok=not cancelled, prompt_tokens=len(t.prompt),
+                                  completion_tokens=len(c.tokens),
+                                  padded_tokens=c.computed_tokens, cached_tokens=c.cached_tokens,
+                                  queued_ms=times.queued_ms, first_token_ms=times.first_token_ms,
+                                  total_ms=times.total_ms,
+                                  error_code="cancelled" if cancelled else None)
+            self._deliver(t.msg, t.job.id, t.attempt, payload, t.job.reply_to, Settle.ACK)
+
+    def _deliver(self, msg: Msg, job_id: str, attempt: int, payload: bytes, reply_to: str | None,
+                 settle: Settle, dead: DeadLetter | None = None) -> None:
+        if self._publisher.aborted:
+            self._intake.refused.append(msg)  # the fatal teardown naks it with the rest
+            return
+
+        def done(_as_asked: bool) -> None:
+            self._intake.settled(msg)
+            self._room_changed()
+        self._publisher.put(Delivery(msg, job_id, attempt, payload, reply_to, settle, on_done=done,
+                                     dead_letter=dead))

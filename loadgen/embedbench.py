@@ -18,6 +18,7 @@ and for the worker also its attention padding within length groups.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ import msgpack
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
+from loadgen.broker import EmbeddedNats
+from loadgen.rung import BenchConfig, run_rung
 from loadgen.workload import JobSpec, LogNormal, WorkloadSpec, generate
 
 CONSUMER_BATCH = 32
@@ -116,3 +119,63 @@ def consumer(url: str, model_dir: str, jobs: list[JobSpec], tag: str,
     out = asyncio.run(_consumer(url, model_dir, jobs, tag, lengths))
     out["useful_tokens_per_s"] = out["tokens"] / out["wall_s"]
     return out
+
+
+def run_embed(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
+              partial=lambda: None) -> dict[str, Any]:
+    """The embedding table (`loadgen.embedbench`): an embedding worker through NATS, a
+    consumer as a user would write it, and the kernel-only ceiling, on the same texts."""
+    import torch
+
+    from worker.model.embed_checkpoint import load_encoder
+
+    limit = load_encoder(Path(cfg.embed_model), torch.float32,
+                         torch.device("cpu")).info.max_seq_len
+    jobs = embed_jobs(cfg.embed_jobs, cfg.seed, limit, "emb")
+    ids = token_counts(cfg.embed_model, [j.prompt for j in jobs])
+    tokens = sum(map(len, ids))
+    out: dict[str, Any] = {"texts": len(jobs), "tokens": tokens, "model_limit": limit}
+    log(f"embeddings, worker: {len(jobs)} texts, {tokens} tokens ...")
+    ecfg = dataclasses.replace(cfg, max_seq_len=limit)
+    r = run_rung(ecfg, broker, work, "embed", "continuous", jobs, model=cfg.embed_model)
+    r.pop("completions", None)
+    out["worker"] = r
+    partial()
+    log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s")
+    log("embeddings, a consumer with SentenceTransformer.encode ...")
+    out["consumer"] = consumer(broker.url, cfg.embed_model, jobs, "bench",
+                                  {j.id: len(i) for j, i in zip(jobs, ids)})
+    partial()
+    if out["consumer"]:
+        log(f"  {out['consumer']['useful_tokens_per_s']:.0f} useful tok/s, padding "
+            f"{out['consumer']['padding_fraction']:.3f}")
+    log("embeddings, kernel-only ceiling ...")
+    out["ceiling"] = ceiling(cfg.embed_model, ids, max(limit, 2048))  # the worker's step cap
+    if out["consumer"]:
+        out["worker_over_consumer"] = (r["useful_tokens_per_s"]
+                                       / out["consumer"]["useful_tokens_per_s"])
+    out["worker_over_ceiling"] = r["useful_tokens_per_s"] / out["ceiling"]["useful_tokens_per_s"]
+    log(f"  {out['ceiling']['useful_tokens_per_s']:.0f} useful tok/s; worker / ceiling "
+        f"{out['worker_over_ceiling']:.3f}")
+    return out
+
+
+def markdown(e: dict[str, Any]) -> list[str]:
+    """The embedding table of ladder.md."""
+    lines = ["", f"Embeddings ({e['texts']:,} texts, {e['tokens']:,} tokens, lognormal "
+             f"lengths up to the model's {e['model_limit']}):", "",
+             "| way | useful tok/s | dense padding | attention padding |", "|---|---|---|---|"]
+    w = e["worker"]
+    lines.append(f"| worker through NATS | {w['useful_tokens_per_s']:,.0f} | 0.0% | "
+                 f"{100 * (w.get('attn_padding_fraction') or 0):.1f}% |")
+    if e["consumer"]:
+        c = e["consumer"]
+        lines.append(f"| consumer, SentenceTransformer.encode, 32 a batch | "
+                     f"{c['useful_tokens_per_s']:,.0f} | {100 * c['padding_fraction']:.1f}% | "
+                     "(padded batch) |")
+    lines.append(f"| kernel-only ceiling, perfectly packed | "
+                 f"{e['ceiling']['useful_tokens_per_s']:,.0f} | 0.0% | - |")
+    if e.get("worker_over_consumer"):
+        lines += ["", f"Worker over consumer: {e['worker_over_consumer']:.2f}x; worker over "
+                  f"ceiling: {100 * e['worker_over_ceiling']:.1f}%."]
+    return lines

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from loadgen.arrivals import Closed
-from loadgen.bench import BenchConfig, log_event, machine, saturating_outstanding
+from loadgen.rung import BenchConfig, log_event, machine, saturating_outstanding
 from loadgen.broker import EmbeddedNats
 from loadgen.client import run_jobs
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml

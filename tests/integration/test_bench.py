@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from loadgen.bench import BenchConfig, log_event, run_bench, run_fleet
+from loadgen.bench import run_bench
 from loadgen.broker import EmbeddedNats
+from loadgen.fleetbench import run_fleet
+from loadgen.rung import BenchConfig, log_event
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -15,7 +15,7 @@ import nats
 import pytest
 
 from loadgen.backlog import result_counts
-from loadgen.bench import log_event
+from loadgen.rung import log_event
 from loadgen.client import run_jobs
 from loadgen.fleet import provision, worker_env
 from loadgen.workload import WorkloadSpec, generate

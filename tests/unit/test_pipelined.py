@@ -310,7 +310,8 @@ def test_executor_overlaps_steps_and_answers_like_the_eager_engine(engine: Engin
 
 
 def test_kernel_ceiling_with_overlapped_steps_decodes_the_same_lengths() -> None:
-    from loadgen.bench import BenchConfig, kernel_ceiling
+    from loadgen.ceiling import kernel_ceiling
+    from loadgen.rung import BenchConfig
     from loadgen.workload import WorkloadSpec, generate
 
     jobs = generate(WorkloadSpec(num_jobs=60, seed=0, run_id="r4"))

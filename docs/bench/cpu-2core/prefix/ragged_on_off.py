@@ -6,7 +6,7 @@ Run from the repository root: `python docs/bench/cpu-2core/prefix/ragged_on_off.
 import os, sys, json
 from pathlib import Path
 sys.path.insert(0, os.getcwd())
-from loadgen.bench import BenchConfig, run_rung, saturating_outstanding
+from loadgen.rung import BenchConfig, run_rung, saturating_outstanding
 from loadgen.arrivals import Closed
 from loadgen.broker import EmbeddedNats
 from loadgen.workload import WorkloadSpec, generate

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 import nats  # noqa: E402
 
 from loadgen.arrivals import Closed  # noqa: E402
-from loadgen.bench import BenchConfig, log_event, run_rung, saturating_outstanding  # noqa: E402
+from loadgen.rung import BenchConfig, log_event, run_rung, saturating_outstanding  # noqa: E402
 from loadgen.broker import EmbeddedNats  # noqa: E402
 from loadgen.fleet import WorkerProcess, provision, write_engine_toml  # noqa: E402
 from loadgen.workload import CHAT_SYSTEM, WorkloadSpec, generate  # noqa: E402

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 
 from loadgen.arrivals import Closed  # noqa: E402
-from loadgen.bench import BenchConfig, log_event, run_rung, saturating_outstanding  # noqa: E402
+from loadgen.rung import BenchConfig, log_event, run_rung, saturating_outstanding  # noqa: E402
 from loadgen.broker import EmbeddedNats  # noqa: E402
 from loadgen.workload import JobSpec, WorkloadSpec, generate  # noqa: E402
 from schemas import Job  # noqa: E402

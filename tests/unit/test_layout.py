@@ -1,12 +1,21 @@
-"""The house's rules, held by tests: which room may import what, and what the wheel holds.
+"""The house's rules, held by tests: which room may import what, how big a module may grow,
+and what the wheel holds.
 
 - `worker/engine/` and `worker/model/` never import nats: the device side knows nothing of
   the broker. `worker/broker/` never imports torch: the edges never touch the device.
 - The rooms (`broker`, `engine`, `features`, `model`, `ops`) never import the worker's top
   level (`app`, `admission`, `admitter`, `answers`, `lifecycle`, `options`, `cli`): the top
   wires the rooms, not the other way.
+- `worker/features/` (what producers ask beyond tokens: cancels, stop strings, response
+  formats) lives on the event loop: it never loads torch and names nothing of the engine
+  but its plain records (`worker.engine.sequence`); the executor is reached through
+  callbacks the app wires.
 - Metrics and health read the worker through `worker.ops.view` only: nothing in `ops`
-  imports the engine, the broker or the app.
+  imports the engine, the broker or the app, and `ops` has no import circle (the view is
+  plain data; nothing it names imports it back).
+- No module in `worker/`, `loadgen/` or `schemas/` passes 400 lines (past that it probably
+  holds two nouns), and `worker/app.py` stays at most 250: it builds the stages, wires their
+  callbacks, runs and stops; what a stage does lives in the stage.
 - `fabric-worker check-config` and `provision` stay light: the command line imports no torch.
 
 The import checks run in a fresh interpreter and look at `sys.modules`, so an import made
@@ -32,6 +41,8 @@ PKG = Path(worker.__file__).parent
 ROOMS = ("broker", "engine", "features", "model", "ops")
 TOP = {"worker.app", "worker.admission", "worker.admitter", "worker.answers", "worker.lifecycle",
        "worker.options", "worker.cli"}
+MAX_MODULE_LINES = 400
+MAX_APP_LINES = 250
 
 
 def modules(room: str) -> list[str]:
@@ -39,10 +50,12 @@ def modules(room: str) -> list[str]:
                   for p in (PKG / room).rglob("*.py"))
 
 
-def loaded_after_import(mods: list[str]) -> set[str]:
-    """Top-level package names in sys.modules after importing `mods` in a fresh interpreter."""
+def loaded_after_import(mods: list[str], full: bool = False) -> set[str]:
+    """Top-level package names (every module name with `full`) in sys.modules after
+    importing `mods` in a fresh interpreter."""
+    names = "sys.modules" if full else "{n.split('.')[0] for n in sys.modules}"
     code = ("import json, sys\n" + "".join(f"import {m}\n" for m in mods)
-            + "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules})))")
+            + f"print(json.dumps(sorted({names})))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -102,6 +115,54 @@ def test_every_module_lives_in_a_room_or_is_the_top_level() -> None:
     assert rooms == set(ROOMS)
     for room in ROOMS:
         assert (PKG / room / "__init__.py").read_text().startswith('"""')
+
+
+def test_the_features_stay_on_the_event_loop() -> None:
+    """Cancels, stop strings and response formats load no torch and none of the engine's
+    internals: at run time they reach the executor only through the app's callbacks."""
+    loaded = loaded_after_import(modules("features"), full=True)
+    assert "torch" not in loaded
+    engine = {m for m in loaded if m.startswith("worker.engine.")}
+    # What the broker's records load for admission's KV accounting (plain data).
+    assert engine <= {"worker.engine.blocks"}, engine
+    named = {f"{p.name}: {m}" for p in (PKG / "features").rglob("*.py") for m in imports_of(p)
+             if m.startswith("worker.engine") and not m.startswith("worker.engine.sequence")}
+    assert not named, named
+
+
+def test_ops_has_no_import_circle() -> None:
+    """Every import between ops modules, type-checking ones included, points one way."""
+    ops = {m for m in modules("ops") if not m.endswith("__init__")}
+    edges = {m: {i for i in imports_of(PKG / "ops" / (m.split(".")[-1] + ".py")) if i in ops}
+             for m in ops}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n}))
+                   for n in edges[start])
+
+    circles = sorted(m for m in ops if reaches(m, m, set()))
+    assert not circles, circles
+    assert edges["worker.ops.view"] <= {"worker.ops.stats"}  # plain data, counters for a type
+
+
+def _sources() -> list[Path]:
+    return sorted(p for pkg in ("worker", "loadgen", "schemas") for p in (ROOT / pkg).rglob("*.py"))
+
+
+def test_no_module_passes_400_lines() -> None:
+    long = {str(p.relative_to(ROOT)): n for p in _sources()
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, long
+
+
+def test_the_app_only_builds_and_wires() -> None:
+    assert len((PKG / "app.py").read_text().splitlines()) <= MAX_APP_LINES
+
+
+def test_every_module_opens_with_a_docstring() -> None:
+    bare = [str(p.relative_to(ROOT)) for p in _sources()
+            if p.stat().st_size and ast.get_docstring(ast.parse(p.read_text())) is None]
+    assert not bare, bare
 
 
 def test_the_wheel_holds_every_subpackage_and_the_schema_files(tmp_path: Path) -> None:

@@ -1,11 +1,9 @@
 """The worker process: builds the stages, wires their callbacks, runs until the way out.
 
-A delivered job visits each stage once, in order: ingress (decoded and validated once) ->
-held (`worker.admission.Intake`) -> `features.cancels` (a cancelled id is answered, not run)
--> `features.formats` (its schema compiled off the loop) -> admission -> the executor
-thread, with `features.stops` watching its tokens -> `worker.answers` -> the Result
-publisher. The stages talk only through the callbacks wired here; the way out (faults,
-watchdogs, teardowns) is `worker.lifecycle`.
+A delivered job visits each stage once, in order: ingress -> held (`worker.admission`) ->
+`features.cancels` -> `features.formats` -> `worker.admitter` -> the executor thread, its
+tokens watched by `features.stops` -> `worker.answers` -> the publisher. The stages talk only
+through the callbacks wired here; the way out is `worker.lifecycle`.
 """
 
 from __future__ import annotations
@@ -71,6 +69,9 @@ class Worker:
         self.last_step_at = 0.0  # monotonic end of the last executor step (executor thread)
         self.starvation = Starvation(cpus=opts.threads)
         self._watch = Watch(opts.step_timeout_s, opts.broker_give_up_s)
+        # Structured output is generation's (an embedding worker refuses such jobs by task).
+        self._grammars = (Grammars(engine.loaded.tokenizer, engine.loaded.args.vocab_size,
+                                   engine.loaded.eos_ids) if engine.task == "generate" else None)
 
     # -- building and wiring -----------------------------------------------------------
 
@@ -146,14 +147,11 @@ class Worker:
                                room_changed=room_changed)
         self.cancels = Cancels(intake, stats, wid, answer=self.answers.cancelled, end=ex.end,
                                room_changed=room_changed, window_s=verified.results_window_s)
-        # Structured output is generation's (an embedding worker refuses such jobs by task).
-        grammars = (Grammars(loaded.tokenizer, loaded.args.vocab_size, loaded.eos_ids)
-                    if eng.task == "generate" else None)
         self.stops = Stops(loaded.tokenizer, end=ex.end)
         self.admitter = Admitter(intake, stats, loop, submit=ex.submit,
                                  expired=self.answers.expired, watch_stops=self.stops.watch,
                                  room_changed=room_changed)
-        self.formats = Formats(grammars, stats, then=self.admitter.offer,
+        self.formats = Formats(self._grammars, stats, then=self.admitter.offer,
                                refuse=self.answers.bad_schema, screen=self.cancels.screen)
 
     def _supervised(self, coro) -> asyncio.Task:

@@ -250,7 +250,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _cmd_soak(args: argparse.Namespace) -> int:
-    from loadgen.bench import BenchConfig
+    from loadgen.rung import BenchConfig
     from loadgen.soak import run_soak
 
     cfg = BenchConfig(model=args.model, device=args.device, dtype=args.dtype,
@@ -268,7 +268,8 @@ def _cmd_soak(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from loadgen.bench import BenchConfig, default_rungs, run_bench
+    from loadgen.bench import default_rungs, run_bench
+    from loadgen.rung import BenchConfig
 
     cfg = BenchConfig(jobs=args.jobs, seed=args.seed, model=args.model, device=args.device,
                       dtype=args.dtype, token_budget=args.token_budget, low_water=args.low_water,

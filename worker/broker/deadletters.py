@@ -2,9 +2,9 @@
 
 A dead letter is the job's original payload, stored in the DLQ stream on
 `fabric.dlq.<jobs stream>`, with `Fabric-*` headers saying where it came from and why it
-was given up (see app.py `_dead_letter`). Replay publishes the payload again, unchanged, to
-the subject it was first published to, and then deletes the dead letter (unless asked to
-keep it); the replayed job is a new message with a fresh delivery count. The jobs stream
+was given up (see `worker.broker.replies.dead_letter`). Replay publishes the payload again,
+unchanged, to the subject it was first published to, and then deletes the dead letter
+(unless asked to keep it); the replayed job is a new message with a fresh delivery count. The jobs stream
 would drop a replay that carried the job id as its Msg-Id inside its duplicate window, so a
 replay carries `<job id>/replay-<dlq seq>`.
 

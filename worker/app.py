@@ -25,7 +25,7 @@ from worker.broker.connection import Security, connect
 from worker.broker.ingress import Ingress
 from worker.broker.publisher import DeadLetter, Delivery, Publisher, Settle
 from worker.broker.replies import (JobTimes, cancelled_result, completion_payload, dead_letter,
-                                   edge_result, embedding_payload, reply_json)
+                                   edge_result, embedding_payload, failed_result, reply_json)
 from worker.broker.topology import Topology, verify
 from worker.broker.validate import Limits, Outcome, Ticket, Validator
 from worker.config import EngineConfig, config_hash
@@ -66,6 +66,10 @@ class Options:
     threads: int = 1  # intra-op threads the worker may use (worker.ops.cpu.cpu_budget)
     adapt_threads: bool = False  # choose 1..threads by measured speed (engine.governor)
     cancel_subject: str = "fabric.cancel"  # core NATS subject of cancel messages
+
+
+class _StopFailed(Exception):
+    """A job's stop matcher raised while its Result was built."""
 
 
 class Worker:
@@ -263,7 +267,7 @@ class Worker:
                        top_k=s.top_k, top_p=s.top_p, seed=fold_seed(seed),
                        stop_ids=frozenset(s.stop_token_ids), solo=solo, hashes=t.hashes,
                        reservation=t.reservation, ignore_eos=s.ignore_eos,
-                       logprobs=s.logprobs, watch=bool(s.stop),
+                       logprobs=s.logprobs, watch=bool(s.stop), job_id=t.job.id,
                        grammar=None if t.grammar is None else t.grammar.matcher())
 
     def _expire(self, t: Ticket, why: str) -> None:
@@ -334,7 +338,16 @@ class Worker:
         """Tokens of jobs with stop strings, as the executor made them: a match ends the job."""
         for key, tok in progress:
             m = self._stops.get(key)
-            if m is not None and m.end is None and m.feed((tok,)):
+            if m is None or m.end is not None:
+                continue
+            try:
+                found = m.feed((tok,))
+            except Exception as e:  # noqa: BLE001 - a matcher that fails is its job's alone
+                del self._stops[key]
+                self.executor.end(key, "error", (ErrorCode.STOP_FAILED.value,
+                                                 f"matching its stop strings failed: {e!r}"))
+                continue
+            if found:
                 self.executor.end(key, "stop")
 
     def _on_outcome(self, o: Outcome) -> None:
@@ -383,32 +396,56 @@ class Worker:
             if t is None:
                 continue
             times = JobTimes.of(t, c, now)
-            cancelled = c.finish_reason == "cancelled"
-            if c.embedding is not None:
-                payload = embedding_payload(t, c, self.opts.worker_id, times,
-                                            self.engine.loaded.info.normalize)
-            elif cancelled:
-                res = cancelled_result(t, c, tok.decode(c.tokens) if c.tokens else None,
-                                       self.opts.worker_id, times)
-                payload = encode(res, as_json=t.json)
-                log.info("job_cancelled", job=t.job.id, attempt=t.attempt, tokens=len(c.tokens))
-            else:
-                text = None
-                if stops is not None and stops.feed(c.tokens[stops.fed:]):
-                    # A stop string: keep through the token that completed it, text before it.
-                    c.tokens, c.finish_reason = c.tokens[:stops.end], "stop"
-                    text = stops.text[:stops.cut]
-                payload = completion_payload(t, c, tok.decode(c.tokens) if text is None else text,
-                                             self.opts.worker_id, times)
-            self.stats.on_result(ok=not cancelled, prompt_tokens=len(t.prompt),
+            try:
+                payload, code = self._payload(t, c, stops, times, tok)
+            except Exception as e:  # noqa: BLE001 - one job's Result must not cost the others
+                stop = isinstance(e, _StopFailed)
+                c.finish_reason, c.error = "error", (
+                    (ErrorCode.STOP_FAILED if stop else ErrorCode.RESULT_FAILED).value,
+                    f"{'matching its stop strings' if stop else 'building its Result'} "
+                    f"failed: {e!r}"[:400])
+                payload, code = self._payload(t, c, None, times, None)
+            if code not in (None, ErrorCode.CANCELLED):
+                log.warning("job_failed", job=t.job.id, attempt=t.attempt, code=code.value,
+                            reason=c.error[1] if c.error else None, tokens=len(c.tokens))
+            self.stats.on_result(ok=code is None, prompt_tokens=len(t.prompt),
                                  completion_tokens=len(c.tokens), padded_tokens=c.computed_tokens,
                                  cached_tokens=c.cached_tokens,
                                  queued_ms=times.queued_ms, first_token_ms=times.first_token_ms,
                                  total_ms=times.total_ms,
-                                 error_code="cancelled" if cancelled else None)
+                                 error_code=None if code is None else code.value)
             self._deliver(t.msg, t.job.id, t.attempt, payload, t.job.reply_to, Settle.ACK)
         self._admit()
         self.ingress.room_changed.set()
+
+    def _payload(self, t: Ticket, c: Completion, stops: StopMatcher | None, times: JobTimes,
+                 tok) -> tuple[bytes, ErrorCode | None]:
+        """The job's encoded Result and its error code (None: ok). `tok` None: the tokens
+        are not decoded (the Result of a job whose decoding failed)."""
+        wid = self.opts.worker_id
+        if c.embedding is not None:
+            return embedding_payload(t, c, wid, times, self.engine.loaded.info.normalize), None
+        if c.finish_reason in ("cancelled", "error"):
+            text = tok.decode(c.tokens) if c.tokens and tok is not None else None
+            if c.finish_reason == "cancelled":
+                log.info("job_cancelled", job=t.job.id, attempt=t.attempt, tokens=len(c.tokens))
+                return encode(cancelled_result(t, c, text, wid, times), as_json=t.json), \
+                    ErrorCode.CANCELLED
+            code = ErrorCode(c.error[0]) if c.error else ErrorCode.RESULT_FAILED
+            why = c.error[1] if c.error else "the executor ended it without a reason"
+            return encode(failed_result(t, c, text, wid, times, code, why), as_json=t.json), code
+        text = None
+        if stops is not None:
+            try:
+                found = stops.feed(c.tokens[stops.fed:])
+            except Exception as e:  # noqa: BLE001 - re-raised as its job's own failure
+                raise _StopFailed(repr(e)) from e
+            if found:
+                # A stop string: keep through the token that completed it, text before it.
+                c.tokens, c.finish_reason = c.tokens[:stops.end], "stop"
+                text = stops.text[:stops.cut]
+        return completion_payload(t, c, tok.decode(c.tokens) if text is None else text, wid,
+                                  times), None
 
     def _deliver(self, msg: Msg, job_id: str, attempt: int, payload: bytes, reply_to: str | None,
                  settle: Settle, dead: DeadLetter | None = None) -> None:

@@ -117,6 +117,7 @@ class Grammars:
 
 
 _executor: Any = None  # llguidance's thread pool for masks, made on first use
+MAX_WHY = 400  # characters of a parser's error kept in a job's error message
 
 
 def fill_masks(matchers: list[Any], vocab_size: int) -> np.ndarray:
@@ -133,6 +134,36 @@ def fill_masks(matchers: list[Any], vocab_size: int) -> np.ndarray:
     _executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
                                       masks.ctypes.data, words * 4, len(matchers))
     return masks
+
+
+def masks_for(matchers: list[Any], vocab_size: int) -> tuple[np.ndarray, list[str | None]]:
+    """`fill_masks`, and for each matcher why it cannot constrain its next token (None: it
+    can). A matcher that errored -- before or while its mask was computed -- gets a mask of
+    its end tokens from llguidance; the caller must not take that row's token as the job's.
+    A batch call that raises (one matcher llguidance will not take) is redone one matcher
+    at a time, so only the culprit fails."""
+    try:
+        masks = fill_masks(matchers, vocab_size)
+    except (ValueError, RuntimeError, TypeError):  # pyo3 raises these for a matcher it refuses
+        masks = np.zeros(((len(matchers)), (vocab_size + 31) // 32), dtype=np.int32)
+        why: list[str | None] = []
+        for i, m in enumerate(matchers):
+            try:
+                masks[i] = fill_masks([m], vocab_size)[0]
+                why.append(None)
+            except (ValueError, RuntimeError, TypeError) as e:
+                why.append(f"its grammar's mask could not be computed: {e!r}"[:MAX_WHY])
+    else:
+        why = [None] * len(matchers)
+    for i, m in enumerate(matchers):
+        if why[i] is None and m.is_error():
+            why[i] = f"its grammar's parser stopped: {m.get_error()[:MAX_WHY]}"
+    return masks, why
+
+
+def mask_allows(mask: np.ndarray, token: int) -> bool:
+    """Whether a `fill_masks` row allows `token`."""
+    return 0 <= token < 32 * len(mask) and bool((int(mask[token >> 5]) >> (token & 31)) & 1)
 
 
 # Compact JSON: no whitespace between tokens, so a job's tokens go to content. Strings may

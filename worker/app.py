@@ -65,6 +65,7 @@ class Options:
     publish_give_up_s: float = 60.0  # a Result publish is retried this long, then the job is nak'd
     threads: int = 1  # intra-op threads the worker may use (worker.ops.cpu.cpu_budget)
     adapt_threads: bool = False  # choose 1..threads by measured speed (engine.governor)
+    start_spare: float = 0.0  # CPUs of ours left idle while the model loaded (its start count)
     cancel_subject: str = "fabric.cancel"  # core NATS subject of cancel messages
 
 
@@ -125,7 +126,8 @@ class Worker:
             on_fatal=lambda e: self._fault(FaultKind.EXECUTOR_FAILED, f"executor failed: {e!r}"),
             backlog=lambda: len(self.intake.pending),
             failpoint=self._failpoint,
-            governor=(ThreadGovernor(self.opts.threads, spare=IdleCpus())
+            governor=(ThreadGovernor(self.opts.threads, spare=IdleCpus(),
+                                     start_spare=self.opts.start_spare)
                       if self.opts.adapt_threads else None),
             on_progress=lambda p: loop.call_soon_threadsafe(self._on_progress, p),
         )

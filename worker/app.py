@@ -343,6 +343,8 @@ class Worker:
             if m is None or m.end is not None:
                 continue
             try:
+                failpoints.hit("stops.feed", jobs=lambda k=key: (
+                    (t.job.id,) if (t := self.intake.inflight.get(k)) else ()))
                 found = m.feed((tok,))
             except Exception as e:  # noqa: BLE001 - a matcher that fails is its job's alone
                 del self._stops[key]

@@ -298,7 +298,8 @@ async def test_one_jobs_broken_grammar_ends_that_job_alone_under_mixed_traffic(
         tmp_engine_toml, workers, nats_url, reference_engine) -> None:
     """Issue 28 through the real worker: a structured-output job whose matcher fails on its
     third token (a failpoint inside the grammar's advance, for that job only) is answered
-    once, `grammar_failed`, with the tokens before the failure; the worker stays up, every
+    once, `grammar_failed`, with the tokens before the failure; a job whose stop matcher
+    raises is answered once, `stop_failed`, with its tokens so far; the worker stays up, every
     other job of the mix (plain, chat, stop strings with logprobs, schemas, JSON) is
     answered once and ok, the plain ones with the tokens they make alone; and the worker
     serves the next job."""
@@ -306,7 +307,8 @@ async def test_one_jobs_broken_grammar_ends_that_job_alone_under_mixed_traffic(
 
     cfg = tmp_engine_toml()
     provision(cfg)
-    w = workers(cfg, env={"FABRIC_FAILPOINTS": "grammar.advance=raise@3:job=victim"})
+    w = workers(cfg, env={"FABRIC_FAILPOINTS": "grammar.advance=raise@3:job=victim;"
+                                               "stops.feed=raise@4:job=stopper"})
     schema = {"type": "object", "properties": {"k5": {"type": "integer", "maximum": 15}},
               "required": ["k5"]}
     fmt = {"type": "json_schema", "schema": schema}
@@ -314,6 +316,7 @@ async def test_one_jobs_broken_grammar_ends_that_job_alone_under_mixed_traffic(
     try:
         await c.send(Job(id="victim", prompt=[9, 8, 7], max_new_tokens=30, reply_to=RESULTS,
                          response_format=fmt))
+        await c.send(job("stopper", [9, 9, 9], 40, stop=["never"], ignore_eos=True))
         plain = {f"p{i}": [5 + i, 6, 7, 8] for i in range(6)}
         for jid, p in plain.items():
             await c.send(job(jid, p, 12))
@@ -330,6 +333,10 @@ async def test_one_jobs_broken_grammar_ends_that_job_alone_under_mixed_traffic(
         victim = await c.result("victim")
         assert (victim.ok, victim.error.code) == (False, ErrorCode.GRAMMAR_FAILED)
         assert victim.finish_reason is FinishReason.ERROR and len(victim.tokens) == 2
+        stopper = await c.result("stopper")  # its stop matcher raised on its 4th token
+        assert (stopper.error.code, stopper.finish_reason) == (ErrorCode.STOP_FAILED,
+                                                               FinishReason.ERROR)
+        assert 4 <= len(stopper.tokens) < 40
         for jid, p in plain.items():
             r = await c.result(jid)
             assert r.ok and r.tokens == reference_tokens(reference_engine, p, 12)
@@ -347,4 +354,4 @@ async def test_one_jobs_broken_grammar_ends_that_job_alone_under_mixed_traffic(
     w.terminate(grace_s=10)
     summary = next(json.loads(line) for line in w.log_path.read_text().splitlines()
                    if '"worker_summary"' in line)
-    assert summary["errors_by_code"] == {"grammar_failed": 1}
+    assert summary["errors_by_code"] == {"grammar_failed": 1, "stop_failed": 1}

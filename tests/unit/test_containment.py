@@ -221,3 +221,25 @@ def test_every_constrained_token_is_one_its_own_mask_allowed_under_random_mixes(
     for k in finished:
         jsonschema.validate(json.loads(tok.decode(got[k].tokens)), schemas[k])
     assert len(schemas) > 50
+
+
+def test_the_byte_tokenizer_case_a_first_token_its_grammar_forbids_ends_that_job_alone(
+        engine: Engine) -> None:
+    """Issue 28's first case, fed to the scheduler as a model's output: the job's first
+    token is byte 0xA0 where its grammar forces `{`. The job ends `grammar_failed` with no
+    tokens; the job beside it decodes on; nothing is left held."""
+    import time
+
+    g = grammars(engine)
+    victim, other = constrained(g, 69044), Request.greedy(7, prompt(7), 20)
+    sched = engine.scheduler()
+    sched.add_all([victim, other], time.monotonic())
+    plan = sched.schedule()
+    done = sched.postprocess(plan, [0xA0 if s.req.key == 69044 else 65 for s in plan.rows],
+                             time.monotonic())
+    assert [(c.key, c.finish_reason, c.error[0], c.tokens) for c in done] == [
+        (69044, "error", "grammar_failed", [])]
+    assert "rejected token 160" in done[0].error[1]
+    assert [s.req.key for s in sched.running] == [7]
+    sched.end(7, "cancelled", time.monotonic())
+    assert engine.pool.blocks.used_blocks == 0

@@ -129,10 +129,13 @@ async def run_jobs(
     connect_options: Mapping[str, Any] | None = None,
     as_json: bool = False,
     cancel_subject: str = CANCEL_SUBJECT,
+    publish_for_s: float | None = None,
 ) -> RunStats:
     """Publish `jobs` to `<subject_prefix><run_id>` as `arrival` says (msgpack, or JSON
-    objects with `as_json`); collect their Results on `<result_prefix><run_id>`; cancel
-    those with `cancel_after_s` on `cancel_subject`."""
+    objects with `as_json`, or as each job says); collect their Results on
+    `<result_prefix><run_id>`; cancel those with `cancel_after_s` on `cancel_subject`.
+    `publish_for_s`: stop publishing after this long and wait for what was sent (a soak's
+    end: every job it sent is answered, none cut off by the clock)."""
     stats = RunStats(run_id=run_id, job_ids=[j.id for j in jobs])
     if len(set(stats.job_ids)) != len(stats.job_ids):
         raise ValueError("job ids must be unique within a run")
@@ -217,7 +220,8 @@ async def run_jobs(
             cancels["messages"] += 1
 
     async def publish(js: Any, job: JobSpec, scheduled_s: float | None) -> None:
-        payload = encode(job.to_job(reply_to), as_json=as_json)
+        payload = encode(job.to_job(reply_to),
+                         as_json=as_json if job.as_json is None else job.as_json)
         headers = {"Nats-Msg-Id": job.id}
         async with gate:
             now = time.monotonic()
@@ -247,6 +251,8 @@ async def run_jobs(
         t0 = time.monotonic()
         try:
             for n, job in enumerate(jobs):
+                if publish_for_s is not None and time.monotonic() - t0 >= publish_for_s:
+                    break
                 scheduled_s = None
                 if slots is not None:
                     await slots.acquire()

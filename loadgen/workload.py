@@ -226,9 +226,13 @@ class JobSpec:
     ignore_eos: bool = False
     cancel_after_s: float | None = None  # cancel this long after the publish; None: never
     task: str = "generate"  # "embed": the prompt's embedding (truncated to the model's limit)
+    temperature: float = 0.0  # 0: greedy
+    seed: int | None = None  # sampling.seed; None: the worker chooses
+    response_format: dict | None = None  # structured output, as on the wire
+    as_json: bool | None = None  # sent as JSON (True) or msgpack (False); None: the run's choice
 
     def to_job(self, reply_to: str) -> Job:
-        """The wire model; greedy sampling, no deadline."""
+        """The wire model; no deadline."""
         from schemas import Job, Message, Role, Sampling  # deferred: only publishing needs it
 
         if self.task == "embed":
@@ -245,7 +249,9 @@ class JobSpec:
             max_new_tokens=self.max_new_tokens,
             reply_to=reply_to,
             sampling=Sampling(stop=list(self.stop), logprobs=self.logprobs,
-                              ignore_eos=self.ignore_eos),
+                              ignore_eos=self.ignore_eos, temperature=self.temperature,
+                              seed=self.seed),
+            response_format=self.response_format,
         )
 
 

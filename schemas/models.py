@@ -82,6 +82,11 @@ class ErrorCode(StrEnum):
     CANCELLED = "cancelled"  # withdrawn by its producer (a cancel message named its id)
     BAD_SCHEMA = "bad_schema"  # a response_format that cannot be compiled (or not in time)
     UNSUPPORTED_TASK = "unsupported_task"  # a task this worker's model does not do
+    # A part of the job failed while it ran; it ended alone with the tokens it made so far:
+    GRAMMAR_FAILED = "grammar_failed"  # its response_format's parser stopped or refused a token
+    LOGPROBS_FAILED = "logprobs_failed"  # its logprobs were not finite (NaN logits)
+    STOP_FAILED = "stop_failed"  # matching its stop strings raised
+    RESULT_FAILED = "result_failed"  # its Result could not be built (decoding its tokens)
 
 
 class FinishReason(StrEnum):

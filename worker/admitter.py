@@ -31,7 +31,8 @@ _EXPIRED = "deadline passed while the job waited for admission"
 class Admitter:
     def __init__(self, intake: Intake, stats: WorkerStats, loop: asyncio.AbstractEventLoop,
                  submit: Callable[[list[Request]], None], expired: Callable[[Ticket, str], None],
-                 watch_stops: Callable[[int, list[str]], None], room_changed: Callable[[], None]):
+                 watch_stops: Callable[[int, str, list[str]], None],
+                 room_changed: Callable[[], None]):
         self._intake = intake
         self._stats = stats
         self._loop = loop
@@ -66,13 +67,13 @@ class Admitter:
         s = t.job.sampling
         seed = self._rng.getrandbits(63) if s.seed is None else s.seed
         if s.stop:
-            self._watch_stops(t.key, s.stop)
+            self._watch_stops(t.key, t.job.id, s.stop)
         return Request(key=t.key, prompt=t.prompt, max_new_tokens=t.job.max_new_tokens or 0,
                        reserved_tokens=t.reserved_tokens, temperature=s.temperature,
                        top_k=s.top_k, top_p=s.top_p, seed=fold_seed(seed),
                        stop_ids=frozenset(s.stop_token_ids), solo=solo, hashes=t.hashes,
                        reservation=t.reservation, ignore_eos=s.ignore_eos,
-                       logprobs=s.logprobs, watch=bool(s.stop),
+                       logprobs=s.logprobs, watch=bool(s.stop), job_id=t.job.id,
                        grammar=None if t.grammar is None else t.grammar.matcher())
 
     def expire_pending(self) -> None:

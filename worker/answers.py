@@ -5,7 +5,9 @@ Rule: a job is answered once, by one of two things: an `Outcome` decided without
 job the executor ran. Either becomes one `Delivery`; the publisher settles the message only
 after the Result is durable, and the message stops being held when it is settled. Once the
 publisher has aborted (a fatal fault) nothing goes out: the message waits for the
-teardown's nak with the rest. What the payloads hold is `worker.broker.replies`.
+teardown's nak with the rest. A failure while one job's Result is built (its stop matcher,
+decoding its text) is that job's error Result, never the others'. What the payloads hold
+is `worker.broker.replies`.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from schemas import ErrorCode, ErrorInfo, FinishReason, encode
 from worker.admission import Intake
 from worker.broker.publisher import DeadLetter, Delivery, Publisher, Settle
 from worker.broker.replies import (JobTimes, cancelled_result, completion_payload, dead_letter,
-                                   edge_result, embedding_payload)
+                                   edge_result, embedding_payload, failed_result)
 from worker.broker.validate import Outcome, Ticket
 from worker.engine.sequence import Completion
+from worker.features.stops import StopFailed, cut
+from worker.model.stops import StopMatcher
 from worker.model.tokenizer import Tokenizer
 from worker.ops.stats import WorkerStats
 
@@ -32,6 +36,7 @@ log = structlog.get_logger("worker")
 class Answers:
     def __init__(self, intake: Intake, publisher: Publisher, stats: WorkerStats, worker_id: str,
                  dlq_subject: str, tokenizer: Tokenizer, normalize: bool,
+                 release_stops: Callable[[int], StopMatcher | None],
                  room_changed: Callable[[], None]):
         self._intake = intake  # holds every message until it is settled
         self._publisher = publisher
@@ -40,6 +45,7 @@ class Answers:
         self._dlq_subject = dlq_subject
         self._tokenizer = tokenizer
         self._normalize = normalize  # an embedding model's own setting (its default)
+        self._release_stops = release_stops  # a finished job's stop matcher (the stops stage)
         self._room_changed = room_changed  # a settled message makes room for another pull
 
     # -- without the device ------------------------------------------------------------
@@ -78,34 +84,55 @@ class Answers:
 
     # -- after the executor ------------------------------------------------------------
 
-    def completions(self, comps: list[Completion], stop_texts: dict[int, str]) -> None:
-        """Jobs the executor finished; `stop_texts`: the text of those a stop string ended."""
+    def completions(self, comps: list[Completion]) -> None:
+        """Jobs the executor finished."""
         now = time.monotonic()
         tok = self._tokenizer
         for c in comps:
             t = self._intake.finished(c.key)
+            stops = self._release_stops(c.key)
             if t is None:
                 continue
             times = JobTimes.of(t, c, now)
-            cancelled = c.finish_reason == "cancelled"
-            if c.embedding is not None:
-                payload = embedding_payload(t, c, self._worker_id, times, self._normalize)
-            elif cancelled:
-                res = cancelled_result(t, c, tok.decode(c.tokens) if c.tokens else None,
-                                       self._worker_id, times)
-                payload = encode(res, as_json=t.json)
-                log.info("job_cancelled", job=t.job.id, attempt=t.attempt, tokens=len(c.tokens))
-            else:
-                text = stop_texts.get(c.key)
-                payload = completion_payload(t, c, tok.decode(c.tokens) if text is None else text,
-                                             self._worker_id, times)
-            self._stats.on_result(ok=not cancelled, prompt_tokens=len(t.prompt),
+            try:
+                payload, code = self._payload(t, c, stops, times, tok)
+            except Exception as e:  # noqa: BLE001 - one job's Result must not cost the others
+                stop = isinstance(e, StopFailed)
+                c.finish_reason, c.error = "error", (
+                    (ErrorCode.STOP_FAILED if stop else ErrorCode.RESULT_FAILED).value,
+                    f"{'matching its stop strings' if stop else 'building its Result'} "
+                    f"failed: {e!r}"[:400])
+                payload, code = self._payload(t, c, None, times, None)
+            if code not in (None, ErrorCode.CANCELLED):
+                log.warning("job_failed", job=t.job.id, attempt=t.attempt, code=code.value,
+                            reason=c.error[1] if c.error else None, tokens=len(c.tokens))
+            self._stats.on_result(ok=code is None, prompt_tokens=len(t.prompt),
                                   completion_tokens=len(c.tokens),
                                   padded_tokens=c.computed_tokens, cached_tokens=c.cached_tokens,
                                   queued_ms=times.queued_ms, first_token_ms=times.first_token_ms,
                                   total_ms=times.total_ms,
-                                  error_code="cancelled" if cancelled else None)
+                                  error_code=None if code is None else code.value)
             self._deliver(t.msg, t.job.id, t.attempt, payload, t.job.reply_to, Settle.ACK)
+
+    def _payload(self, t: Ticket, c: Completion, stops: StopMatcher | None, times: JobTimes,
+                 tok: Tokenizer | None) -> tuple[bytes, ErrorCode | None]:
+        """The job's encoded Result and its error code (None: ok). `tok` None: the tokens
+        are not decoded (the Result of a job whose decoding failed)."""
+        wid = self._worker_id
+        if c.embedding is not None:
+            return embedding_payload(t, c, wid, times, self._normalize), None
+        if c.finish_reason in ("cancelled", "error"):
+            text = tok.decode(c.tokens) if c.tokens and tok is not None else None
+            if c.finish_reason == "cancelled":
+                log.info("job_cancelled", job=t.job.id, attempt=t.attempt, tokens=len(c.tokens))
+                return encode(cancelled_result(t, c, text, wid, times), as_json=t.json), \
+                    ErrorCode.CANCELLED
+            code = ErrorCode(c.error[0]) if c.error else ErrorCode.RESULT_FAILED
+            why = c.error[1] if c.error else "the executor ended it without a reason"
+            return encode(failed_result(t, c, text, wid, times, code, why), as_json=t.json), code
+        text = None if stops is None else cut(stops, c)
+        return completion_payload(t, c, tok.decode(c.tokens) if text is None else text, wid,
+                                  times), None
 
     def _deliver(self, msg: Msg, job_id: str, attempt: int, payload: bytes, reply_to: str | None,
                  settle: Settle, dead: DeadLetter | None = None) -> None:

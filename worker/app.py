@@ -125,7 +125,8 @@ class Worker:
             on_step=self._on_step,
             on_fatal=lambda e: self._fault(FaultKind.EXECUTOR_FAILED, f"executor failed: {e!r}"),
             backlog=lambda: len(intake.pending), failpoint=self._failpoint,
-            governor=(ThreadGovernor(self.opts.threads, spare=IdleCpus())
+            governor=(ThreadGovernor(self.opts.threads, spare=IdleCpus(),
+                                     start_spare=self.opts.start_spare)
                       if self.opts.adapt_threads else None),
             on_progress=lambda p: loop.call_soon_threadsafe(self.stops.progress, p))
         self.publisher = Publisher(self.nc, js, maxsize=intake.held_cap + 1024,
@@ -142,12 +143,12 @@ class Worker:
                                intake.room, self._on_ticket, self._on_outcome,
                                fetch_timeout_s=FETCH_TIMEOUT_S, api_prefix=self.topo.api_prefix)
         room_changed = self.ingress.room_changed.set
+        self.stops = Stops(loaded.tokenizer, end=ex.end)
         self.answers = Answers(intake, self.publisher, stats, wid, self.topo.dlq_subject,
                                loaded.tokenizer, normalize=loaded.info.normalize if embed else False,
-                               room_changed=room_changed)
+                               release_stops=self.stops.release, room_changed=room_changed)
         self.cancels = Cancels(intake, stats, wid, answer=self.answers.cancelled, end=ex.end,
                                room_changed=room_changed, window_s=verified.results_window_s)
-        self.stops = Stops(loaded.tokenizer, end=ex.end)
         self.admitter = Admitter(intake, stats, loop, submit=ex.submit,
                                  expired=self.answers.expired, watch_stops=self.stops.watch,
                                  room_changed=room_changed)
@@ -213,7 +214,7 @@ class Worker:
     def _on_completions(self, comps: list[Completion]) -> None:
         if self.life.fault is not None:
             return  # everything held has been nak'd; a late completion answers nothing
-        self.answers.completions(comps, self.stops.finish(comps))
+        self.answers.completions(comps)
         self.admitter.admit()
         self.ingress.room_changed.set()
 

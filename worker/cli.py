@@ -21,7 +21,7 @@ import structlog
 
 from worker.engine.modes import POLICIES, RUNNER_MODES
 from worker.ops import log as logsetup
-from worker.ops.cpu import cpu_budget
+from worker.ops.cpu import IdleCpus, cpu_budget
 from worker.config import ConfigError, EngineConfig, cfg_summary, config_hash, load_config
 from worker.broker.connection import ConnectError, Security, connect
 from worker.broker.topology import Topology, TopologyError, provision
@@ -231,6 +231,9 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     from worker.engine.build import EngineError, build_engine_off_main
 
     torch.set_num_threads(budget.threads)
+    # The CPUs nobody used while the model loads: the thread governor's start (a lone worker
+    # starts with a thread per core; one loading beside a busy or loading neighbour, at one).
+    idle_while_loading = IdleCpus(cpus) if adapt else None
     obs = None
     if args.metrics_port:
         # Listen before the model loads, so /healthz answers (and /readyz says why not) early.
@@ -264,6 +267,7 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
                    connect_give_up_s=args.connect_give_up_s, step_timeout_s=args.step_timeout_s,
                    broker_give_up_s=args.broker_give_up_s, publish_give_up_s=args.publish_give_up_s,
                    threads=budget.threads, adapt_threads=adapt,
+                   start_spare=idle_while_loading() if idle_while_loading else 0.0,
                    cancel_subject=args.cancel_subject)
     worker = Worker(cfg, opts, engine, _topology(cfg, args), _security(args))
     if obs is not None:

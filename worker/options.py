@@ -25,4 +25,5 @@ class Options:
     publish_give_up_s: float = 60.0  # a Result publish is retried this long, then the job is nak'd
     threads: int = 1  # intra-op threads the worker may use (worker.ops.cpu.cpu_budget)
     adapt_threads: bool = False  # choose 1..threads by measured speed (engine.governor)
+    start_spare: float = 0.0  # CPUs of ours left idle while the model loaded (its start count)
     cancel_subject: str = "fabric.cancel"  # core NATS subject of cancel messages

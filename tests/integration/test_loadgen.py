@@ -372,3 +372,22 @@ def test_soak_runs_a_worker_at_saturation_and_reads_its_memory(tmp_path: Path) -
     assert len(r["rss_samples"]) >= 3 and r["rss"]["trend_fraction"] is not None
     assert r["worker_summary"]["graphed_step_fraction"] > 0
     assert "worker RSS after warm-up" in p.stdout
+
+
+def test_a_mixed_soak_answers_every_job_once_and_no_worker_exits(tmp_path: Path) -> None:
+    """`soak --mix`: every producer feature drawn per job (chat, stop strings with logprobs
+    and sampling, 300 schemas, JSON payloads, cancels); the verdict is one Result per
+    published job and no worker exit (issue 28: a grammar used to take the worker down)."""
+    out = tmp_path / "soak"
+    p = subprocess.run([sys.executable, "-m", "loadgen", "soak", "--out", str(out),
+                        "--duration", "20", "--warmup-s", "4", "--model", "builtin:tiny",
+                        "--token-budget", "4096", "--low-water", "2048", "--mix",
+                        "--outstanding", "64"],
+                       env=worker_env(), capture_output=True, text=True, timeout=200)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    r = json.loads((out / "soak.json").read_text())
+    assert r["mix"]["schemas"] == 0.25 and r["outstanding"] == 64
+    assert r["worker_exits"] == [] and r["jobs_unanswered"] == 0 and r["duplicates"] == 0
+    assert r["jobs_ok"] > 100 and r["jobs_cancelled"] > 0
+    assert set(r["errors_by_code"]) <= {"too_long"}  # a long prompt in a chat template
+    assert r["worker_summary"]["masked_steps"] > 0 and "0 worker exits" in p.stdout

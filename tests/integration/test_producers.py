@@ -292,3 +292,66 @@ async def test_structured_output_through_the_worker(tmp_engine_toml, workers, na
                    if '"worker_summary"' in line)
     assert summary["grammar_compiles"] == 3  # the schema once, json_object once, the bad one
     assert summary["masked_steps"] > 0
+
+
+async def test_one_jobs_broken_grammar_ends_that_job_alone_under_mixed_traffic(
+        tmp_engine_toml, workers, nats_url, reference_engine) -> None:
+    """Issue 28 through the real worker: a structured-output job whose matcher fails on its
+    third token (a failpoint inside the grammar's advance, for that job only) is answered
+    once, `grammar_failed`, with the tokens before the failure; a job whose stop matcher
+    raises is answered once, `stop_failed`, with its tokens so far; the worker stays up, every
+    other job of the mix (plain, chat, stop strings with logprobs, schemas, JSON) is
+    answered once and ok, the plain ones with the tokens they make alone; and the worker
+    serves the next job."""
+    import jsonschema
+
+    cfg = tmp_engine_toml()
+    provision(cfg)
+    w = workers(cfg, env={"FABRIC_FAILPOINTS": "grammar.advance=raise@3:job=victim;"
+                                               "stops.feed=raise@4:job=stopper"})
+    schema = {"type": "object", "properties": {"k5": {"type": "integer", "maximum": 15}},
+              "required": ["k5"]}
+    fmt = {"type": "json_schema", "schema": schema}
+    c = await Client.connect(nats_url)
+    try:
+        await c.send(Job(id="victim", prompt=[9, 8, 7], max_new_tokens=30, reply_to=RESULTS,
+                         response_format=fmt))
+        await c.send(job("stopper", [9, 9, 9], 40, stop=["never"], ignore_eos=True))
+        plain = {f"p{i}": [5 + i, 6, 7, 8] for i in range(6)}
+        for jid, p in plain.items():
+            await c.send(job(jid, p, 12))
+        for i in range(4):
+            await c.send(Job(id=f"s{i}", prompt=[20 + i, 21], max_new_tokens=30,
+                             reply_to=RESULTS, response_format=fmt,
+                             sampling=Sampling(temperature=0.7, seed=i)))
+            await c.send(json.dumps({"id": f"t{i}", "prompt": f"hello {i}", "max_new_tokens": 20,
+                                     "reply_to": RESULTS, "sampling": {
+                                         "stop": ["zz", "\n\n"], "logprobs": 2,
+                                         "temperature": 0.7, "seed": i}}).encode())
+            await c.send(Job(id=f"c{i}", messages=[Message(role=Role.USER, content=f"hi {i}")],
+                             max_new_tokens=10, reply_to=RESULTS))
+        victim = await c.result("victim")
+        assert (victim.ok, victim.error.code) == (False, ErrorCode.GRAMMAR_FAILED)
+        assert victim.finish_reason is FinishReason.ERROR and len(victim.tokens) == 2
+        stopper = await c.result("stopper")  # its stop matcher raised on its 4th token
+        assert (stopper.error.code, stopper.finish_reason) == (ErrorCode.STOP_FAILED,
+                                                               FinishReason.ERROR)
+        assert 4 <= len(stopper.tokens) < 40
+        for jid, p in plain.items():
+            r = await c.result(jid)
+            assert r.ok and r.tokens == reference_tokens(reference_engine, p, 12)
+        for i in range(4):
+            s, t, ch = [await c.result(f"{k}{i}") for k in "stc"]
+            assert s.ok and t.ok and ch.ok, (s.error, t.error, ch.error)
+            if s.finish_reason is FinishReason.STOP:
+                jsonschema.validate(json.loads(s.text), schema)
+        await c.send(job("after", [1, 2, 3], 5))
+        assert (await c.result("after")).ok
+        assert all(len(v) == 1 for v in c.raw.values())
+    finally:
+        await c.nc.close()
+    assert w.returncode is None  # still serving
+    w.terminate(grace_s=10)
+    summary = next(json.loads(line) for line in w.log_path.read_text().splitlines()
+                   if '"worker_summary"' in line)
+    assert summary["errors_by_code"] == {"grammar_failed": 1, "stop_failed": 1}

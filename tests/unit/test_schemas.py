@@ -185,7 +185,8 @@ def test_enums_are_strings_with_the_contract_values() -> None:
     assert [c.value for c in ErrorCode] == [
         "bad_payload", "invalid_job", "empty_prompt", "too_long", "forbidden_reply_to",
         "expired", "bad_token", "poison", "bad_messages", "no_chat_template", "cancelled",
-        "bad_schema", "unsupported_task",
+        "bad_schema", "unsupported_task", "grammar_failed", "logprobs_failed", "stop_failed",
+        "result_failed",
     ]  # fmt: skip
     assert [f.value for f in FinishReason] == ["length", "stop", "error", "expired", "cancelled"]
     assert [r.value for r in Role] == ["system", "user", "assistant", "tool"]

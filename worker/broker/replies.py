@@ -59,17 +59,26 @@ def completion_payload(t: Ticket, c: Completion, text: str, worker_id: str,
 def cancelled_result(t: Ticket, c: Completion, text: str | None, worker_id: str,
                      times: JobTimes) -> Result:
     """A job the executor ended because a cancel named it: an error, with what it made."""
+    return failed_result(t, c, text, worker_id, times, ErrorCode.CANCELLED,
+                         "cancelled while it ran; tokens are those made so far",
+                         FinishReason.CANCELLED)
+
+
+def failed_result(t: Ticket, c: Completion, text: str | None, worker_id: str, times: JobTimes,
+                  code: ErrorCode, message: str,
+                  finish_reason: FinishReason = FinishReason.ERROR) -> Result:
+    """A job the executor ended early -- cancelled, or one of its own parts failed (its
+    grammar, its logprobs, its stop matcher): an error Result with the tokens it made
+    (and the logprob rows kept for them: finite, the executor refuses others)."""
+    rows = logprob_entries(c, len(c.tokens)) or []
     return Result(id=t.job.id, ok=False, tokens=c.tokens, text=text,
-                  finish_reason=FinishReason.CANCELLED,
-                  error=ErrorInfo(code=ErrorCode.CANCELLED,
-                                  message="cancelled while it ran; tokens are those made so far"),
+                  finish_reason=finish_reason, error=ErrorInfo(code=code, message=message),
                   usage=Usage(prompt_tokens=len(t.prompt), completion_tokens=len(c.tokens),
                               padded_tokens=c.computed_tokens, cached_tokens=c.cached_tokens),
                   timing=Timing(queued_ms=times.queued_ms, first_token_ms=times.first_token_ms,
                                 total_ms=times.total_ms),
                   worker=worker_id, attempt=t.attempt,
-                  logprobs=[TokenLogprob.model_validate(e)
-                            for e in logprob_entries(c, len(c.tokens)) or []] or None)
+                  logprobs=[TokenLogprob.model_validate(e) for e in rows] or None)
 
 
 def embedding_payload(t: Ticket, c: Completion, worker_id: str, times: JobTimes,

@@ -7,7 +7,9 @@ runner it is schedule, launch, then postprocess the step launched before (overla
 device runs step N+1 while the host reads step N's tokens and builds N+2, see
 `worker.engine.scheduler`). The thread never awaits,
 never touches NATS, and treats any exception as fatal: it reports it through `on_fatal`
-and stops, because a device in an unknown state must not serve another job.
+and stops, because a device in an unknown state must not serve another job. A failure that
+belongs to one job (its grammar, its logprobs) is not such a state: the scheduler ends that
+job alone with an error Completion, and the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class Executor:
                  ctx_buckets=None if g is None else list(g.ctx_buckets))
         self.scheduler = engine.scheduler(overlap=self.overlap)
         self._inbox: queue.Queue[list[Request]] = queue.Queue(maxsize=1024)
-        self._ends: queue.SimpleQueue[tuple[int, str]] = queue.SimpleQueue()
+        self._ends: queue.SimpleQueue[tuple[int, str, tuple[str, str] | None]] = queue.SimpleQueue()
         self._on_complete = on_complete
         self._on_progress = on_progress  # (key, token) of watched requests, each step
         self._on_step = on_step
@@ -97,10 +99,11 @@ class Executor:
         # the queue bound is a second line of defence against a bug upstream.
         self._inbox.put(reqs, timeout=5.0)
 
-    def end(self, key: int, reason: str) -> None:
-        """End a job at the next step boundary (cancelled, or a stop string found); its
-        Completion says `reason` and holds the tokens so far. A key not held is ignored."""
-        self._ends.put((key, reason))
+    def end(self, key: int, reason: str, error: tuple[str, str] | None = None) -> None:
+        """End a job at the next step boundary (cancelled, a stop string found, or "error":
+        a part of it failed on the loop, `error` = (code, why)); its Completion says
+        `reason` and holds the tokens so far. A key not held is ignored."""
+        self._ends.put((key, reason, error))
         self._inbox.put_nowait([])  # wake it if it is waiting for work
 
     def stop(self, timeout_s: float) -> bool:
@@ -141,10 +144,10 @@ class Executor:
         done = []
         while True:
             try:
-                key, reason = self._ends.get_nowait()
+                key, reason, error = self._ends.get_nowait()
             except queue.Empty:
                 break
-            if (c := self.scheduler.end(key, reason, time.monotonic())) is not None:
+            if (c := self.scheduler.end(key, reason, time.monotonic(), error)) is not None:
                 done.append(c)
         if done:
             self._on_complete(done)

@@ -7,15 +7,22 @@ workers crawl (40x slower on 2 cores). One thread each avoids the collapse but l
 lone worker slower. No fixed setting is right for both, and a worker cannot see its
 neighbours -- but it can see its own speed and the CPUs nobody is using.
 
-So the governor starts at one thread and measures. A probe runs each candidate count of a
-halving ladder (n, n/2, ..., 1) for a short window of busy time, twice, alternating, and
-keeps the fastest. Going up is tried only with spare CPUs (idle time on the worker's own
-CPUs, `spare`): a count the CPUs cannot hold is the collapse, and one step of it can last
-seconds. Going down is always tried. Probes come every `reprobe_s` of busy time, at once
-when the speed of the chosen count falls below `drop` of what it measured (a neighbour
-arrived), and when spare CPUs appear below the largest count (a neighbour left). Speed is
-work per second of step time, work being the step's token rows plus its attention pairs
-weighed by their cost relative to a row.
+So the governor starts at the largest count the CPUs left idle while the worker loaded can
+hold (`start_spare`: a lone worker starts with a thread per core; one that loaded beside a
+busy neighbour, or beside another loading worker, starts at one) and measures. A probe runs
+each candidate count of a halving ladder (n, n/2, ..., 1) for a short window of busy time,
+twice, alternating, and keeps the fastest. Going up is tried only with spare CPUs (idle time
+on the worker's own CPUs, `spare`): a count the CPUs cannot hold is the collapse, and one
+step of it can last seconds. Going down is always tried. Only steps of at least
+`min_step_s` are measured: below it a step is the fixed cost around the model and a team's
+wake-up, where counts cannot be told apart (a decision taken on a worker's first warm-up
+steps once cost a lone worker a third of its speed for 30 s). Probes come when the speed of
+the chosen count falls below `drop` of what it measured (a neighbour arrived), when spare
+CPUs appear below the largest count (a neighbour left), and on a schedule of busy time:
+every `reprobe_s`, or, while spare CPUs could hold more threads than it runs, after 2 s,
+then 4, 8, ... up to `reprobe_s` (a wrong choice of fewer threads is undone in seconds, and
+a right one costs ever fewer probes). Speed is work per second of step time, work being the
+step's token rows plus its attention pairs weighed by their cost relative to a row.
 
 Plain data, fed by the executor thread after every step; it returns a new count when the
 executor should switch. Only CPU workers whose thread count was not set explicitly have
@@ -60,6 +67,9 @@ class ThreadGovernor:
     window_s: float = 0.25  # busy seconds each count is measured for, per round
     rounds: int = 2  # rounds of the ladder per probe (alternating evens out the workload)
     reprobe_s: float = 30.0  # busy seconds between scheduled probes
+    start_spare: float = 0.0  # idle CPUs of ours while the worker loaded: sets the start count
+    min_step_s: float = 0.002  # shorter steps are not measured (counts look alike there)
+    first_reprobe_s: float = 2.0  # with room for more threads: the first scheduled probe
     drop: float = 0.35  # probe when the chosen count's speed falls below this share of what
     # it measured, two windows running (a change of step mix moves it by less)
     counts: tuple[int, ...] = field(init=False)
@@ -78,12 +88,16 @@ class ThreadGovernor:
     _spare: float = field(init=False, default=0.0)
     _reason: str = field(init=False, default="start")
     _decided_up_to: int = field(init=False, default=1)  # the spare CPUs' reach at the decision
+    _next_probe_s: float = field(init=False, default=0.0)  # busy seconds to the next scheduled
 
     def __post_init__(self) -> None:
         self.counts = ladder(self.max_threads)
         self.threads = 1
-        self.probing = True  # from the first window: it measures one thread
+        self._spare = self.start_spare
+        self.threads = self._up_to()
+        self.probing = True  # from the first window: it measures the start count
         self._order = None  # the candidates, once the first window has read the spare CPUs
+        self._next_probe_s = self.first_reprobe_s
 
     @property
     def adaptive(self) -> bool:
@@ -96,6 +110,8 @@ class ThreadGovernor:
         if self._skip:  # a switch's first step pays for waking or parking threads
             self._skip = False
             return None
+        if step_s < self.min_step_s:
+            return None  # too small to tell the counts apart: not measured
         w = self._window
         if w.busy_s == 0.0:
             self.spare()  # the idle reading covers this window only, not an idle spell before
@@ -123,7 +139,7 @@ class ThreadGovernor:
             return self._probe("drop")
         if self._roomy >= 2:
             return self._probe("spare")
-        if self._since_probe_s >= self.reprobe_s:
+        if self._since_probe_s >= self._next_probe_s:
             return self._probe("schedule")
         return None
 
@@ -165,5 +181,13 @@ class ThreadGovernor:
         self.probing = False
         self._since_probe_s = 0.0
         self._chosen_rate = rates[best]
+        changed = self.last is None or self.last.threads != best
         self.last = Decision(best, rates, self._reason)
+        # Fewer threads than the spare CPUs could hold: look again soon, and again later
+        # each time the answer stands; at the top (or a changed answer) the plain schedule.
+        if best < self._up_to():
+            self._next_probe_s = (self.first_reprobe_s if changed
+                                  else min(2 * self._next_probe_s, self.reprobe_s))
+        else:
+            self._next_probe_s = self.reprobe_s
         return self._switch(best)

@@ -33,7 +33,7 @@ from worker.engine.sampling import SamplingBatch, sample
 from worker.engine.scheduler import StepPlan
 from worker.engine.sequence import Sequence
 from worker.engine.staging import Stager
-from worker.model.grammar import fill_masks
+from worker.model.grammar import masks_for
 
 
 SCRATCH_SLOT = KVPool.SCRATCH_SLOT
@@ -191,8 +191,13 @@ def _sampling(rows: list[Sequence], vocab: int) -> tuple[list[np.ndarray], dict[
               np.array([s.next_index for s in rows], dtype=np.int64)]
     constrained = [i for i, s in enumerate(rows) if s.req.grammar is not None]
     if constrained:
-        arrays += [np.array(constrained, dtype=np.int64),
-                   fill_masks([rows[i].req.grammar for i in constrained], vocab)]
+        masks, why = masks_for([rows[i].req.grammar for i in constrained], vocab)
+        for i, mask, w in zip(constrained, masks, why):
+            s = rows[i]
+            s.mask = mask  # postprocess checks the token against it
+            if w is not None and s.failed is None:
+                s.failed = ("grammar_failed", w)  # its token is not taken: the job ends
+        arrays += [np.array(constrained, dtype=np.int64), masks]
     return arrays, dict(any_random=bool((temp > 0).any()),
                         any_top_k=bool(((top_k > 0) & (temp > 0)).any()),
                         any_top_p=bool(((top_p < 1) & (temp > 0)).any()))

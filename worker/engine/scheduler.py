@@ -44,6 +44,8 @@ import numpy as np
 from worker.engine.blocks import BlockPool, block_hashes
 from worker.engine.lanes import lane_of
 from worker.engine.sequence import Completion, Request, Sequence
+from worker.model.grammar import MAX_WHY, mask_allows
+from worker.ops import failpoints
 
 
 @dataclass(slots=True)
@@ -209,13 +211,17 @@ class Scheduler:
         for s in plan.rows:
             s.pending += 1
 
-    def end(self, key: int, reason: str, now: float) -> Completion | None:
-        """End a sequence before its time (cancelled, or a stop string the loop found), at a
-        step boundary: out of its lane or the running batch, its blocks released, its
-        tokens so far in the Completion. None: not here (finished already, or never came)."""
+    def end(self, key: int, reason: str, now: float,
+            error: tuple[str, str] | None = None) -> Completion | None:
+        """End a sequence before its time (cancelled, a stop string the loop found, or an
+        error of its own: `error`), at a step boundary: out of its lane or the running
+        batch, its blocks released, its tokens so far in the Completion. None: not here
+        (finished already, or never came)."""
         seq = self.live.get(key)
         if seq is None:
             return None
+        if error is not None:
+            seq.failed = error
         if seq in self.running:
             if self.overlap:
                 seq.retired = True  # rows of it still on the device are dropped when read
@@ -258,21 +264,24 @@ class Scheduler:
         seq.computed_tokens += (prompt_rows if prefilled else 0) + 1
         if prefilled:
             seq.first_token_at = now
-        seq.generated.append(tok)
         req = seq.req
+        if seq.failed is None and req.grammar is not None:
+            seq.failed = _advance_grammar(seq, tok)
+        if seq.failed is not None:
+            # One of its own parts failed (before this row was sampled, or on its token):
+            # the job ends here, without the token, and alone.
+            return "error"
+        seq.generated.append(tok)
         if req.logprobs and lp is not None:
-            n, width = req.logprobs, (len(lp) - 1) // 2
-            seq.logprobs.append(np.concatenate((lp[:1 + n], lp[1 + width:1 + width + n])))
+            seq.failed = _logprob_row(seq, lp)
         if req.watch:
             self.progress.append((req.key, tok))
         if self.pool.caching:
             self._key_full_blocks(seq)
-        if req.grammar is not None:
-            if not req.grammar.consume_token(tok):  # sampled under its mask: cannot happen
-                raise RuntimeError(f"token {tok} broke job {req.key}'s grammar: "
-                                   f"{req.grammar.get_error()}")
-            if req.grammar.is_stopped():
-                return "stop"  # the value is complete (or the grammar took its end token)
+        if seq.failed is not None:
+            return "error"
+        if req.grammar is not None and req.grammar.is_stopped():
+            return "stop"  # the value is complete (or the grammar took its end token)
         if tok in req.stop_ids or (tok in self.eos_ids and not req.ignore_eos):
             return "stop"
         return "length" if len(seq.generated) >= req.max_new_tokens else None
@@ -313,7 +322,42 @@ class Scheduler:
         return Completion(key=seq.req.key, tokens=seq.generated, finish_reason=reason,
                           computed_tokens=seq.computed_tokens,
                           first_token_at=seq.first_token_at or now, cached_tokens=seq.start,
-                          logprobs=_rows(seq.logprobs, seq.req.logprobs))
+                          logprobs=_rows(seq.logprobs, seq.req.logprobs),
+                          error=seq.failed if reason == "error" else None)
+
+
+def _advance_grammar(seq: Sequence, tok: int) -> tuple[str, str] | None:
+    """Feed a sampled token to the job's grammar; (code, why) if that fails.
+
+    Two checks, so a failure says whose it is: the token against the mask its row was
+    sampled under (outside it: the engine's row bookkeeping is wrong, never the job's
+    fault), then the matcher itself (it rejects a token its own mask allowed only if the
+    parser stopped on its limits). Either way the job ends alone with `grammar_failed`."""
+    g = seq.req.grammar
+    if seq.mask is not None and not mask_allows(seq.mask, tok):
+        return ("grammar_failed", f"token {tok} was sampled outside its grammar's mask "
+                                  f"(an engine fault: please report it)")
+    try:
+        failpoints.hit("grammar.advance", jobs=lambda: (seq.req.job_id,))
+        if g.consume_token(tok):
+            return None
+    except RuntimeError as e:  # llguidance refusing this matcher (or the failpoint): its own
+        return ("grammar_failed", f"its grammar failed on token {tok}: {e!r}"[:MAX_WHY])
+    return ("grammar_failed", f"its grammar rejected token {tok}: {g.get_error()[:MAX_WHY]}")
+
+
+def _logprob_row(seq: Sequence, lp: np.ndarray) -> tuple[str, str] | None:
+    """Keep the token's logprob row (chosen, top ids, top logprobs; `lp` as wide as the
+    step's widest request); (code, why) if the row cannot be read."""
+    n, width = seq.req.logprobs, (len(lp) - 1) // 2
+    row = np.concatenate((lp[:1 + n], lp[1 + width:1 + width + n]))
+    if n > width or not np.isfinite(row).all():
+        # NaN logits (a broken checkpoint, an overflow) would make a Result the wire
+        # refuses; the job says so instead.
+        return ("logprobs_failed", f"its logprobs are not finite or not all there (asked "
+                                   f"{n}, the step computed {width}): {row.tolist()[:5]}")
+    seq.logprobs.append(row)
+    return None
 
 
 def _rows(rows: list[np.ndarray], n: int) -> np.ndarray | None:

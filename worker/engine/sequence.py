@@ -36,6 +36,7 @@ class Request:
     # Structured output: the job's grammar matcher (worker.model.grammar), advanced by each
     # token; its mask constrains every token sampled, and its end ends the job.
     grammar: Any = None
+    job_id: str = ""  # the producer's id: for job-specific failpoints only
 
     @classmethod
     def greedy(cls, key: int, prompt: list[int], max_new_tokens: int, seed: int = 0,
@@ -50,7 +51,7 @@ class Request:
 class Completion:
     key: int
     tokens: list[int]  # generated ids, a stop token included
-    finish_reason: str  # "length" | "stop" | "cancelled"
+    finish_reason: str  # "length" | "stop" | "cancelled" | "error" (then `error` says why)
     computed_tokens: int  # token rows this job occupied in forwards, padding included
     first_token_at: float  # time.monotonic() when the first token was sampled
     cached_tokens: int = 0  # prompt tokens whose KV it found computed (by a job before it)
@@ -58,6 +59,9 @@ class Completion:
     # top n ids, their logprobs), one per generated token.
     logprobs: np.ndarray | None = None
     embedding: np.ndarray | None = None  # embed jobs: the pooled vector, float32, not normalized
+    # A failure that belongs to this job alone (its grammar, its logprobs): (error code, why).
+    # The job ends with it; nothing else in the batch is touched.
+    error: tuple[str, str] | None = None
 
 
 @dataclass(slots=True, eq=False)  # one job's state: compared (and found in lists) by identity
@@ -81,6 +85,11 @@ class Sequence:
     # token the host has not seen yet, and whether it has finished (later rows are waste).
     pending: int = 0
     retired: bool = False
+    # Structured output: the allowed-token bitmask ([ceil(V / 32)] int32) its newest row was
+    # sampled under, checked against the token that came back; and the failure that ends
+    # it at its next token, when one of its own parts failed: (error code, why).
+    mask: np.ndarray | None = None
+    failed: tuple[str, str] | None = None
 
     @property
     def num_tokens(self) -> int:

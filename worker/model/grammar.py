@@ -16,6 +16,15 @@ past `COMPILE_TIMEOUT_S`, is the producer's error (`bad_schema`).
 
 No torch here: masks are filled into numpy arrays (`fill_masks`, on the executor thread
 while the device runs what was launched before) and the engine applies them on the device.
+
+A matcher can fail while its job runs: its parser stops (llguidance then masks to the end
+tokens only) or it refuses a token. `masks_for` reports which matchers cannot constrain
+their next token, and the scheduler checks every sampled token against the mask its row
+got (`mask_allows`) before the matcher sees it; either failure ends that job alone
+(`grammar_failed`), never the worker. Numbers and strings need no bound of ours: the
+lexer's fuel is spent per token, not per lexeme, so a lexeme as long as any job can write
+(`max_seq_len`) stays within the parser's default limits (measured to 150,000 tokens;
+tests/unit/test_structured_real.py checks 20,000 on a real 49k-token BPE).
 """
 
 from __future__ import annotations
@@ -117,6 +126,7 @@ class Grammars:
 
 
 _executor: Any = None  # llguidance's thread pool for masks, made on first use
+MAX_WHY = 400  # characters of a parser's error kept in a job's error message
 
 
 def fill_masks(matchers: list[Any], vocab_size: int) -> np.ndarray:
@@ -133,6 +143,36 @@ def fill_masks(matchers: list[Any], vocab_size: int) -> np.ndarray:
     _executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
                                       masks.ctypes.data, words * 4, len(matchers))
     return masks
+
+
+def masks_for(matchers: list[Any], vocab_size: int) -> tuple[np.ndarray, list[str | None]]:
+    """`fill_masks`, and for each matcher why it cannot constrain its next token (None: it
+    can). A matcher that errored -- before or while its mask was computed -- gets a mask of
+    its end tokens from llguidance; the caller must not take that row's token as the job's.
+    A batch call that raises (one matcher llguidance will not take) is redone one matcher
+    at a time, so only the culprit fails."""
+    try:
+        masks = fill_masks(matchers, vocab_size)
+    except (ValueError, RuntimeError, TypeError):  # pyo3 raises these for a matcher it refuses
+        masks = np.zeros(((len(matchers)), (vocab_size + 31) // 32), dtype=np.int32)
+        why: list[str | None] = []
+        for i, m in enumerate(matchers):
+            try:
+                masks[i] = fill_masks([m], vocab_size)[0]
+                why.append(None)
+            except (ValueError, RuntimeError, TypeError) as e:
+                why.append(f"its grammar's mask could not be computed: {e!r}"[:MAX_WHY])
+    else:
+        why = [None] * len(matchers)
+    for i, m in enumerate(matchers):
+        if why[i] is None and m.is_error():
+            why[i] = f"its grammar's parser stopped: {m.get_error()[:MAX_WHY]}"
+    return masks, why
+
+
+def mask_allows(mask: np.ndarray, token: int) -> bool:
+    """Whether a `fill_masks` row allows `token`."""
+    return 0 <= token < 32 * len(mask) and bool((int(mask[token >> 5]) >> (token & 31)) & 1)
 
 
 # Compact JSON: no whitespace between tokens, so a job's tokens go to content. Strings may

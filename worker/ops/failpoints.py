@@ -17,7 +17,10 @@ job kill every worker that runs it -- the poison job of the failure table.
 
 Points in the code today: `executor.step` (before each forward; the worker reports the ids
 of the jobs decoding in that step), `publisher.publish` (before each Result publish, with its
-job id), `ingress.fetch` (after each fetch, with the fetched job ids unknown: no filter).
+job id), `ingress.fetch` (after each fetch, with the fetched job ids unknown: no filter),
+`grammar.advance` (before a structured-output job's token is fed to its grammar; a `raise`
+there is that job's failure alone, `grammar_failed`), `stops.feed` (before a job's new token
+is fed to its stop-string matcher on the event loop, with its job id: `stop_failed`).
 """
 
 from __future__ import annotations

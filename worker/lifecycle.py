@@ -11,10 +11,11 @@
   deliveries -- and flush, so the broker redelivers them now, not after the ack wait;
   close; exit 1. About a second from fault to exit.
 
-Nothing reports a hung executor, so the loop watches it (`Watch`): when jobs are in flight
-and no step has finished for `step_timeout_s`, that is a fault. A thread watches the loop
-the same way (a blocked loop is a fault too; then nothing can be nak'd and the exit
-watchdog ends the process: the ack wait returns the jobs).
+Nothing reports a hung executor, so the loop watches it (`Watch`, every tick of `ticks`):
+when jobs are in flight and no step has finished for `step_timeout_s`, that is a fault. A
+thread watches the loop the same way (a blocked loop is a fault too; then nothing can be
+nak'd and the exit watchdog ends the process: the ack wait returns the jobs). In burst mode
+`burst_watch` begins the graceful way out once the consumer and the worker hold nothing.
 """
 
 from __future__ import annotations

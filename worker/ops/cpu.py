@@ -9,7 +9,8 @@ node runs 2 threads, not 64: a team larger than the quota only spins against the
 `thread_wait_s` reads how long a thread has been runnable but waiting for a CPU (the
 kernel's schedstat run delay): the direct measure of a worker starved by its neighbours.
 
-Plain functions over files whose paths can be injected, so tests need no cgroup of their own.
+Plain functions over files whose paths can be injected, so tests need no cgroup of their own;
+`Starvation.report` logs when the worker becomes starved and when that ends.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from worker.lifecycle import (FaultKind, Lifecycle, Stages, Watch, burst_watch, 
                               teardown_graceful, ticks)
 from worker.model.grammar import Grammars
 from worker.options import Options
-from worker.ops import failpoints
+from worker.ops import failpoints, heap
 from worker.ops.cpu import IdleCpus, Starvation, process_wait_s
 from worker.ops.stats import WorkerStats
 from worker.ops.view import WorkerInfo, WorkerView
@@ -68,6 +68,7 @@ class Worker:
         self.admitter = self.answers = self.cancels = self.formats = self.stops = None
         self.last_step_at = 0.0  # monotonic end of the last executor step (executor thread)
         self.starvation = Starvation(cpus=opts.threads)
+        self._trimmed_at = 0.0  # monotonic time of the last heap trim (`_sweep`)
         self._watch = Watch(opts.step_timeout_s, opts.broker_give_up_s)
         # Structured output is generation's (an embedding worker refuses such jobs by task).
         self._grammars = (Grammars(engine.loaded.tokenizer, engine.loaded.args.vocab_size,
@@ -240,8 +241,10 @@ class Worker:
                                  self.nc.is_connected)
 
     def _sweep(self, now: float) -> None:
-        """Once a second: CPU starvation, cancelled ids to forget, deadlines of pending jobs."""
+        """Once a second: CPU starvation, cancelled ids, pending deadlines; the heap's trim."""
         self.starvation.report(now, process_wait_s(), bool(self.intake.inflight),
                                self.executor.threads)
         self.cancels.forget_expired(now)
         self.admitter.expire_pending()
+        if now - self._trimmed_at >= heap.TRIM_EVERY_S:
+            self._trimmed_at, _ = now, heap.trim()

@@ -21,6 +21,7 @@ import structlog
 
 from worker.engine.modes import POLICIES, RUNNER_MODES
 from worker.ops import log as logsetup
+from worker.ops import heap
 from worker.ops.cpu import IdleCpus, cpu_budget
 from worker.config import ConfigError, EngineConfig, cfg_summary, config_hash, load_config
 from worker.broker.connection import ConnectError, Security, connect
@@ -211,6 +212,8 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     if cpus:
         # Before torch starts its thread pool: every thread it makes inherits the mask.
         os.sched_setaffinity(0, cpus)
+    # Before any thread starts: every thread that allocates would otherwise get an arena.
+    heap.bound_arenas()
     budget = cpu_budget(args.threads or None, cpus)
     if cfg.model == "builtin:null" and not budget.explicit:
         # The null model has nothing to compute in parallel: one intra-op thread, or an

@@ -88,8 +88,7 @@ class Worker:
                  dead_letters=self.topo.dlq_subject, js_domain=self.topo.js_domain,
                  security=self.security.describe(), failpoints=failpoints.armed() or None)
         await self._build(loop, js, verified)
-        # Every worker hears every cancel (no queue group): any of them may hold the job.
-        await self.nc.subscribe(self.opts.cancel_subject, cb=self.cancels.on_message)
+        await self.cancels.listen(self.nc, self.opts.cancel_subject)
         await self.ingress.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.life.stop, sig.name)

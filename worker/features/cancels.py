@@ -56,6 +56,13 @@ class Cancels:
     def forget_expired(self, now: float) -> None:
         self.remembered.forget_expired(now)
 
+    async def listen(self, nc, subject: str) -> None:
+        """Hear every cancel on `subject` (no queue group: any worker may hold the job),
+        from the moment this returns: the subscription is flushed to the server, so a cancel
+        sent once the worker says it is ready is never missed."""
+        await nc.subscribe(subject, cb=self.on_message)
+        await nc.flush()
+
     async def on_message(self, msg: Msg) -> None:
         try:
             ids = parse_cancel(msg.data)

@@ -154,7 +154,7 @@ def masks_for(matchers: list[Any], vocab_size: int) -> tuple[np.ndarray, list[st
     try:
         masks = fill_masks(matchers, vocab_size)
     except (ValueError, RuntimeError, TypeError):  # pyo3 raises these for a matcher it refuses
-        masks = np.zeros(((len(matchers)), (vocab_size + 31) // 32), dtype=np.int32)
+        masks = np.zeros((len(matchers), (vocab_size + 31) // 32), dtype=np.int32)
         why: list[str | None] = []
         for i, m in enumerate(matchers):
             try:

@@ -13,25 +13,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 ARENAS = 2  # malloc arenas: enough that two threads rarely wait for one, few enough to reuse
 TRIM_EVERY_S = 30.0  # how often the loop returns freed heap pages to the kernel
 _M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
 
-_libc = None
 
-
+@functools.cache
 def _glibc():
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            lib = ctypes.CDLL(name) if name else None
-        except OSError:
-            lib = None
-        _libc = lib if lib is not None and hasattr(lib, "mallopt") and hasattr(
-            lib, "malloc_trim") else False
-    return _libc or None
+    """The C library, if it is glibc (it has mallopt and malloc_trim); else None."""
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
 
 
 def bound_arenas(n: int = ARENAS) -> bool:

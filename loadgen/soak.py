@@ -64,10 +64,11 @@ class RssSampler(threading.Thread):
 class Supervisor(threading.Thread):
     """Watches the soak's worker; one that exits is recorded and replaced at once."""
 
-    def __init__(self, make: Any, sampler: RssSampler, every_s: float = 0.5):
+    def __init__(self, first: WorkerProcess, make: Any, sampler: RssSampler,
+                 every_s: float = 0.5):
         super().__init__(daemon=True, name="soak-supervisor")
-        self._make = make  # n -> a started WorkerProcess (not waited for)
-        self.worker = make(0)
+        self._make = make  # n -> the started WorkerProcess after n exits (not waited for)
+        self.worker = first
         self.sampler = sampler
         self.every_s = every_s
         self.exits: list[dict[str, Any]] = []
@@ -156,7 +157,7 @@ def run_soak(cfg: BenchConfig, duration_s: float, out: Path, warmup_s: float = 1
         try:
             first.wait_ready(300)
             sampler = RssSampler(first.pid, sample_every_s)
-            sup = Supervisor(lambda n: first if n == 0 else make(n), sampler)
+            sup = Supervisor(first, make, sampler)
             sampler.start()
             sup.start()
             # Enough jobs for the whole run at any plausible rate; publishing stops at duration.

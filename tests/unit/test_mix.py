@@ -75,7 +75,7 @@ def test_the_supervisor_records_a_worker_exit_with_its_reason_and_replaces_it(
         return made[-1]
 
     sampler = RssSampler(os.getpid(), 60)
-    sup = Supervisor(make, sampler, every_s=0.01)
+    sup = Supervisor(make(0), make, sampler, every_s=0.01)
     sup.start()
     made[0].returncode = 70
     done = threading.Event()

@@ -125,9 +125,9 @@ def test_shape_choice_weighs_padded_kv_against_saved_launches(engine: Engine) ->
 def test_host_inputs_pad_rows_to_the_scratch_slot(engine: Engine) -> None:
     g = DecodeGraphs(engine.loaded.model, engine.pool.tensor, engine.device, 16, 1088,
                      max_batch=8)
-    slots = [np.arange(5 * 16, 7 * 16), np.arange(9 * 16, 10 * 16)]  # blocks 5,6 and 9
+    table = np.array([[5, 6, 7], [9, 8, 8]])  # blocks 5,6 and 9 in use (the rest: past ctx)
     buf = g.host_inputs((4, 64), tokens=[11, 12], positions=[20, 3], write_slots=[100, 147],
-                        ctx=[21, 4], slots=slots)
+                        ctx=[21, 4], table=table)
     mb, nb = 8, 1088 // 16
     head, table = buf[:4 * mb].reshape(4, mb), buf[4 * mb:].reshape(4, nb)
     assert head[0, :4].tolist() == [11, 12, 0, 0] and head[2, :4].tolist() == [100, 147, 0, 0]

@@ -48,6 +48,8 @@ from torch import Tensor
 from worker.engine.lanes import group_by_length
 from worker.model.decoder import AttnGroup, StepInput, Transformer
 
+Ints = list[int] | np.ndarray
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256,
                  320, 384, 448, 512)
 DENSE_LAUNCHES = 37  # eager kernels per layer outside attention (norms, fused projections, rope)
@@ -120,22 +122,27 @@ class DecodeGraphs:
 
     # -- host side ----------------------------------------------------------------------
 
-    def choose(self, ctx: list[int]) -> tuple[int, int] | None:
+    def choose(self, ctx: list[int] | np.ndarray, groups: int | None = None
+               ) -> tuple[int, int] | None:
         """The (Bb, Kb) shape for a decode step with these context lengths, or None when the
-        eager path is the better one (too big, or padding that costs more than launches)."""
+        eager path is the better one (too big, or padding that costs more than launches).
+        `groups`: the attention calls the eager path would make (default: by length)."""
         bb = bucket(len(ctx), self.batch_buckets)
         kb = bucket(max(ctx), self.ctx_buckets)
         if bb is None or kb is None:
             return None
-        extra_bytes = (bb * kb - sum(ctx)) * self.kv_bytes * KV_PASSES
-        launches = self.n_layers * (DENSE_LAUNCHES + ATTN_LAUNCHES * len(group_by_length(ctx)))
+        extra_bytes = (bb * kb - int(sum(ctx))) * self.kv_bytes * KV_PASSES
+        if groups is None:
+            groups = len(group_by_length(list(ctx)))
+        launches = self.n_layers * (DENSE_LAUNCHES + ATTN_LAUNCHES * groups)
         if extra_bytes / self.bandwidth > launches * self.launch_s:
             return None
         return bb, kb
 
-    def host_inputs(self, key: tuple[int, int], tokens: list[int], positions: list[int],
-                    write_slots: list[int], ctx: list[int], slots: list[np.ndarray]) -> np.ndarray:
-        """The fixed buffer's used prefix for this step, padding rows included: [4*mb + Bb*nb]."""
+    def host_inputs(self, key: tuple[int, int], tokens: Ints, positions: Ints, write_slots: Ints,
+                    ctx: Ints, table: np.ndarray) -> np.ndarray:
+        """The fixed buffer's used prefix for this step, padding rows included: [4*mb + Bb*nb].
+        `table`: [B, >= Kb/bs] each row's KV block ids (past its context: anything)."""
         bb, kb = key
         mb, nb, b = self._mb, self._nb, len(ctx)
         out = np.zeros(4 * mb + bb * nb, dtype=np.int64)
@@ -145,12 +152,11 @@ class DecodeGraphs:
         head[2, :b] = write_slots  # padding rows: 0 = KVPool.SCRATCH_SLOT
         head[3, :b] = ctx
         head[3, b:bb] = 1  # padding rows attend to the scratch slot alone (never an empty row)
-        table = out[4 * mb:].reshape(bb, nb)
+        out_table = out[4 * mb:].reshape(bb, nb)
         nblocks = -(-np.asarray(ctx, dtype=np.int64) // self.bs)  # [B]
         used = np.arange(kb // self.bs)[None, :] < nblocks[:, None]  # [B, Kb/bs]
-        bs = self.bs  # a sequence's slots run block by block: every bs-th one names a block
-        table[:b, :kb // bs][used] = np.concatenate(
-            [sl[:n * bs:bs] for sl, n in zip(slots, nblocks.tolist())]) // bs
+        k = min(table.shape[1], kb // self.bs)  # columns past every row's context: unused
+        out_table[:b, :k] = np.where(used[:, :k], table[:, :k], 0)
         return out
 
     # -- device side --------------------------------------------------------------------

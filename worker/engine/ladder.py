@@ -41,6 +41,7 @@ class LadderScheduler(Scheduler):
     def __init__(self, policy: str, pool: BlockPool, block_size: int,
                  max_step_tokens: int, eos_ids: tuple[int, ...], window_max_jobs: int = 32):
         super().__init__(pool, block_size, max_step_tokens, eos_ids)
+        self.batch = None  # padding rows of finished members: the per-sequence path
         self.policy = policy
         self.window_max_jobs = window_max_jobs
         self._reasons: dict[int, str] = {}  # static batch: finished members' finish reasons

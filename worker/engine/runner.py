@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from worker.engine.batch import DecodeBatch, DecodeRows
 from worker.engine.cascades import by_tail_length, shared_prefixes
 from worker.engine.fetch import Fetch, Launched, token_logprobs
 from worker.engine.graphs import DecodeGraphs, GraphStep
@@ -61,6 +62,7 @@ class _Builder:
         self.logit_rows: list[int] = []
         self.fed: list[tuple[int, Sequence]] = []  # rows whose token is on the device
         self.rows = 0
+        self.decoded = 0  # rows appended by `decode_rows`, all sampled, at the end
         self.attn_real = 0
         self.attn_padded = 0
 
@@ -169,6 +171,27 @@ class _Builder:
         self.rows += len(seqs)
 
 
+    def logit_rows_array(self) -> np.ndarray | None:
+        """The packed rows that sample, in order; None when that is every row (rows are
+        taken in increasing order, so as many as there are rows means all of them)."""
+        if len(self.logit_rows) + self.decoded == self.rows:
+            return None
+        return np.concatenate((np.array(self.logit_rows, dtype=np.int64),
+                               np.arange(self.rows - self.decoded, self.rows)))
+
+    def decode_rows(self, d: DecodeRows) -> None:
+        """The persistent batch's decode rows (`DecodeBatch.decode_inputs`, whose groups are
+        already laid out from this builder's row count)."""
+        n = len(d.order)
+        self.tokens.append(d.tokens)
+        self.positions.append(d.positions)
+        self.slots.append(d.write_slots)
+        self.groups += d.groups
+        self.rows += n
+        self.decoded = n  # its logit rows: the last n (`logit_rows_array`)
+        self.attn_real += d.attn_real
+        self.attn_padded += d.attn_padded
+
 def _decode_rows(seqs: list[Sequence], ctx: list[int]) -> tuple[list[int], list[int], list[int]]:
     """Each decode row's input token, position and KV write slot, given its context (the
     keys it attends to, itself included). A row that finished inside a static batch is
@@ -180,16 +203,30 @@ def _decode_rows(seqs: list[Sequence], ctx: list[int]) -> tuple[list[int], list[
     return tokens, positions, write_slots
 
 
-def _sampling(rows: list[Sequence], vocab: int) -> tuple[list[np.ndarray], dict[str, bool]]:
+def _sampling(rows: list[Sequence], vocab: int, batch: DecodeBatch | None = None,
+              d: DecodeRows | None = None) -> tuple[list[np.ndarray], dict[str, bool]]:
     """SamplingBatch's tensors (host side, in its field order: five, then the two mask
     fields when a row is constrained) and its host-side flags. Constrained rows' masks are
-    filled here, from their grammars' state after every token the host has seen."""
-    temp = np.array([s.req.temperature for s in rows], dtype=np.float32)
-    top_k = np.array([s.req.top_k for s in rows], dtype=np.int64)
-    top_p = np.array([s.req.top_p for s in rows], dtype=np.float32)
-    arrays = [temp, top_k, top_p, np.array([s.req.seed for s in rows], dtype=np.int64),
-              np.array([s.next_index for s in rows], dtype=np.int64)]
-    constrained = [i for i, s in enumerate(rows) if s.req.grammar is not None]
+    filled here, from their grammars' state after every token the host has seen. With
+    `batch`, the last `len(d.order)` rows are its decode rows, read from their batch rows."""
+    head = rows[:len(rows) - len(d.order)] if d is not None else rows
+    arrays = [np.array([s.req.temperature for s in head], dtype=np.float32),
+              np.array([s.req.top_k for s in head], dtype=np.int64),
+              np.array([s.req.top_p for s in head], dtype=np.float32),
+              np.array([s.req.seed for s in head], dtype=np.int64),
+              np.array([s.next_index for s in head], dtype=np.int64)] if head else []
+    constrained = [i for i, s in enumerate(head) if s.req.grammar is not None]
+    flags = None
+    if d is not None:
+        tail, tail_constrained, flags = batch.sampling(d.order, d.ctx)
+        if head:
+            arrays = [np.concatenate((a, t)) for a, t in zip(arrays, tail)]
+            flags = None
+        else:
+            arrays = tail
+        if len(tail_constrained):
+            constrained += (len(head) + tail_constrained).tolist()
+    temp, top_k, top_p = arrays[:3]
     if constrained:
         masks, why = masks_for([rows[i].req.grammar for i in constrained], vocab)
         for i, mask, w in zip(constrained, masks, why):
@@ -198,9 +235,24 @@ def _sampling(rows: list[Sequence], vocab: int) -> tuple[list[np.ndarray], dict[
             if w is not None and s.failed is None:
                 s.failed = ("grammar_failed", w)  # its token is not taken: the job ends
         arrays += [np.array(constrained, dtype=np.int64), masks]
-    return arrays, dict(any_random=bool((temp > 0).any()),
-                        any_top_k=bool(((top_k > 0) & (temp > 0)).any()),
-                        any_top_p=bool(((top_p < 1) & (temp > 0)).any()))
+    return arrays, flags or dict(any_random=bool((temp > 0).any()),
+                                 any_top_k=bool(((top_k > 0) & (temp > 0)).any()),
+                                 any_top_p=bool(((top_p < 1) & (temp > 0)).any()))
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _block_table(seqs: list[Sequence], ctx: list[int], block_size: int) -> np.ndarray:
+    """[B, nblocks] the KV block ids each sequence's first `ctx` positions lie in (a
+    sequence's slots run block by block: every bs-th one names a block)."""
+    nb = -(-max(ctx) // block_size)
+    table = np.zeros((len(seqs), nb), dtype=np.int64)
+    for i, (s, n) in enumerate(zip(seqs, ctx)):
+        k = -(-n // block_size)
+        table[i, :k] = s.slots[:k * block_size:block_size] // block_size
+    return table
 
 
 class Runner:
@@ -237,44 +289,80 @@ class Runner:
         With decode graphs, the decode rows go to a fixed-shape forward (a graph replay)
         and only the prompts, if any, to the packed forward: the two touch disjoint KV
         slots and their logits are concatenated in `plan.rows` order (prompts first)."""
-        key = ctx = None
-        if (self.graphs is not None and not self.graphs.disabled and plan.decode
-                and not any(s.done for s in plan.decode)):
-            # (A failed start-up check keeps decode on the packed forward, which is tested;
-            # static batching's finished rows are that forward's business too.)
-            ctx = [s.next_index for s in plan.decode]
-            key = self.graphs.choose(ctx)
         b = _Builder()
         for lane, shared in self._prefill_groups(plan):
             b.prefill(lane, plan.pad_to, shared)
-        if plan.decode and key is None:
-            b.decode(plan.decode, self.block_size)  # reorders plan.decode into its groups
+        batch, graphs, key, d = plan.batch, self.graphs, None, None
+        use_graphs = (graphs is not None and not graphs.disabled and plan.decode
+                      and not any(s.done for s in plan.decode))
+        # (A failed start-up check keeps decode on the packed forward, which is tested;
+        # static batching's finished rows are that forward's business too.)
+        if plan.decode and batch is not None:
+            rows = plan.decode_rows if plan.decode_rows is not None else batch.rows_of(plan.decode)
+            order, groups, ctx = batch.groups.step(rows)
+            plan.decode[:] = [batch.seqs[r] for r in order.tolist()]  # the logit rows follow
+            plan.decode_rows = order
+            if use_graphs:
+                key = graphs.choose(batch.ctx(order), len(groups))
+            d = batch.decode_inputs(order, groups if key is None else [],
+                                    0 if key is not None else b.rows, ctx)
+            if key is None:
+                b.decode_rows(d)
+        elif plan.decode:
+            ctx = [s.next_index for s in plan.decode]
+            key = graphs.choose(ctx) if use_graphs else None
+            if key is None:
+                b.decode(plan.decode, self.block_size)  # reorders plan.decode into its groups
         t_mask = time.perf_counter()
-        sampling, flags = _sampling(plan.rows, self.model.args.vocab_size)
+        sampling, flags = _sampling(plan.rows, self.model.args.vocab_size, d and batch, d)
         mask_s = time.perf_counter() - t_mask if len(sampling) > 5 else 0.0
-        top_n = max((s.req.logprobs for s in plan.rows), default=0)
+        top_n = max((s.req.logprobs for lane in plan.prefill for s in lane), default=0)
+        top_n = max(top_n, int(batch.lp[d.order].max()) if d is not None else
+                    max((s.req.logprobs for s in plan.decode), default=0))
         host: list[np.ndarray] = []
-        fields = [(k, v) for g in b.groups for k, v in g.items() if k != "rows" and v is not None]
+        if self.stager is None:  # tables that persist across steps: tensors made once
+            for g in b.groups:
+                memo = g.pop("memo", None)
+                if memo is not None:
+                    if not memo:
+                        memo.update((k, self._t(v)) for k, v in g.items()
+                                    if k != "rows" and v is not None)
+                    g.update(memo)
+        fields = [(k, v) for g in b.groups for k, v in g.items()
+                  if k not in ("rows", "memo") and isinstance(v, np.ndarray)]
+        logit_rows = b.logit_rows_array()
         if b.rows:
-            host += [np.concatenate(b.tokens), np.concatenate(b.positions),
-                     np.concatenate(b.slots), np.array(b.logit_rows, dtype=np.int64)]
+            host += [_cat(b.tokens), _cat(b.positions), _cat(b.slots)]
+            host += [] if logit_rows is None else [logit_rows]
             host += [np.ascontiguousarray(v) for _, v in fields]
-        fed = b.fed
+        fed = _feed(b.fed, prev)
+        if d is not None and len(d.fed_dst):
+            if prev is None:
+                raise RuntimeError("a sequence has a token on the device but no step is in flight")
+            fed = [np.concatenate([fed[0], d.fed_dst]), np.concatenate([fed[1], d.fed_src])] \
+                if fed else [d.fed_dst, d.fed_src]
         if key is not None:
             seqs = plan.decode
-            host.append(self.graphs.host_inputs(key, *_decode_rows(seqs, ctx), ctx=ctx,
-                                                slots=[s.slots for s in seqs]))
-            fed = [(i, s) for i, s in enumerate(seqs) if s.pending]
-            b.attn_real += sum(ctx)
+            if d is not None:
+                table = batch.block_table(d.order, key[1] // self.block_size)
+                host.append(graphs.host_inputs(key, d.tokens, d.positions, d.write_slots,
+                                               d.ctx, table))
+                b.attn_real += int(d.ctx.sum())
+            else:
+                host.append(graphs.host_inputs(key, *_decode_rows(seqs, ctx), ctx=ctx,
+                                               table=_block_table(seqs, ctx, self.block_size)))
+                fed = _feed([(i, s) for i, s in enumerate(seqs) if s.pending], prev)
+                b.attn_real += sum(ctx)
             b.attn_padded += key[0] * key[1]
-        host += sampling + _feed(fed, prev)
+        host += sampling + fed
         dev = self.stager.stage(host) if self.stager else [self._t(a) for a in host]
         it = iter(dev)
         inp = graph = None
         if b.rows:
-            tokens, positions, write_slots, logit_rows = (next(it) for _ in range(4))
-            groups = [AttnGroup(**{k: v if k == "rows" or v is None else next(it)
-                                   for k, v in g.items()}) for g in b.groups]
+            tokens, positions, write_slots = (next(it) for _ in range(3))
+            logit_rows = None if logit_rows is None else next(it)
+            groups = [AttnGroup(**{k: next(it) if isinstance(v, np.ndarray) else v
+                                   for k, v in g.items() if k != "memo"}) for g in b.groups]
             inp = StepInput(tokens=tokens, positions=positions, write_slots=write_slots,
                             groups=groups, logit_rows=logit_rows)
         if key is not None:

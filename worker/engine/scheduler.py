@@ -41,11 +41,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from worker.engine.batch import DecodeBatch
 from worker.engine.blocks import BlockPool, block_hashes
 from worker.engine.lanes import lane_of
 from worker.engine.sequence import Completion, Request, Sequence
 from worker.model.grammar import MAX_WHY, mask_allows
 from worker.ops import failpoints
+
+
+FEW_ROWS = 4  # postprocess takes up to this many decode rows one by one
 
 
 @dataclass(slots=True)
@@ -55,6 +59,10 @@ class StepPlan:
     prefill: list[list[Sequence]] = field(default_factory=list)  # one list per lane
     decode: list[Sequence] = field(default_factory=list)  # running sequences, one token each
     pad_to: int = 0  # static batching (ladder only): prompts padded to this length; 0 = none
+    # The persistent batch the decode rows live in (None: the ladder's policies), and their
+    # rows in it, in `decode` order once the runner has grouped them.
+    batch: DecodeBatch | None = None
+    decode_rows: np.ndarray | None = None
 
     @property
     def rows(self) -> list[Sequence]:
@@ -79,6 +87,8 @@ class Scheduler:
         self.live: dict[int, Sequence] = {}  # every sequence added and not finished, by key
         # (key, token) of watched requests' tokens since the executor last took them.
         self.progress: list[tuple[int, int]] = []
+        self.batch: DecodeBatch | None = DecodeBatch(block_size, self.eos_ids, overlap)
+        self._running_rows: np.ndarray | None = None  # `running`'s batch rows; None: unknown
 
     # -- entry and exit ---------------------------------------------------------------
 
@@ -131,19 +141,31 @@ class Scheduler:
             plan = StepPlan(prefill=[[seq]])
             if self.overlap:
                 self.running.extend(plan.prefill[0])  # running from launch on, as below
+                self._running_rows = None
             return plan
+        plan = StepPlan(decode=list(self.running), batch=self.batch,
+                        decode_rows=self._running_rows)
         if self.overlap:
-            # One token behind: skip a sequence whose in-flight token is its last by length,
-            # and a constrained one whose in-flight token its grammar has not seen (its next
-            # mask depends on it): those decode every other step.
-            plan = StepPlan(decode=[s for s in self.running
-                                    if len(s.generated) + s.pending < s.req.max_new_tokens
-                                    and not (s.pending and s.req.grammar is not None)])
-        else:
-            plan = StepPlan(decode=list(self.running))
+            self._one_behind(plan)
         if not self.solo:  # else let the running set drain before the solo job
             self._add_prompts(plan)
         return plan
+
+    def _one_behind(self, plan: StepPlan) -> None:
+        """Overlap: skip a sequence whose in-flight token is its last by length, and a
+        constrained one whose in-flight token its grammar has not seen (its next mask
+        depends on it): those decode every other step."""
+        b = self.batch  # (the ladder's policies, which have none, never overlap)
+        rows = plan.decode_rows
+        if rows is None:
+            rows = self._running_rows = b.rows_of(plan.decode)
+        ok = (b.ngen[rows] + b.pend[rows] < b.max_new[rows]) & ~((b.pend[rows] > 0)
+                                                                 & b.grammar[rows])
+        if not ok.all():
+            keep = np.flatnonzero(ok)
+            plan.decode = [plan.decode[i] for i in keep.tolist()]
+            rows = rows[keep]
+        plan.decode_rows = rows
 
     def _add_prompts(self, plan: StepPlan) -> None:
         """Fill the step's remaining token room with waiting prompts."""
@@ -151,6 +173,7 @@ class Scheduler:
         if self.overlap:
             for lane in plan.prefill:  # running from launch on, not from postprocess
                 self.running.extend(lane)
+                self._running_rows = None
 
     def _oldest_lane(self) -> int:
         return min(self.lanes, key=lambda k: self.lanes[k][0].waiting_since)
@@ -208,8 +231,24 @@ class Scheduler:
 
     def launched(self, plan: StepPlan) -> None:
         """Overlap only: the plan is on the device; its tokens come back at postprocess."""
-        for s in plan.rows:
+        rows = plan.rows
+        for s in rows:
             s.pending += 1
+        b = self.batch
+        if b is not None:  # every row is running from its launch on (the prompts join here)
+            prompts = b.rows_of(rows[:len(rows) - len(plan.decode)])
+            ids = np.concatenate((prompts, self._decode_rows(plan)))
+            mine = ids[len(prompts):]  # (a prompt joined with its pending counted)
+            b.pend[mine] += 1
+            b.nctx[mine] += 1
+            b.at[ids] = np.arange(len(ids))
+
+    def _decode_rows(self, plan: StepPlan) -> np.ndarray:
+        """The plan's decode rows in the batch (a plan made outside `schedule`, as the
+        kernel ceiling's, names only sequences)."""
+        if plan.decode_rows is None:
+            plan.decode_rows = self.batch.rows_of(plan.decode)
+        return plan.decode_rows
 
     def end(self, key: int, reason: str, now: float,
             error: tuple[str, str] | None = None) -> Completion | None:
@@ -226,6 +265,7 @@ class Scheduler:
             if self.overlap:
                 seq.retired = True  # rows of it still on the device are dropped when read
             self.running.remove(seq)
+            self._running_rows = None
         elif seq.req.solo:
             self.solo.remove(seq)
         else:
@@ -239,8 +279,8 @@ class Scheduler:
                     logprobs: np.ndarray | None = None) -> list[Completion]:
         """Append each row's sampled token; retire finished sequences. tokens (and the rows
         of `logprobs`, when the step computed them) follow plan.rows."""
-        if self.overlap:
-            return self._postprocess_overlapped(plan, tokens, now, logprobs)
+        if self.batch is not None:
+            return self._postprocess_batched(plan, tokens, now, logprobs)
         done: list[Completion] = []
         still: list[Sequence] = []
         for i, (seq, tok) in enumerate(zip(plan.rows, tokens, strict=True)):
@@ -286,37 +326,112 @@ class Scheduler:
             return "stop"
         return "length" if len(seq.generated) >= req.max_new_tokens else None
 
-    def _postprocess_overlapped(self, plan: StepPlan, tokens: list[int], now: float,
-                                logprobs: np.ndarray | None) -> list[Completion]:
+    def _postprocess_batched(self, plan: StepPlan, tokens: list[int], now: float,
+                             logprobs: np.ndarray | None) -> list[Completion]:
+        """`postprocess` over the persistent batch: the prompts' first tokens and the rows
+        that need the host per token (`DecodeBatch.slow`) one by one; for the rest, their
+        tokens appended and the finish checks made on the batch's arrays."""
+        b, overlap = self.batch, self.overlap
         done: list[Completion] = []
-        for i, (seq, tok) in enumerate(zip(plan.rows, tokens, strict=True)):
-            seq.pending -= 1
-            if seq.retired:
-                continue  # launched before the host saw its stop token: a wasted row
-            reason = self._append(seq, tok, len(seq.req.prompt) - seq.start, now,
+
+        def one(i: int, seq: Sequence, prompt_rows: int) -> None:
+            if overlap:
+                if seq.retired:
+                    return
+            reason = self._append(seq, tokens[i], prompt_rows, now,
                                   None if logprobs is None else logprobs[i])
             if reason is not None:
-                seq.retired = True
+                seq.retired = overlap
                 done.append(self._finish(seq, reason, now))
-        if done:
-            self.running = [s for s in self.running if not s.retired]
+            elif seq.row >= 0:
+                b.sync(seq)
+            else:
+                b.join(seq)  # running from its first token on
+
+        n_pre = len(tokens) - len(plan.decode)
+        for i, seq in enumerate(s for lane in plan.prefill for s in lane):
+            seq.pending -= overlap
+            one(i, seq, len(seq.req.prompt) - seq.start)
+        seqs = plan.decode
+        if len(seqs) <= FEW_ROWS:  # the per-row path costs less than the array operations
+            for i, seq in enumerate(seqs):
+                seq.pending -= overlap
+                one(n_pre + i, seq, 0)
+        else:
+            self._decode_batched(plan, tokens[n_pre:], now, done, one, n_pre)
+        if overlap:
+            if done:
+                self.running = [s for s in self.running if not s.retired]
+                self._running_rows = None
+        else:
+            if plan.prefill or done:
+                self.running = [s for s in plan.rows if s.row >= 0]
+                self._running_rows = None
+            else:  # the same sequences, in the order the runner grouped them
+                self.running, self._running_rows = plan.decode, plan.decode_rows
+        b.settle()
         return done
+
+    def _decode_batched(self, plan: StepPlan, toks: list[int], now: float,
+                        done: list[Completion], one, n_pre: int) -> None:
+        """The decode rows' tokens: appended, and the finish checks made, on the batch's
+        arrays; rows that need the host per token go to `one`."""
+        b, overlap, seqs = self.batch, self.overlap, plan.decode
+        rows = self._decode_rows(plan)
+        if overlap:
+            for s in seqs:
+                s.pending -= 1
+            b.pend[rows] -= 1
+            b.nctx[rows] -= 1
+            live = ~np.fromiter((s.retired for s in seqs), np.bool_, len(seqs))
+        else:
+            live = np.ones(len(seqs), dtype=np.bool_)
+        slow = b.slow[rows]
+        fast = np.flatnonzero(live & ~slow)
+        if len(fast) == len(seqs):
+            for s, t in zip(seqs, toks):
+                s.generated.append(t)
+        else:
+            for i in fast.tolist():
+                seqs[i].generated.append(toks[i])
+        fr, ft = rows[fast], np.asarray(toks, dtype=np.int64)[fast]
+        b.ngen[fr] += 1
+        b.nctx[fr] += 1
+        b.rows_run[fr] += 1  # its computed tokens, settled when it leaves
+        b.last[fr] = ft
+        if self.pool.caching:  # a block just filled: its content key
+            for i in fast[(b.plen[fr] + b.ngen[fr] - 1) % self.block_size == 0].tolist():
+                self._key_full_blocks(seqs[i])
+        stop = b.eos_ends[fr] & (ft[:, None] == b.eos[None, :]).any(axis=1)
+        ended = stop | (b.ngen[fr] >= b.max_new[fr])
+        for i, st in zip(fast[ended].tolist(), stop[ended].tolist()):
+            seqs[i].retired = overlap
+            done.append(self._finish(seqs[i], "stop" if st else "length", now))
+        for i in np.flatnonzero(live & slow).tolist():
+            one(n_pre + i, seqs[i], 0)
 
     def _key_full_blocks(self, seq: Sequence) -> None:
         """Give content keys to the blocks whose every position's KV is written: all the
         sequence's tokens but the newest (its KV is written when it is fed back)."""
         bs = self.block_size
         full = min((seq.num_tokens - 1) // bs, len(seq.blocks))
-        if full <= len(seq.keys):
+        start = len(seq.keys)
+        if full <= start:
             return
-        tokens = seq.req.prompt + seq.generated
-        for j, key in enumerate(block_hashes(tokens[:full * bs], bs,
-                                             seq.keys[-1] if seq.keys else b"",
-                                             start=len(seq.keys)), start=len(seq.keys)):
+        # Only the new blocks' tokens: the whole history, joined and converted each time a
+        # block fills, cost more than the hash (tens of microseconds at a few hundred).
+        prompt, lo, hi = seq.req.prompt, start * bs, full * bs
+        n = len(prompt)
+        tokens = (prompt[lo:hi] if hi <= n
+                  else prompt[lo:] + seq.generated[max(0, lo - n):hi - n])
+        for j, key in enumerate(block_hashes(tokens, bs, seq.keys[-1] if seq.keys else b""),
+                                start=start):
             seq.keys.append(key)
             self.pool.register(seq.blocks[j], key)
 
     def _finish(self, seq: Sequence, reason: str, now: float) -> Completion:
+        if seq.row >= 0:
+            self.batch.leave(seq)
         self.pool.release(seq.req.key)
         del self.live[seq.req.key]
         return Completion(key=seq.req.key, tokens=seq.generated, finish_reason=reason,

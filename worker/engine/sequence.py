@@ -90,6 +90,7 @@ class Sequence:
     # it at its next token, when one of its own parts failed: (error code, why).
     mask: np.ndarray | None = None
     failed: tuple[str, str] | None = None
+    row: int = -1  # its row in the scheduler's persistent batch (worker.engine.batch); -1: none
 
     @property
     def num_tokens(self) -> int:

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from worker.engine.build import Engine
-from worker.engine.scheduler import StepPlan, _advance_grammar
+from worker.engine.postprocess import _advance_grammar
+from worker.engine.scheduler import StepPlan
 from worker.engine.sequence import Completion, Request
 from worker.engine.step import turn
 from worker.model.grammar import Grammars, mask_allows

@@ -226,7 +226,7 @@ def test_add_all_is_add_one_by_one() -> None:
 
 
 def test_padded_prefill_rows() -> None:
-    from worker.engine.runner import SCRATCH_SLOT, _Builder
+    from worker.engine.packing import SCRATCH_SLOT, Builder
 
     s = _sched()
     a = Request(key=1, prompt=[11, 12], max_new_tokens=1, reserved_tokens=16, temperature=0.0,
@@ -236,7 +236,7 @@ def test_padded_prefill_rows() -> None:
     s.add_all([a, b], 0.0)
     seqs = [x for q in s.lanes.values() for x in q]
     seqs.sort(key=lambda x: x.req.key)
-    bld = _Builder()
+    bld = Builder()
     bld.prefill(seqs, pad_to=4)  # static batching: both padded to 4 rows
     assert bld.tokens[0].tolist() == [11, 12, 0, 0, 21, 22, 23, 24]
     assert bld.positions[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
@@ -245,7 +245,7 @@ def test_padded_prefill_rows() -> None:
     assert bld.logit_rows == [1, 7] and bld.rows == 8
     g = bld.groups[0]
     assert g["kv_slots"].tolist() == [sa[:2] + [SCRATCH_SLOT] * 2, sb[:4]]
-    bld2 = _Builder()
+    bld2 = Builder()
     bld2.prefill(seqs, pad_to=0)  # packed: no padding rows at all
     assert bld2.tokens[0].tolist() == [11, 12, 21, 22, 23, 24]
     assert bld2.positions[0].tolist() == [0, 1, 0, 1, 2, 3] and bld2.logit_rows == [1, 5]

@@ -40,7 +40,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loadgen import agentbench, embedbench, fleetbench
+from loadgen import agentbench, embedbench, fleetbench, hostpath
 from loadgen.broker import EmbeddedNats
 from loadgen.ceiling import kernel_ceiling
 from loadgen.rung import BenchConfig, machine, run_backlog, run_rung, run_sustained
@@ -107,6 +107,11 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
             result["agent"] = agentbench.run_agent(cfg, broker, work, log, partial=lambda: partial(result))
         if cfg.embed_model:
             result["embed"] = embedbench.run_embed(cfg, broker, work, log, partial=lambda: partial(result))
+    if cfg.host_path_steps:
+        log("host path (builtin:null, batch 1, 32, 256) ...")
+        result["host_path"] = hostpath.host_path_table(steps=cfg.host_path_steps,
+                                                       device=cfg.device)
+        partial(result)
     jobs = generate(WorkloadSpec(num_jobs=cfg.jobs, seed=cfg.seed, run_id="r4"))
     top = result["rungs"].get("4", {}).get("completions", {})
     log(f"kernel-only ceiling ({cfg.ceiling_runs} runs, median) ...")
@@ -187,6 +192,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines += agentbench.markdown(result["agent"])
     if "embed" in result:
         lines += embedbench.markdown(result["embed"])
+    if "host_path" in result:
+        lines += ["", "Host path: the executor's own work per decode step, the model excluded "
+                  "(builtin:null), by phase, in ms (median):", "",
+                  hostpath.render(result["host_path"]).rstrip()]
     if "null_model" in result:
         n = result["null_model"]
         lines += ["", f"Null model (broker path alone): {n['jobs_per_s']:,.0f} jobs/s through one "

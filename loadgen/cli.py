@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
                             "embedding table -- worker, a SentenceTransformer consumer, the "
                             "kernel-only ceiling -- on the same texts (empty = skip)")
     bench.add_argument("--embed-jobs", type=int, default=2000, help="texts for the table")
+    bench.add_argument("--host-path-steps", type=int, default=200,
+                       help="the host path table: decode steps timed at batch 1, 32 and 256 "
+                            "on builtin:null, by phase (0 = skip)")
     bench.add_argument("--fleet-sustained-s", type=float, default=0.0,
                        help="the same comparison under S seconds of sustained load, read over "
                             "the last three quarters (0 = skip)")
@@ -307,7 +310,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       agent_turns=args.agent_turns,
                       agent_system_prompts=args.agent_system_prompts,
                       agent_system_tokens=args.agent_system_tokens,
-                      embed_model=args.embed_model, embed_jobs=args.embed_jobs)
+                      embed_model=args.embed_model, embed_jobs=args.embed_jobs,
+                      host_path_steps=args.host_path_steps)
     result = run_bench(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True))
     print((args.out / "ladder.md").read_text(), end="")
     return 0 if all(r["jobs_ok"] == r["jobs"] for r in result["rungs"].values()) else 1

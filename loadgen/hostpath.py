@@ -29,7 +29,8 @@ PHASES = ("schedule", "prepare", "launch", "postprocess")
 
 
 def measure(batch: int, steps: int = 200, warmup: int = 20, model: str = "builtin:null",
-            prompt_range: tuple[int, int] = (32, 512), seed: int = 0) -> dict:
+            prompt_range: tuple[int, int] = (32, 512), seed: int = 0,
+            device: str = "cpu") -> dict:
     """Median ms per phase over `steps` decode steps at `batch` rows (after `warmup`)."""
     from worker.engine.blocks import padded_tokens
     from worker.engine.build import build_engine
@@ -40,7 +41,7 @@ def measure(batch: int, steps: int = 200, warmup: int = 20, model: str = "builti
     new = warmup + steps + 8  # nobody finishes while measured
     lens = [rng.randint(*prompt_range) for _ in range(batch)]
     budget = sum(padded_tokens(n + new, 16) for n in lens)
-    eng = build_engine(model, "cpu", "float32", budget, prompt_range[1] + new)
+    eng = build_engine(model, device, "float32", budget, prompt_range[1] + new)
     sched, runner = eng.scheduler(overlap=eng.overlaps), eng.runner()
     vocab = eng.loaded.args.vocab_size
     reqs = [Request.greedy(i, [rng.randrange(3, vocab) for _ in range(n)], new)
@@ -80,8 +81,18 @@ def measure(batch: int, steps: int = 200, warmup: int = 20, model: str = "builti
     return out
 
 
-def host_path_table(batches: tuple[int, ...] = (1, 32, 256), steps: int = 200) -> list[dict]:
-    return [measure(b, steps) for b in batches]
+def host_path_table(batches: tuple[int, ...] = (1, 32, 256), steps: int = 200,
+                    device: str = "cpu") -> list[dict]:
+    """`measure` at each batch size, on one intra-op thread (the model's share of the step,
+    `launch`, is not what is measured, and a thread pool waking on a busy machine is noise)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [measure(b, steps, device=device) for b in batches]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def render(rows: list[dict]) -> str:
@@ -96,7 +107,7 @@ if __name__ == "__main__":
     import json
     import sys
 
-    rows = host_path_table()
+    rows = host_path_table(steps=int(sys.argv[2]) if len(sys.argv) > 2 else 200)
     print(render(rows))
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:

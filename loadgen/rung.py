@@ -58,6 +58,7 @@ class BenchConfig:
     # this many texts; "" = skip (loadgen.embedbench).
     embed_model: str = ""
     embed_jobs: int = 2000
+    host_path_steps: int = 200  # decode steps per batch size for the host-path table (0: skip)
     agent_turns: int = 4
     agent_system_prompts: int = 4
     agent_system_tokens: tuple[int, int] = (300, 700)

@@ -211,11 +211,15 @@ class DecodeBatch:
     def check(self) -> None:
         """The mirror equals the sequences; free and held rows partition the table."""
         held = {r for r, s in enumerate(self.seqs) if s is not None}
-        assert held.isdisjoint(self._free) and len(held) + len(self._free) == self.cap
+        idle = self._free + self._cooling + self._cooled  # free, or soon (`settle`)
+        assert len(set(idle)) == len(idle) and held.isdisjoint(idle)
+        assert len(held) + len(idle) == self.cap
+        assert held == set(np.flatnonzero(self.held).tolist())
         for r in held:
             s = self.seqs[r]
             assert s.row == r, (s.row, r)
             assert self.ngen[r] == len(s.generated), (r, self.ngen[r], len(s.generated))
             assert self.pend[r] == s.pending, (r, self.pend[r], s.pending)
+            assert self.nctx[r] == s.next_index, (r, self.nctx[r], s.next_index)
             assert self.last[r] == (s.generated[-1] if s.generated else 0)
             assert (self.slots[r, :len(s.slots)] == s.slots).all()

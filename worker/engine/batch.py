@@ -15,15 +15,15 @@ Rows:
   when it is admitted), whether it needs the host per token (`slow`: a grammar, logprobs,
   stop ids, a watched stream), whether the model's end ids end it;
 - dynamic, mirrored from the sequence wherever the scheduler changes it: tokens generated
-  (`ngen`), tokens on the device (`pend`), the newest token on the host (`last`), and the
-  row it occupied in the last step launched (`at`, for feeding the token still in flight).
+  (`ngen`), tokens on the device (`pend`), their sum with the prompt (`nctx`, the next
+  token's context), the newest token on the host (`last`), the row it occupied in the
+  last step launched (`at`, for feeding the token still in flight), and the decode rows
+  it ran on the array path (`rows_run`, added to its computed tokens when it leaves).
 
-Attention groups (`worker.engine.cascades`, `worker.engine.lanes`) are kept too: every
-context grows by one token per step, so a grouping stays valid while nobody joins (a group
-that loses members is still a valid group). Sequences that join are grouped among
-themselves until the next full regrouping, which runs at most every `REGROUP_STEPS` steps.
-
-The dynamic mirror is checked against the sequences by `check` (tests).
+A row left is free again only after the next postprocess (`settle`): with overlapped
+steps, the step in flight may still name it. The attention groups and their key tables
+live beside the rows (`worker.engine.groups`). The mirror is checked against the
+sequences by `check` (tests).
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class DecodeRows:
 
 
 class DecodeBatch:
+    """The running sequences' rows (`join` when one starts decoding, `leave` when it ends)."""
+
     def __init__(self, block_size: int, eos_ids: frozenset[int], overlap: bool = False):
         self.bs = block_size
         self.overlap = overlap  # tokens may be on the device when a step is prepared

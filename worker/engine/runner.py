@@ -140,15 +140,15 @@ class Runner:
         for lane, shared in self._prefill_groups(plan):
             b.prefill(lane, plan.pad_to, shared)
         batch, graphs, key, d = plan.batch, self.graphs, None, None
-        use_graphs = (graphs is not None and not graphs.disabled and plan.decode
-                      and not any(s.done for s in plan.decode))
         # (A failed start-up check keeps decode on the packed forward, which is tested;
-        # static batching's finished rows are that forward's business too.)
+        # static batching's finished rows, never in a batch, are that forward's business.)
+        use_graphs = graphs is not None and not graphs.disabled and bool(plan.decode)
         if plan.decode and batch is not None:
             rows = plan.decode_rows if plan.decode_rows is not None else batch.rows_of(plan.decode)
             order, groups, ctx = batch.groups.step(rows)
-            plan.decode[:] = [batch.seqs[r] for r in order.tolist()]  # the logit rows follow
-            plan.decode_rows = order
+            if order is not rows:  # (the same object: the rows are already in group order)
+                plan.decode[:] = [batch.seqs[r] for r in order.tolist()]  # logit rows follow
+                plan.decode_rows = order
             if use_graphs:
                 key = graphs.choose(batch.ctx(order), len(groups))
             d = batch.decode_inputs(order, groups if key is None else [],
@@ -157,6 +157,7 @@ class Runner:
                 b.decode_rows(d)
         elif plan.decode:
             ctx = [s.next_index for s in plan.decode]
+            use_graphs = use_graphs and not any(s.done for s in plan.decode)
             key = graphs.choose(ctx) if use_graphs else None
             if key is None:
                 b.decode(plan.decode, self.block_size)  # reorders plan.decode into its groups

@@ -40,7 +40,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loadgen import agentbench, embedbench, fleetbench, hostpath
+from loadgen import agentbench, embedbench, fleetbench, hostpath, peer
 from loadgen.broker import EmbeddedNats
 from loadgen.ceiling import kernel_ceiling
 from loadgen.rung import BenchConfig, machine, run_backlog, run_rung, run_sustained
@@ -107,6 +107,9 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
             result["agent"] = agentbench.run_agent(cfg, broker, work, log, partial=lambda: partial(result))
         if cfg.embed_model:
             result["embed"] = embedbench.run_embed(cfg, broker, work, log, partial=lambda: partial(result))
+        if cfg.peer_jobs:
+            result["peer"] = peer.run_peer(cfg, broker, work, log)
+            partial(result)
     if cfg.host_path_steps:
         log("host path (builtin:null, batch 1, 32, 256) ...")
         result["host_path"] = hostpath.host_path_table(steps=cfg.host_path_steps,
@@ -192,6 +195,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += agentbench.markdown(result["agent"])
     if "embed" in result:
         lines += embedbench.markdown(result["embed"])
+    lines += peer.markdown(result.get("peer", {}))
     if "host_path" in result:
         lines += ["", "Host path: the executor's own work per decode step, the model excluded "
                   "(builtin:null), by phase, in ms (median):", "",

@@ -115,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--host-path-steps", type=int, default=200,
                        help="the host path table: decode steps timed at batch 1, 32 and 256 "
                             "on builtin:null, by phase (0 = skip)")
+    bench.add_argument("--peer-jobs", type=int, default=0,
+                       help="a peer on the same weights and jobs: N ragged prompts through "
+                            "this worker and through transformers' generate_batch (0 = skip)")
+    bench.add_argument("--ceiling-runs", type=int, default=3,
+                       help="kernel-only ceiling runs; the median is reported")
+    bench.add_argument("--peer-max-new", type=int, default=128,
+                       help="new tokens per peer job (generate_batch takes one length)")
     bench.add_argument("--fleet-sustained-s", type=float, default=0.0,
                        help="the same comparison under S seconds of sustained load, read over "
                             "the last three quarters (0 = skip)")
@@ -311,7 +318,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       agent_system_prompts=args.agent_system_prompts,
                       agent_system_tokens=args.agent_system_tokens,
                       embed_model=args.embed_model, embed_jobs=args.embed_jobs,
-                      host_path_steps=args.host_path_steps)
+                      host_path_steps=args.host_path_steps, peer_jobs=args.peer_jobs,
+                      peer_max_new=args.peer_max_new, ceiling_runs=args.ceiling_runs)
     result = run_bench(cfg, args.out, log=lambda m: print(m, file=sys.stderr, flush=True))
     print((args.out / "ladder.md").read_text(), end="")
     return 0 if all(r["jobs_ok"] == r["jobs"] for r in result["rungs"].values()) else 1

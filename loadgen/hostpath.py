@@ -21,6 +21,7 @@ issue 24 (at most 0.5 ms at batch 256 and 0.12 ms at batch 1 on the 2-core machi
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -28,20 +29,20 @@ import time
 PHASES = ("schedule", "prepare", "launch", "postprocess")
 
 
-def measure(batch: int, steps: int = 200, warmup: int = 20, model: str = "builtin:null",
-            prompt_range: tuple[int, int] = (32, 512), seed: int = 0,
-            device: str = "cpu") -> dict:
-    """Median ms per phase over `steps` decode steps at `batch` rows (after `warmup`)."""
+def steady(batch: int, new: int, model: str = "builtin:null", device: str = "cpu",
+           dtype: str = "float32", prompt_range: tuple[int, int] = (32, 512),
+           seed: int = 0) -> tuple:
+    """(engine, scheduler, runner, step in flight) with `batch` sequences prefilled and
+    ready to decode `new` tokens each (none of them ends before)."""
     from worker.engine.blocks import padded_tokens
     from worker.engine.build import build_engine
     from worker.engine.sequence import Request
     from worker.engine.step import turn
 
     rng = random.Random(seed)
-    new = warmup + steps + 8  # nobody finishes while measured
     lens = [rng.randint(*prompt_range) for _ in range(batch)]
     budget = sum(padded_tokens(n + new, 16) for n in lens)
-    eng = build_engine(model, device, "float32", budget, prompt_range[1] + new)
+    eng = build_engine(model, device, dtype, budget, prompt_range[1] + new)
     sched, runner = eng.scheduler(overlap=eng.overlaps), eng.runner()
     vocab = eng.loaded.args.vocab_size
     reqs = [Request.greedy(i, [rng.randrange(3, vocab) for _ in range(n)], new)
@@ -52,6 +53,15 @@ def measure(batch: int, steps: int = 200, warmup: int = 20, model: str = "builti
     inflight = None
     while sched.lanes:  # the prompts, as the scheduler packs them
         _, inflight, _ = turn(sched, runner, sched.schedule(), inflight)
+    return eng, sched, runner, inflight
+
+
+def measure(batch: int, steps: int = 200, warmup: int = 20, model: str = "builtin:null",
+            prompt_range: tuple[int, int] = (32, 512), seed: int = 0,
+            device: str = "cpu") -> dict:
+    """Median ms per phase over `steps` decode steps at `batch` rows (after `warmup`)."""
+    eng, sched, runner, inflight = steady(batch, warmup + steps + 8, model, device,
+                                          prompt_range=prompt_range, seed=seed)
     times = {p: [] for p in PHASES}
     pc = time.perf_counter
     for i in range(warmup + steps):
@@ -95,6 +105,46 @@ def host_path_table(batches: tuple[int, ...] = (1, 32, 256), steps: int = 200,
         torch.set_num_threads(threads)
 
 
+def trace(out: str, model: str = "builtin:1b", device: str = "cuda", dtype: str = "bfloat16",
+          batch: int = 64, steps: int = 50, warmup: int = 10) -> dict:
+    """A `torch.profiler` trace of `steps` decode steps at `batch` rows of the executor's own
+    loop (`turn`: overlapped on CUDA), written gzipped in Chrome's format to `out`, and the
+    operators' table beside it (`out` with .txt): where a step's time goes, host and
+    device, for anyone to open in Perfetto."""
+    import gzip
+    import shutil
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from worker.engine.step import turn
+
+    eng, sched, runner, inflight = steady(batch, warmup + steps + 8, model, device, dtype)
+    for _ in range(warmup):
+        _, inflight, _ = turn(sched, runner, sched.schedule(), inflight)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            _, inflight, _ = turn(sched, runner, sched.schedule(), inflight)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    raw = out[:-3] if out.endswith(".gz") else out
+    os.makedirs(os.path.dirname(os.path.abspath(raw)), exist_ok=True)
+    prof.export_chrome_trace(raw)
+    with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(raw)
+    sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    with open(raw.rsplit(".", 1)[0] + ".txt", "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+    return {"trace": raw + ".gz", "steps": steps, "batch": batch, "model": model,
+            "runner": eng.runner_mode, "ms_per_step": 1e3 * wall / steps}
+
+
 def render(rows: list[dict]) -> str:
     head = "| batch | " + " | ".join(PHASES) + " | host (ms/step) |\n"
     head += "| ---: |" + " ---: |" * (len(PHASES) + 1) + "\n"
@@ -104,11 +154,23 @@ def render(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
     import json
-    import sys
 
-    rows = host_path_table(steps=int(sys.argv[2]) if len(sys.argv) > 2 else 200)
-    print(render(rows))
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
-            json.dump(rows, f, indent=1)
+    ap = argparse.ArgumentParser(description="the host path table, or a profiler trace")
+    ap.add_argument("--json", help="write the table's rows here")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--trace", help="instead: a trace of decode steps to this .json.gz")
+    ap.add_argument("--model", default="builtin:1b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, default=64)
+    a = ap.parse_args()
+    if a.trace:
+        print(json.dumps(trace(a.trace, a.model, a.device, a.dtype, a.batch, a.steps)))
+    else:
+        rows = host_path_table(steps=a.steps)
+        print(render(rows))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)

@@ -59,6 +59,8 @@ class BenchConfig:
     embed_model: str = ""
     embed_jobs: int = 2000
     host_path_steps: int = 200  # decode steps per batch size for the host-path table (0: skip)
+    peer_jobs: int = 0  # the same jobs through transformers' generate_batch (0: skip)
+    peer_max_new: int = 128
     agent_turns: int = 4
     agent_system_prompts: int = 4
     agent_system_tokens: tuple[int, int] = (300, 700)

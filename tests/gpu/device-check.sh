@@ -1,38 +1,46 @@
 #!/bin/sh
 # Run THERE, on a lent GPU machine, from the repo root, with .whl carried
-# (tests/gpu/fetch-wheels.sh first, here). One call: the GPU tests, then the ladder on CUDA.
-# Everything it reports lands in $OUT (device-check.log, gpu-tests.log, ladder.*).
-#   device run: sh tests/gpu/device-check.sh      carry: [".whl"]     timeout_s: 540
+# (tests/gpu/fetch-wheels.sh first, here). One call leaves the evidence issue 24 asks for,
+# each part in its own time limit so a part that fails leaves the rest:
+#   the GPU tests; rungs 0, 4, 5 on builtin:1b in bfloat16 (with the host path table on the
+#   device) and in fp8 (device busy from NVML is a column of each); a torch.profiler trace of
+#   50 decode steps at batch 64; the transformers generate_batch peer on the same jobs.
+# Everything lands in $OUT (device-check.log, gpu-tests.log, bf16-*, fp8-*, trace*, peer*).
+#   device run: sh tests/gpu/device-check.sh      carry: [".whl"]     timeout_s: 590
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+LOG="$OUT/device-check.log"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
   command -v nats-server || find /tmp/site -name 'nats-server*' -type f | head -3
-} > "$OUT/device-check.log" 2>&1
-timeout 120 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
-echo "gpu tests exit $?" >> "$OUT/device-check.log"
-# The ladder on the GPU with builtin:1b (a ~1B Llama shape, seeded weights: builtin:small
-# left the first H200 run host-bound), sized to fit one call: the rungs that matter first
-# (4: continuous batching, 5: pipelined with graphs) in bfloat16, then in fp8, then the
-# baselines on a smaller workload. Each bench has its own time limit.
-timeout 150 python3 -m loadgen bench --out "$OUT/ladder45" --device cuda --dtype bfloat16 \
-    --model builtin:1b --rungs 4,5 --jobs 1000 --null-jobs 0 >> "$OUT/device-check.log" 2>&1
-echo "bench rungs 4,5 bf16 exit $?" >> "$OUT/device-check.log"
-timeout 120 python3 -m loadgen bench --out "$OUT/ladder45fp8" --device cuda --dtype fp8 \
-    --model builtin:1b --rungs 4,5 --jobs 800 --null-jobs 0 >> "$OUT/device-check.log" 2>&1
-echo "bench rungs 4,5 fp8 exit $?" >> "$OUT/device-check.log"
-timeout 100 python3 -m loadgen bench --out "$OUT/ladder01" --device cuda --dtype bfloat16 \
-    --model builtin:1b --rungs 0,1 --jobs 200 --serial-jobs 50 --null-jobs 0 >> "$OUT/device-check.log" 2>&1
-echo "bench rungs 0,1 exit $?" >> "$OUT/device-check.log"
-for d in ladder45 ladder45fp8 ladder01; do
-  for f in ladder.md ladder.json ladder.partial.json; do
+} > "$LOG" 2>&1
+timeout 100 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
+echo "gpu tests exit $?" >> "$LOG"
+# builtin:1b: a ~1B Llama shape with seeded weights (builtin:small left the first H200 run
+# host-bound). Rung 0 (serial) on a few jobs only: it is the slow one.
+timeout 150 python3 -m loadgen bench --out "$OUT/bf16" --device cuda --dtype bfloat16 \
+    --model builtin:1b --rungs 0,4,5 --jobs 800 --serial-jobs 40 --null-jobs 0 \
+    --ceiling-runs 1 --host-path-steps 100 >> "$LOG" 2>&1
+echo "bench bf16 exit $?" >> "$LOG"
+timeout 120 python3 -m loadgen bench --out "$OUT/fp8" --device cuda --dtype fp8 \
+    --model builtin:1b --rungs 0,4,5 --jobs 800 --serial-jobs 30 --null-jobs 0 \
+    --ceiling-runs 1 --host-path-steps 0 >> "$LOG" 2>&1
+echo "bench fp8 exit $?" >> "$LOG"
+timeout 50 python3 -m loadgen.hostpath --trace "$OUT/trace-b64.json.gz" --model builtin:1b \
+    --device cuda --dtype bfloat16 --batch 64 --steps 50 >> "$LOG" 2>&1
+echo "trace exit $?" >> "$LOG"
+timeout 110 python3 -m loadgen.peer --out "$OUT/peer" --model builtin:1b --device cuda \
+    --dtype bfloat16 --jobs 256 --max-new 128 >> "$LOG" 2>&1
+echo "peer exit $?" >> "$LOG"
+for d in bf16 fp8 peer; do
+  for f in ladder.md ladder.json ladder.partial.json peer.md peer.json; do
     cp "$OUT/$d/$f" "$OUT/$d-$f" 2>/dev/null
   done
   rm -rf "$OUT/$d"
 done
-cat "$OUT/device-check.log"
+cat "$LOG"

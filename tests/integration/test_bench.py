@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(300)
 
 def test_ladder_smoke(tmp_path) -> None:
     cfg = BenchConfig(jobs=24, model="builtin:tiny", token_budget=4096, low_water=2048,
-                      rungs=(0, 1, 3, 4, 5), null_jobs=300)
+                      rungs=(0, 1, 3, 4, 5), null_jobs=300, host_path_steps=5)
     result = run_bench(cfg, tmp_path, log=lambda m: None)
     rungs = result["rungs"]
     assert all(r["jobs_ok"] == r["jobs"] for r in rungs.values())
@@ -36,12 +36,17 @@ def test_ladder_smoke(tmp_path) -> None:
     assert (null["unique"], null["ok"], null["missing"]) == (300, 300, 0)
     assert null["results"] == 300 and null["jobs_per_s"] > 0  # exactly once, timed
     assert result["ceiling"]["useful_tokens_per_s"] > 0
+    host = result["host_path"]  # the executor's own work per decode step, by phase
+    assert [r["batch"] for r in host] == [1, 32, 256] and all(r["host"] > 0 for r in host)
+    assert all(r["host"] == pytest.approx(r["schedule"] + r["prepare"] + r["postprocess"],
+                                          abs=1e-3) for r in host)
     assert not (tmp_path / "ladder.partial.json").exists()  # replaced by the full file
     assert all(r["device_busy_fraction"] is None for r in rungs.values())  # no GPU here
     on_disk = json.loads((tmp_path / "ladder.json").read_text())
     assert on_disk["machine"]["cores"] and on_disk["rungs"].keys() == rungs.keys()
     md = (tmp_path / "ladder.md").read_text()
     assert "| 4 | continuous |" in md and "| 5 | pipelined |" in md and "Rung 5 runner" in md
+    assert "Host path" in md and "| 256 |" in md
     # The null model runs with one intra-op thread (nothing to compute in parallel), and
     # every worker with the 1 ms GIL switch interval and its start-up heap frozen.
     null_ready = log_event(tmp_path / "work" / "null-0.log", "engine_ready")
@@ -77,7 +82,7 @@ def test_fleet_burst_and_sustained_pinned_and_colocated(tmp_path) -> None:
 
 def test_ladder_sustained(tmp_path) -> None:
     cfg = BenchConfig(jobs=12, model="builtin:tiny", token_budget=2048, low_water=1024,
-                      rungs=(1, 4), null_jobs=0, sustained_s=4.0)
+                      rungs=(1, 4), null_jobs=0, sustained_s=4.0, host_path_steps=0)
     result = run_bench(cfg, tmp_path, log=lambda m: None)
     sus = result["sustained"]
     assert sus.keys() == {"1", "4"}

@@ -74,7 +74,8 @@ def tmp_engine_toml(
     yield make
     if streams and nats_server.is_running():
         # A sync teardown runs outside the session loop, so a private loop is safe here.
-        asyncio.run(delete_streams(nats_server.url, *streams))
+        # The cancels stream too: a cancel kept from one test must not reach the next's workers.
+        asyncio.run(delete_streams(nats_server.url, *streams, "FABRIC_CANCELS"))
 
 
 @pytest.fixture

@@ -88,7 +88,7 @@ class Worker:
                  dead_letters=self.topo.dlq_subject, js_domain=self.topo.js_domain,
                  security=self.security.describe(), failpoints=failpoints.armed() or None)
         await self._build(loop, js, verified)
-        await self.cancels.listen(self.nc, self.opts.cancel_subject)
+        await self.cancels.listen(self.nc, js, self.topo, verified)
         await self.ingress.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.life.stop, sig.name)

@@ -38,7 +38,7 @@ def _topology(cfg: EngineConfig, args: argparse.Namespace) -> Topology:
                     replicas=getattr(args, "replicas", 1),
                     max_ack_pending=getattr(args, "max_ack_pending", 20000),
                     max_deliver=getattr(args, "max_deliver", 5),
-                    js_domain=args.js_domain or None)
+                    js_domain=args.js_domain or None, cancel_subject=args.cancel_subject)
 
 
 def _domain_name(text: str) -> str:
@@ -56,6 +56,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-prefix", default="fabric.results.",
                    help="a job's reply_to must start with this")
     p.add_argument("--ack-wait-s", type=float, default=30.0)
+    p.add_argument("--cancel-subject", type=_subject,
+                   default=os.environ.get("FABRIC_CANCEL_SUBJECT", "fabric.cancel"),
+                   help='core NATS subject of cancel messages, {"ids": [job id, ...]} '
+                        "(or FABRIC_CANCEL_SUBJECT; default fabric.cancel); provision makes "
+                        "a stream keep them")
     p.add_argument("--js-domain", type=_domain_name, default=os.environ.get("FABRIC_JS_DOMAIN", ""),
                    help="JetStream domain that holds the streams (or FABRIC_JS_DOMAIN), e.g. a "
                         "hub's, when connecting through a leaf node; default: the server's own")
@@ -109,10 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="intra-op threads (or FABRIC_THREADS; default: the CPUs the worker "
                           "may use, by affinity and cgroup quota, adapted on the CPU to what "
                           "runs fastest when it shares its cores)")
-    run.add_argument("--cancel-subject", type=_subject,
-                     default=os.environ.get("FABRIC_CANCEL_SUBJECT", "fabric.cancel"),
-                     help='core NATS subject of cancel messages, {"ids": [job id, ...]} '
-                          "(or FABRIC_CANCEL_SUBJECT; default fabric.cancel)")
     run.add_argument("--burst", action="store_true",
                      help="exit 0 once the consumer has nothing pending and nothing is held")
     run.add_argument("--max-step-tokens", type=int, default=None)
@@ -270,8 +271,7 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
                    connect_give_up_s=args.connect_give_up_s, step_timeout_s=args.step_timeout_s,
                    broker_give_up_s=args.broker_give_up_s, publish_give_up_s=args.publish_give_up_s,
                    threads=budget.threads, adapt_threads=adapt,
-                   start_spare=idle_while_loading() if idle_while_loading else 0.0,
-                   cancel_subject=args.cancel_subject)
+                   start_spare=idle_while_loading() if idle_while_loading else 0.0)
     worker = Worker(cfg, opts, engine, _topology(cfg, args), _security(args))
     if obs is not None:
         obs.attach(worker)

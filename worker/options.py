@@ -26,4 +26,3 @@ class Options:
     threads: int = 1  # intra-op threads the worker may use (worker.ops.cpu.cpu_budget)
     adapt_threads: bool = False  # choose 1..threads by measured speed (engine.governor)
     start_spare: float = 0.0  # CPUs of ours left idle while the model loaded (its start count)
-    cancel_subject: str = "fabric.cancel"  # core NATS subject of cancel messages

@@ -232,6 +232,29 @@ async def test_a_cancel_before_the_job_arrives_wins_and_two_workers_both_hear_ca
         await c.nc.close()
 
 
+async def test_a_cancel_sent_while_no_worker_runs_is_honoured_by_one_started_later(
+        tmp_engine_toml, workers, nats_url) -> None:
+    """The broker keeps cancels (`provision` makes a stream capture the subject): a worker
+    that was not running when one was sent reads them before it is ready."""
+    cfg = tmp_engine_toml()
+    provision(cfg)
+    c = await Client.connect(nats_url)
+    try:
+        await c.cancel(["gone-1", "gone-2"])  # nobody runs: only the stream hears these
+        await c.send(job("gone-1", [1, 2, 3], 20))
+        await c.send(job("kept-1", [1, 2, 3], 4))
+        w = workers(cfg)
+        gone, kept = await c.result("gone-1"), await c.result("kept-1")
+        assert gone.error is not None and gone.error.code is ErrorCode.CANCELLED
+        assert gone.tokens == [] and gone.usage.padded_tokens == 0  # no device time
+        assert kept.ok and len(kept.tokens) == 4
+        assert "cancels_replayed" in w.log_path.read_text()
+        await c.send(job("gone-2", [4, 5], 4))  # delivered later: still remembered
+        assert (await c.result("gone-2")).error.code is ErrorCode.CANCELLED
+    finally:
+        await c.nc.close()
+
+
 async def test_a_bad_cancel_message_is_refused_and_changes_nothing(tmp_engine_toml, workers,
                                                                    nats_url) -> None:
     cfg = tmp_engine_toml()

@@ -372,13 +372,20 @@ def test_worker_permissions_are_least_privilege():
         f"$JS.ACK.{stream}.{consumer}.>",
         f"{topo.results_prefix}>",
         f"{topo.dlq_prefix}>",
+        # The cancels the broker kept, read once at start through an ephemeral consumer of
+        # that stream alone (it may delete only consumers there: its own, when done).
+        f"$JS.API.STREAM.INFO.{topo.cancels_stream}",
+        f"$JS.API.CONSUMER.CREATE.{topo.cancels_stream}",
+        f"$JS.API.CONSUMER.CREATE.{topo.cancels_stream}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{topo.cancels_stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{topo.cancels_stream}.>",
     }
     # Cancels: every worker hears them, and may answer one sent as a request (only that).
     assert _allowed(users["worker"], "subscribe") == {"_INBOX.>", "fabric.cancel"}
     assert "allow_responses: true" in users["worker"]
     provisioner = _allowed(users["provisioner"], "publish")
     assert not any(".DELETE" in subject for subject in provisioner)
-    for name in (stream, topo.results_stream, topo.dlq_stream):
+    for name in (stream, topo.results_stream, topo.dlq_stream, topo.cancels_stream):
         assert {f"$JS.API.STREAM.CREATE.{name}", f"$JS.API.STREAM.UPDATE.{name}"} <= provisioner
     assert {"fabric.jobs.>", "fabric.cancel"} <= _allowed(users["producer"], "publish")
     assert _allowed(users["producer"], "subscribe") == {f"{topo.results_prefix}>", "_INBOX.>"}
@@ -390,6 +397,7 @@ async def test_live_nats_server_enforces_the_permissions(tmp_path: Path):
     """The compose nats.conf on a real server, driven through the worker's own code paths."""
     nats = pytest.importorskip("nats", reason="nats-py is not installed")
     from worker.broker.topology import provision, verify
+    from worker.features.cancels import Cancels
 
     port, http_port = _free_port(), _free_port()
     conf = (NATS_DIR / "nats.conf").read_text()
@@ -428,8 +436,15 @@ async def test_live_nats_server_enforces_the_permissions(tmp_path: Path):
             results = await producer.subscribe(f"{topo.results_prefix}run1.>")
             await producer.jetstream().publish("fabric.jobs.run1", b"job-1",
                                                headers={"Nats-Msg-Id": "job-1"})
+            await producer.publish(topo.cancel_subject, b'{"ids": ["job-9"]}')
+            await producer.flush()
             js = worker.jetstream()
-            await verify(js, topo)
+            assert (await verify(js, topo)).cancels_kept
+            # A worker starting now reads the cancels the broker kept, with its own rights.
+            cancels = Cancels(held=None, stats=None, worker_id="w", answer=None, end=None,
+                              room_changed=None)
+            assert await cancels.replay(js, topo.cancels_stream, topo.cancel_subject) == 1
+            assert "job-9" in cancels.remembered
             sub = await js.pull_subscribe_bind(durable=topo.consumer, stream=topo.jobs_stream)
             [msg] = await sub.fetch(1, timeout=2)
             await msg.in_progress()

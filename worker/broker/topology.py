@@ -20,6 +20,7 @@ log = structlog.get_logger("topology")
 
 RESULTS_STREAM = "FABRIC_RESULTS"
 DLQ_STREAM = "FABRIC_DLQ"
+CANCELS_STREAM = "FABRIC_CANCELS"
 
 
 class TopologyError(RuntimeError):
@@ -35,6 +36,10 @@ class Topology:
     results_prefix: str = "fabric.results."  # a job's reply_to must start with this
     dlq_stream: str = DLQ_STREAM
     dlq_prefix: str = "fabric.dlq."
+    # Cancels are core messages every worker hears; this stream keeps them too (for the
+    # duplicate window), so a worker that starts after a cancel still honours it.
+    cancel_subject: str = "fabric.cancel"
+    cancels_stream: str = CANCELS_STREAM
     ack_wait_s: float = 30.0  # in-progress heartbeats keep long jobs alive within it
     max_deliver: int = 5
     # Counts unacked messages across the whole fleet: size it for workers x per-worker
@@ -61,9 +66,15 @@ class Topology:
             return StreamConfig(name=name, subjects=[subjects], storage=StorageType.FILE,
                                 num_replicas=self.replicas,
                                 duplicate_window=self.duplicate_window_s)
+        cancels = cfg(self.cancels_stream, self.cancel_subject)
+        cancels.max_age = self.duplicate_window_s  # a cancel outlives no Result it could stop
+        cancels.max_bytes = 256 << 20
+        # No acknowledgement from the stream: a producer that sends a cancel as a request
+        # gets the workers' replies (who held what), not the stream's.
+        cancels.no_ack = True
         return [cfg(self.jobs_stream, self.jobs_subjects),
                 cfg(self.results_stream, self.results_prefix + ">"),
-                cfg(self.dlq_stream, self.dlq_prefix + ">")]
+                cfg(self.dlq_stream, self.dlq_prefix + ">"), cancels]
 
     def consumer_config(self) -> ConsumerConfig:
         return ConsumerConfig(durable_name=self.consumer, ack_policy=AckPolicy.EXPLICIT,
@@ -97,6 +108,7 @@ class Verified:
     max_deliver: int  # the consumer's; <= 0 means unlimited (then nothing is dead-lettered)
     results_captured: bool  # the results stream captures every allowed reply subject
     results_window_s: float = 120.0  # the results stream's duplicate window
+    cancels_kept: bool = False  # a stream keeps the cancel subject's messages (replayed at start)
 
 
 def _covers(pattern: str, prefix: str) -> bool:
@@ -148,7 +160,16 @@ async def verify(js: JetStreamContext, topo: Topology) -> Verified:
     if max_deliver <= 0:
         log.warning("no_max_deliver", consumer=topo.consumer,
                     hint="a job that kills every worker is retried forever; set max_deliver")
+    try:
+        kept = (await js.stream_info(topo.cancels_stream)).config.subjects or []
+    except Exception:  # noqa: BLE001 - missing, or not readable with these credentials
+        kept = []  # (cancels then work as before: heard while running)
+    cancels_kept = any(_matches(s, topo.cancel_subject) for s in kept)
+    if not cancels_kept:
+        log.warning("cancels_not_kept", stream=topo.cancels_stream, subject=topo.cancel_subject,
+                    hint=f"a cancel sent while no worker runs is missed; {hint}")
     return Verified(ack_wait_s=float(cc.ack_wait or topo.ack_wait_s), max_deliver=max_deliver,
                     results_captured=any(_covers(s, topo.results_prefix)
                                          for s in subjects[topo.results_stream]),
-                    results_window_s=windows[topo.results_stream] or topo.duplicate_window_s)
+                    results_window_s=windows[topo.results_stream] or topo.duplicate_window_s,
+                    cancels_kept=cancels_kept)

@@ -13,7 +13,7 @@ import random
 import pytest
 
 from worker.engine.blocks import BlockPool, OutOfBlocks, block_hashes, padded_tokens
-from worker.engine.build import Engine, build_engine
+from worker.engine.build import Engine, KvSizing, build_engine
 from worker.engine.sequence import Request
 from worker.engine.step import generate
 
@@ -103,7 +103,9 @@ def test_any_mix_keeps_the_invariants() -> None:
             p.mark_ready(blocks[:rng.randint(0, len(blocks))])
         elif held and op < 0.65:
             k = rng.choice(list(held))
-            p.register(p.blocks_of(k)[-1], rng.randbytes(16))
+            blocks = p.blocks_of(k)  # a generated block: everything before it is written
+            p.mark_ready(blocks)
+            p.register(blocks, len(blocks) - 1, rng.randbytes(16))
         else:
             prompt = rng.choice(prompts) + [rng.randrange(50)] * rng.randint(0, 20)
             n = -(-(len(prompt) + rng.randint(1, 30)) // BS)
@@ -228,7 +230,7 @@ def test_a_sharer_that_goes_away_before_computing_leaves_the_other_to_compute_it
 
 def test_eviction_pressure_changes_no_token() -> None:
     """A pool of 40 blocks for jobs of up to 9: caching and evicting all the way through."""
-    small = build_engine("builtin:tiny", "cpu", "float32", 640, 144)
+    small = build_engine("builtin:tiny", "cpu", "float32", 640, 144, kv=KvSizing(pool_blocks=40))
     off = build_engine("builtin:tiny", "cpu", "float32", 640, 144, prefix_cache=False)
     rng = random.Random(7)
     systems = [rand(rng, rng.choice([16, 40, 64])) for _ in range(5)]

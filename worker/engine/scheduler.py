@@ -205,6 +205,7 @@ class Scheduler:
         mine = seq.blocks[seq.cached // bs:len(seq.req.prompt) // bs]
         self._planned.update(mine)
         self.pool.mark_ready(mine)
+        self.pool.flush()  # host-tier copies owed: before this step reads or overwrites them
 
     def launched(self, plan: StepPlan) -> None:
         """Overlap only: the plan is on the device; its tokens come back at postprocess."""
@@ -314,7 +315,7 @@ class Scheduler:
                                              seq.keys[-1] if seq.keys else b"",
                                              start=len(seq.keys)), start=len(seq.keys)):
             seq.keys.append(key)
-            self.pool.register(seq.blocks[j], key)
+            self.pool.register(seq.blocks, j, key)
 
     def _finish(self, seq: Sequence, reason: str, now: float) -> Completion:
         self.pool.release(seq.req.key)

@@ -190,27 +190,45 @@ class BlockPool:
             # this one shares them (and waits for them, or computes them first).
             for i in range(len(hits), min(len(hashes), n_blocks)):
                 self._set_key(blocks, i, hashes[i])
+            loaded = 0
             for i in range(len(hits), len(hits) + host):
                 # Found in the host tier: its copy back is owed before anything reads it.
+                # (This reservation's own evictions may have overwritten the ring's oldest.)
+                if hashes[i] not in self.tier or self._key[blocks[i]] != hashes[i]:
+                    break
                 self.tier.load(hashes[i], blocks[i])
                 self.ready[blocks[i]] = True
+                loaded += 1
             self._owner[key] = res = tuple(blocks)
             self.hit_blocks += len(hits)
-            return Reservation(res, len(hits) + host, added)
+            return Reservation(res, len(hits) + loaded, added)
 
     def _take(self) -> int:
-        if self._empty:
-            b = self._empty.pop()
-        else:
-            b = next(b for b in self._cached if not self._kids[b])  # the LRU leaf
-            del self._cached[b]
-            if self.tier is not None:
-                self.tier.spill(self._key[b], b)
-            self._drop_key(b)
-            self.evictions += 1
+        b = self._empty.pop() if self._empty else self._evict()
         self._ref[b] = 1
         self.ready[b] = False
         return b
+
+    def _evict(self) -> int:
+        """Free the least recently used leaf, its content copied to the host tier if any."""
+        b = next(b for b in self._cached if not self._kids[b])
+        del self._cached[b]
+        if self.tier is not None:
+            self.tier.spill(self._key[b], b)
+        self._drop_key(b)
+        self.evictions += 1
+        return b
+
+    def evict_cached(self) -> int:
+        """Evict every cached block as a reservation would, leaves first (tests force
+        evictions with it)."""
+        with self._lock:
+            n = len(self._cached)
+            while self._cached:
+                b = self._evict()
+                self.ready[b] = False
+                self._empty.append(b)
+            return n
 
     def _set_key(self, blocks: Sequence[int], i: int, h: bytes) -> None:
         """Key `blocks[i]` with `h` if its own previous block carries its parent's key: a

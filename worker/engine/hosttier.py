@@ -8,8 +8,8 @@ its host copy, so evicting it again costs no second copy.
 
 This module is the bookkeeping only, plain data under the block pool's lock: which key
 lives in which slot, and the copies owed (`pending`). The pool hands them to a copier
-(`worker.engine.kv.TierCopier`) once per step, loads before spills, on one stream, so a
-slot read by a load is never overwritten before it is read, and a slot's index entry
+(`worker.engine.kv.TierCopier`) once per step, in the order they were owed, on one
+stream, so a block or slot is read before it is overwritten, and a slot's index entry
 always describes the content it will hold once every queued copy has run.
 """
 
@@ -20,13 +20,20 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class Copies:
-    """The copies one flush issues, in order: loads first, then spills."""
+    """The copies one flush issues, in the order they were owed, consecutive ones of a
+    kind batched: a spill owed before a load reads its block before the load overwrites
+    it, and a load owed before a spill reads its slot before the spill overwrites it."""
 
-    loads: list[tuple[int, int]] = field(default_factory=list)  # (host slot, device block)
-    spills: list[tuple[int, int]] = field(default_factory=list)  # (device block, host slot)
+    # ("load", [(host slot, device block), ...]) or ("spill", [(device block, host slot), ...])
+    batches: list[tuple[str, list[tuple[int, int]]]] = field(default_factory=list)
+
+    def add(self, kind: str, pair: tuple[int, int]) -> None:
+        if not self.batches or self.batches[-1][0] != kind:
+            self.batches.append((kind, []))
+        self.batches[-1][1].append(pair)
 
     def __bool__(self) -> bool:
-        return bool(self.loads or self.spills)
+        return bool(self.batches)
 
 
 class HostTier:
@@ -62,13 +69,13 @@ class HostTier:
             self.evictions += 1
         self._key[slot] = h
         self._index[h] = slot
-        self.pending.spills.append((block, slot))
+        self.pending.add("spill", (block, slot))
         self.spills += 1
 
     def load(self, h: bytes, block: int) -> None:
         """Owe a copy of key `h`'s content into device block `block` (a fresh block the
         reserving job holds: nothing reads or writes it before the next flush)."""
-        self.pending.loads.append((self._index[h], block))
+        self.pending.add("load", (self._index[h], block))
         self.hits += 1
 
     def take(self) -> Copies:

@@ -63,7 +63,7 @@ class TierCopier:
     waits for the work already queued (the KV it copies out is written), and the
     executor's stream then waits for the copies before the step that reads a loaded block
     or overwrites a spilled one. Both waits are on the device; the host never blocks.
-    Loads run before spills on that one stream, so a slot is read before it is reused.
+    The copies run in the order they were owed, on that one stream (`Copies`).
     On the CPU (tests) the same copies run in place.
     """
 
@@ -98,17 +98,18 @@ class TierCopier:
 
     def _copy(self, copies: Copies, dev: torch.device) -> None:
         nb = dev.type != "cpu"
-        if copies.loads:
-            staged = torch.empty((len(copies.loads), *self.host.shape[1:]),
-                                 dtype=self.host.dtype, device=dev)  # [n, L, bs, 2, Hkv, D]
-            for i, j, slot in runs(copies.loads, 0):
-                staged[i:j].copy_(self.host[slot:slot + j - i], non_blocking=nb)
-            idx = torch.tensor([b for _, b in copies.loads], device=dev)
-            self.dev.index_copy_(1, idx, staged.transpose(0, 1))
-        if copies.spills:
-            idx = torch.tensor([b for b, _ in copies.spills], device=dev)
-            staged = self.dev.index_select(1, idx).transpose(0, 1).contiguous()  # [n, L, ...]
-            for i, j, slot in runs(copies.spills, 1):
-                self.host[slot:slot + j - i].copy_(staged[i:j], non_blocking=nb)
+        for kind, pairs in copies.batches:
+            if kind == "load":
+                staged = torch.empty((len(pairs), *self.host.shape[1:]), dtype=self.host.dtype,
+                                     device=dev)  # [n, L, bs, 2, Hkv, D]
+                for i, j, slot in runs(pairs, 0):
+                    staged[i:j].copy_(self.host[slot:slot + j - i], non_blocking=nb)
+                idx = torch.tensor([b for _, b in pairs], device=dev)
+                self.dev.index_copy_(1, idx, staged.transpose(0, 1))
+            else:
+                idx = torch.tensor([b for b, _ in pairs], device=dev)
+                staged = self.dev.index_select(1, idx).transpose(0, 1).contiguous()  # [n, L, ...]
+                for i, j, slot in runs(pairs, 1):
+                    self.host[slot:slot + j - i].copy_(staged[i:j], non_blocking=nb)
         # Every temporary here was allocated on the stream that uses it and freed to it:
         # whatever reuses its memory is queued after these copies.

@@ -37,9 +37,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from worker.engine.hosttier import Copies, HostTier
+if TYPE_CHECKING:  # the tier is handed in: the broker side loads blocks without it
+    from worker.engine.hosttier import Copies, HostTier
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:

@@ -202,10 +202,12 @@ def test_the_pool_is_sized_by_memory_and_never_below_the_budget() -> None:
     assert pool_blocks(KvSizing(pool_gib=1.0), 512, blk, None)[0] == 16384
     assert pool_blocks(KvSizing(memory_fraction=0.5), 512, blk, 10 << 30) == (81920,
                                                                              "kv_memory_fraction")
+    assert pool_blocks(KvSizing(pool_gib=1.0), 512, 0, 10 << 30)[0] == 512  # no KV at all
     with pytest.raises(EngineError, match="kv_pool_blocks"):
         pool_blocks(KvSizing(pool_blocks=100), 512, blk, None)
     with pytest.raises(EngineError, match="kv_memory_fraction"):
         pool_blocks(KvSizing(memory_fraction=1.5), 512, blk, 10 << 30)
+    assert build_engine("builtin:null", "cpu", "float32", 640, 144).pool.num_blocks == 40
     with pytest.raises(EngineError, match="host_tier_gib"):
         build_engine("builtin:tiny", "cpu", "float32", 640, 144, kv=KvSizing(host_gib=1.0))
 

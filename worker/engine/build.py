@@ -107,6 +107,8 @@ def pool_blocks(sizing: KvSizing, budget_blocks: int, block_bytes: int,
     memory free after the weights (None: the CPU, whose default is a few budgets)."""
     if sizing.pool_blocks:
         n, why = sizing.pool_blocks, "kv_pool_blocks"
+    elif not block_bytes:  # a model without layers (builtin:null) keeps no KV
+        return budget_blocks, "token_budget (no KV)"
     elif sizing.pool_gib:
         n, why = int(sizing.pool_gib * 2**30 // block_bytes), "kv_pool_gib"
     elif free_bytes is not None:
@@ -173,8 +175,9 @@ def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq
     # padding rows would also write into shared blocks), and `prefix_cache=False` is the
     # benchmark's way to measure what it buys.
     caching = prefix_cache and policy == "continuous"
+    host_blocks = int(host_gib * 2**30 // block_bytes) if block_bytes else 0  # builtin:null: no KV
     pool = KVPool(loaded.args, num_blocks, BLOCK_SIZE, dt, dev, caching=caching,
-                  host_blocks=int(host_gib * 2**30 // block_bytes), sized_by=sized_by)
+                  host_blocks=host_blocks, sized_by=sized_by)
     pool.blocks.min_load_blocks = min_load_blocks(loaded.args.num_params(), block_bytes)
     # A step is the running batch (at most one row per admitted job) plus whole prompts; the
     # cap keeps one step's activations bounded while letting the longest prompt through.

@@ -21,7 +21,7 @@ from worker.engine.blocks import block_hashes
 
 
 def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
-              partial=lambda: None) -> dict[str, Any]:
+              partial=lambda: None, out: dict[str, Any] | None = None) -> dict[str, Any]:
     """Agent traffic on rung 4's worker: prefix caching on, off (`--no-prefix-cache`), and
     on two one-core workers sharing the consumer (sessions spread over both, so a session's
     next turn lands on the worker that holds its prefix about half the time)."""
@@ -31,7 +31,9 @@ def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
     if spec.longest_job() > cfg.max_seq_len:
         raise ValueError(f"agent jobs reach {spec.longest_job()} tokens, over max_seq_len "
                          f"{cfg.max_seq_len}: fewer turns or shorter system prompts")
-    out: dict[str, Any] = {"spec": dataclasses.asdict(spec)}
+    # Filled in place (`out`), so the caller's partial results hold every run so far.
+    out = {} if out is None else out
+    out["spec"] = dataclasses.asdict(spec)
     for label, cpus, args in (("cache", ("",), ()), ("no_cache", ("",), ("--no-prefix-cache",)),
                               ("two_workers", ("0", "1"), ())):
         log(f"agent traffic, {label.replace('_', ' ')}: {spec.sessions} sessions x "

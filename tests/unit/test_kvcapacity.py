@@ -291,3 +291,16 @@ def test_admission_never_goes_over_the_budget_whatever_the_cache_holds() -> None
         most_cached = max(most_cached, p.cached_blocks)
     assert most_cached > budget_blocks  # the cache held more than the budget meanwhile
     p.check()
+
+
+def test_the_worker_takes_the_pool_size_as_options() -> None:
+    from worker.cli import build_parser
+
+    a = build_parser().parse_args(["run", "--config", "e.toml", "--kv-pool-blocks", "600",
+                                   "--host-tier-gib", "0"])
+    assert (a.kv_pool_blocks, a.kv_pool_gib, a.kv_memory_fraction, a.host_tier_gib) == (600, 0.0,
+                                                                                       0.8, 0.0)
+    kv = KVPool(build_engine("builtin:tiny", "cpu", "float32", 640, 144).loaded.args, 40, BS,
+                torch.float32, torch.device("cpu"), sized_by="kv_pool_blocks")
+    assert kv.describe() == {"kv_pool_sized_by": "kv_pool_blocks", "host_tier_blocks": 0,
+                             "host_tier_mib": 0}

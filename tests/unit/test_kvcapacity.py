@@ -14,7 +14,7 @@ import torch
 
 from worker.admission import Admission
 from worker.engine.blocks import BlockPool, block_hashes, padded_tokens
-from worker.engine.build import EngineError, KvSizing, build_engine, pool_blocks
+from worker.engine.build import EngineError, KvSizing, build_engine, min_load_blocks, pool_blocks
 from worker.engine.hosttier import HostTier, runs, worth_loading
 from worker.engine.kv import KVPool
 from worker.engine.sequence import Request
@@ -203,6 +203,8 @@ def test_the_pool_is_sized_by_memory_and_never_below_the_budget() -> None:
     assert pool_blocks(KvSizing(memory_fraction=0.5), 512, blk, 10 << 30) == (81920,
                                                                              "kv_memory_fraction")
     assert pool_blocks(KvSizing(pool_gib=1.0), 512, 0, 10 << 30)[0] == 512  # no KV at all
+    # A host hit is read back for a large model; builtin:small would always recompute.
+    assert min_load_blocks(8_000_000_000, 2 << 20) == 1 and min_load_blocks(6_500_000, blk) > 64
     with pytest.raises(EngineError, match="kv_pool_blocks"):
         pool_blocks(KvSizing(pool_blocks=100), 512, blk, None)
     with pytest.raises(EngineError, match="kv_memory_fraction"):

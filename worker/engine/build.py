@@ -175,10 +175,12 @@ def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq
     # padding rows would also write into shared blocks), and `prefix_cache=False` is the
     # benchmark's way to measure what it buys.
     caching = prefix_cache and policy == "continuous"
-    host_blocks = int(host_gib * 2**30 // block_bytes) if block_bytes else 0  # builtin:null: no KV
+    min_load = min_load_blocks(loaded.args.num_params(), block_bytes)
+    # No host tier for a model that would never read one back (builtin:*), or keeps no KV.
+    host_blocks = int(host_gib * 2**30 // block_bytes) if block_bytes and min_load <= 64 else 0
     pool = KVPool(loaded.args, num_blocks, BLOCK_SIZE, dt, dev, caching=caching,
                   host_blocks=host_blocks, sized_by=sized_by)
-    pool.blocks.min_load_blocks = min_load_blocks(loaded.args.num_params(), block_bytes)
+    pool.blocks.min_load_blocks = min_load
     # A step is the running batch (at most one row per admitted job) plus whole prompts; the
     # cap keeps one step's activations bounded while letting the longest prompt through.
     step_cap = max_step_tokens or max(max_seq_len, 2048)

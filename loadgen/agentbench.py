@@ -3,6 +3,8 @@
 Rule: agent traffic (`loadgen.sessions`: sessions sharing system prompts, each turn the last
 one plus its reply) on rung 4's worker three ways -- prefix cache on, off, and on two
 one-core workers sharing the consumer -- so the cache's worth is a ratio on one workload.
+Beside the hit rate each run got: the KV pool it had and the hit rate a cache that never
+evicts would have given on the same traffic (`unbounded_hit_fraction`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Any
 from loadgen.broker import EmbeddedNats
 from loadgen.rung import BenchConfig, run_rung
 from loadgen.sessions import SessionSpec
+from loadgen.workload import WorkloadSpec, generate
+from worker.engine.blocks import block_hashes
 
 
 def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
-              partial=lambda: None) -> dict[str, Any]:
+              partial=lambda: None, out: dict[str, Any] | None = None) -> dict[str, Any]:
     """Agent traffic on rung 4's worker: prefix caching on, off (`--no-prefix-cache`), and
     on two one-core workers sharing the consumer (sessions spread over both, so a session's
     next turn lands on the worker that holds its prefix about half the time)."""
@@ -27,7 +31,9 @@ def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
     if spec.longest_job() > cfg.max_seq_len:
         raise ValueError(f"agent jobs reach {spec.longest_job()} tokens, over max_seq_len "
                          f"{cfg.max_seq_len}: fewer turns or shorter system prompts")
-    out: dict[str, Any] = {"spec": dataclasses.asdict(spec)}
+    # Filled in place (`out`), so the caller's partial results hold every run so far.
+    out = {} if out is None else out
+    out["spec"] = dataclasses.asdict(spec)
     for label, cpus, args in (("cache", ("",), ()), ("no_cache", ("",), ("--no-prefix-cache",)),
                               ("two_workers", ("0", "1"), ())):
         log(f"agent traffic, {label.replace('_', ' ')}: {spec.sessions} sessions x "
@@ -35,12 +41,45 @@ def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
         r = run_rung(cfg, broker, work, f"agent{label.replace('_', '')}", "continuous", [],
                      cpus=cpus, sessions=spec, worker_args=args)
         r.pop("completions")
+        r["unbounded_hit_fraction"] = unbounded_hit_fraction(r.pop("token_log"), r["block_size"])
         out[label] = r
         partial()
         log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s, prompt from cache "
-            f"{r['cache_hit_fraction']:.3f}")
+            f"{r['cache_hit_fraction']:.3f} (unbounded {r['unbounded_hit_fraction']:.3f}), "
+            f"KV pool {r['kv_blocks']} blocks, RSS {r['rss_mib']} MiB")
     out["ratio"] = out["cache"]["useful_tokens_per_s"] / out["no_cache"]["useful_tokens_per_s"]
+    # What a miss costs: the ragged workload (nothing shared) with the cache on and off.
+    jobs = generate(WorkloadSpec(num_jobs=cfg.jobs, seed=cfg.seed, run_id="ragged"))
+    for label, args in (("ragged_cache", ()), ("ragged_no_cache", ("--no-prefix-cache",))):
+        log(f"ragged traffic, {label.replace('_', ' ')}: {len(jobs)} jobs ...")
+        r = run_rung(cfg, broker, work, label.replace("_", ""), "continuous", jobs,
+                     worker_args=args)
+        r.pop("completions")
+        out[label] = r
+        partial()
+        log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s")
+    out["ragged_ratio"] = (out["ragged_cache"]["useful_tokens_per_s"]
+                           / out["ragged_no_cache"]["useful_tokens_per_s"])
     return out
+
+
+def unbounded_hit_fraction(token_log: list[tuple[str, list[int]]], block_size: int) -> float:
+    """The share of prompt tokens a prefix cache that never evicts would have served on the
+    same traffic: a job's leading full blocks that a job sent before it reserved, or an
+    answered one computed (its prompt and reply but the newest token), never the whole
+    prompt (its last token is computed for its logits), as the worker counts them."""
+    known: set[bytes] = set()
+    hit = total = 0
+    for event, tokens in token_log:
+        if event == "done":
+            known.update(block_hashes(tokens[:-1], block_size))
+            continue
+        keys = block_hashes(tokens, block_size)
+        n = next((i for i, k in enumerate(keys) if k not in known), len(keys))
+        hit += min(n * block_size, len(tokens) - 1)
+        total += len(tokens)
+        known.update(keys)
+    return hit / total if total else 0.0
 
 
 def markdown(a: dict[str, Any]) -> list[str]:
@@ -50,13 +89,21 @@ def markdown(a: dict[str, Any]) -> list[str]:
              f"{sp['system_prompts']} system prompts of {sp['system_tokens'][0]}-"
              f"{sp['system_tokens'][1]} tokens, each turn's prompt the last one plus "
              "its reply and a user message):", "",
-             "| worker | useful tok/s | jobs/s | prompt from cache | p50 / p99 latency ms |",
-             "|---|---|---|---|---|"]
+             "| worker | useful tok/s | jobs/s | prompt from cache | unbounded cache would | "
+             "KV pool blocks (budget) | RSS MiB | p50 / p99 latency ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for label in ("cache", "no_cache", "two_workers"):
         r = a[label]
         lat = r["latency_ms"]
         lines.append(f"| {label.replace('_', ' ')} | {r['useful_tokens_per_s']:,.0f} | "
                      f"{r['jobs_per_s']:.1f} | {100 * r['cache_hit_fraction']:.1f}% | "
+                     f"{100 * r.get('unbounded_hit_fraction', 0):.1f}% | "
+                     f"{r.get('kv_blocks')} ({r.get('kv_budget_blocks')}) | {r.get('rss_mib')} | "
                      f"{lat['p50']:,.0f} / {lat['p99']:,.0f} |")
     lines += ["", f"Prefix caching on over off: {a['ratio']:.2f}x useful tokens/s."]
+    if "ragged_ratio" in a:
+        lines.append(f"Ragged traffic (nothing shared), cache on over off: "
+                     f"{a['ragged_cache']['useful_tokens_per_s']:,.0f} / "
+                     f"{a['ragged_no_cache']['useful_tokens_per_s']:,.0f} useful tok/s = "
+                     f"{a['ragged_ratio']:.2f}x.")
     return lines

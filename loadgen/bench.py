@@ -104,7 +104,8 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
         if cfg.fleet_jobs or cfg.fleet_sustained_s:
             result["fleet"] = fleetbench.run_fleet(cfg, broker, work, log, partial=lambda: partial(result))
         if cfg.agent_sessions:
-            result["agent"] = agentbench.run_agent(cfg, broker, work, log, partial=lambda: partial(result))
+            agentbench.run_agent(cfg, broker, work, log, partial=lambda: partial(result),
+                                 out=result.setdefault("agent", {}))
         if cfg.embed_model:
             result["embed"] = embedbench.run_embed(cfg, broker, work, log, partial=lambda: partial(result))
         if cfg.peer_jobs:

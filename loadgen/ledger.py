@@ -51,6 +51,9 @@ class RunStats:
     arrival: dict[str, Any] = field(default_factory=dict)  # arrivals.describe() of the run
     lag_s: list[float] = field(default_factory=list)  # publish start minus scheduled time
     max_in_flight: int = 0  # most jobs sent and not yet answered (or failed) at once
+    # Agent sessions only: (prompt, or prompt + reply once answered), in the order the
+    # jobs were sent and answered -- what an unbounded prefix cache would have seen.
+    token_log: list[tuple[str, list[int]]] = field(default_factory=list)
     _known: set[str] = field(init=False, repr=False)  # set(job_ids), for O(1) lookup
 
     def __post_init__(self) -> None:

@@ -139,6 +139,7 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
                 stats = asyncio.run(run_jobs(broker.url, jobs, run_id=name, progress=False,
                                              timeout_s=duration_s or cfg.timeout_s,
                                              arrival=arrival))
+        rss_mib = peak_rss_mib(workers[0].pid)
     finally:
         for w in workers:
             w.terminate(grace_s=30)
@@ -147,6 +148,7 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
     log = workers[0].log_path
     s = log_event(log, "worker_summary")
     ready = log_event(log, "runner_ready")
+    engine = log_event(log, "engine_ready")
     return {
         "policy": policy, "runner": ready.get("mode"), "decode_graphs": ready.get("decode_graphs"),
         "graphed_step_fraction": s.get("graphed_step_fraction"), "jobs": len(stats.job_ids),
@@ -170,7 +172,22 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
                         for o in stats.outcomes.values()},
         "sustained": window_rate(stats, duration_s / 4, duration_s) if duration_s else None,
         "outstanding": arrival.concurrency if isinstance(arrival, Closed) else None,
+        # The first worker's KV pool (blocks; the budget's share of them) and peak RSS.
+        "kv_blocks": engine.get("kv_blocks"), "kv_budget_blocks": engine.get("kv_budget_blocks"),
+        "block_size": engine.get("block_size"), "rss_mib": rss_mib,
+        **({"token_log": stats.token_log} if sessions is not None else {}),
     }
+
+
+def peak_rss_mib(pid: int | None) -> float | None:
+    """A live process's peak resident memory (VmHWM), None if it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def run_sustained(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, policy: str,

@@ -106,6 +106,7 @@ async def run_sessions(nats_url: str, spec: SessionSpec, *,
         job = Job(id=spec.job_id(i, t), prompt=prompts[i], max_new_tokens=s.new_tokens[t],
                   reply_to=reply_to)
         stats.record_sent(job.id, time.monotonic())
+        stats.token_log.append(("sent", prompts[i]))
         stats.max_in_flight = max(stats.max_in_flight, len(stats.sent_s) - len(stats.outcomes))
         for _ in range(3):
             try:
@@ -140,6 +141,7 @@ async def run_sessions(nats_url: str, spec: SessionSpec, *,
         if not stats.record_outcome(outcome_of(result), now):
             return
         i, t = where[result.id]
+        stats.token_log.append(("done", prompts[i] + list(result.tokens)))
         if not result.ok or t + 1 == spec.turns:
             end_session()
             return

@@ -38,7 +38,7 @@ from worker.options import Options
 from worker.ops import failpoints, heap
 from worker.ops.cpu import IdleCpus, Starvation, process_wait_s
 from worker.ops.stats import WorkerStats
-from worker.ops.view import WorkerInfo, WorkerView
+from worker.ops.view import KvLevels, WorkerInfo, WorkerView
 
 log = structlog.get_logger("worker")
 
@@ -182,8 +182,7 @@ class Worker:
             pending_tokens=self.intake.pending_tokens, inflight_jobs=len(self.intake.inflight),
             running_jobs=ex.running_jobs if ex else 0, inflight_tokens=intake.in_flight_tokens,
             occupancy=intake.occupancy, admission_holding=intake.admission.holding,
-            kv_used_blocks=intake.pool.used_blocks, kv_blocks=intake.pool.num_blocks,
-            kv_cached_blocks=intake.pool.cached_blocks, kv_evictions=intake.pool.evictions,
+            kv=KvLevels.of(intake.pool),
             publisher_depth=pub.depth if pub else 0, publisher_capacity=pub.capacity if pub else 0,
             fetched=ing.fetched if ing else 0, published=pub.published if pub else 0,
             acked=pub.acked if pub else 0, termed=pub.termed if pub else 0,

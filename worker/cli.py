@@ -119,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-step-tokens", type=int, default=None)
     run.add_argument("--gil-switch-ms", type=_positive, default=1.0,
                      help="Python's thread switch interval (default 1 ms; Python's own is 5)")
+    # The KV pool is sized by memory; token_budget bounds only what is in flight.
+    run.add_argument("--kv-pool-blocks", type=int, default=int(os.environ.get(
+        "FABRIC_KV_POOL_BLOCKS", 0)), help="KV pool size in blocks (default: --kv-pool-gib, "
+        "else on CUDA --kv-memory-fraction of the memory free after the weights, on the CPU "
+        "4 x token_budget); at least token_budget, the rest is prefix cache")
+    run.add_argument("--kv-pool-gib", type=float, default=float(os.environ.get(
+        "FABRIC_KV_POOL_GIB", 0)), help="KV pool size in GiB (instead of blocks)")
+    run.add_argument("--kv-memory-fraction", type=_positive, default=float(os.environ.get(
+        "FABRIC_KV_MEMORY_FRACTION", 0.8)), help="CUDA: share of the memory free after the "
+        "weights the KV pool takes (default 0.8)")
+    run.add_argument("--host-tier-gib", type=float, default=None, help="CUDA: pinned host "
+                     "memory for KV blocks evicted from the device pool (default 4; 0 = none)")
     # Benchmark ladder only (fabric-loadgen bench): the same worker with an older policy.
     run.add_argument("--policy", choices=POLICIES, default="continuous", help=argparse.SUPPRESS)
     # Benchmark only: every job computes its whole prompt (what prefix caching buys).
@@ -232,7 +244,7 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
 
     from worker.app import Worker
     from worker.options import Options
-    from worker.engine.build import EngineError, build_engine_off_main
+    from worker.engine.build import EngineError, KvSizing, build_engine_off_main
 
     torch.set_num_threads(budget.threads)
     # The CPUs nobody used while the model loads: the thread governor's start (a lone worker
@@ -248,7 +260,9 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
         engine = build_engine_off_main(cfg.model, cfg.device, cfg.dtype, cfg.token_budget,
                                        cfg.max_seq_len, max_step_tokens=args.max_step_tokens,
                                        policy=args.policy, runner=args.runner,
-                                       prefix_cache=not args.no_prefix_cache)
+                                       prefix_cache=not args.no_prefix_cache,
+                                       kv=KvSizing(args.kv_pool_blocks, args.kv_pool_gib,
+                                                   args.kv_memory_fraction, args.host_tier_gib))
     except EngineError as e:
         print(f"fabric-worker: engine config {args.config}: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -261,6 +275,8 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     log.info("engine_ready", model=engine.loaded.name, task=engine.task,
              params=engine.loaded.args.num_params(),
              kv_pool_mib=round(engine.pool.nbytes / 2**20, 1), kv_blocks=engine.pool.num_blocks,
+             kv_budget_blocks=cfg.token_budget // engine.block_size,
+             **(engine.pool.describe() if engine.task == "generate" else {}),
              block_size=engine.block_size, max_step_tokens=engine.max_step_tokens,
              runner=engine.runner_mode, prefix_cache=engine.pool.blocks.caching,
              intra_op_threads=torch.get_num_threads(),

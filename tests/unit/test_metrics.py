@@ -33,7 +33,7 @@ from worker.ops.histograms import step_phase
 from worker.ops.metrics import WorkerCollector, new_registry, register_worker
 from worker.ops.http import Observer, start_http
 from worker.ops.stats import WorkerStats, padding_fraction
-from worker.ops.view import WorkerInfo, WorkerView
+from worker.ops.view import KvLevels, WorkerInfo, WorkerView
 
 CFG = EngineConfig.model_validate({
     "nats_url": "nats://127.0.0.1:4222", "stream": "JOBS", "consumer": "workers",
@@ -66,9 +66,7 @@ class FakeWorker:
         held = self.alloc.used_blocks * 16
         return WorkerView(**vars(self.state), inflight_tokens=held,
                           occupancy=held / CFG.token_budget, admission_holding=a.holding,
-                          kv_used_blocks=self.alloc.used_blocks, kv_blocks=self.alloc.num_blocks,
-                          kv_cached_blocks=self.alloc.cached_blocks,
-                          kv_evictions=self.alloc.evictions,
+                          kv=KvLevels.of(self.alloc),
                           stats=self.stats)
 
 
@@ -177,6 +175,7 @@ NAMED = {
     "fabric_low_water_tokens", "fabric_budget_occupancy",
     "fabric_budget_occupancy_while_queued", "fabric_admission_state", "fabric_kv_blocks_used",
     "fabric_kv_blocks_capacity", "fabric_kv_blocks_cached", "fabric_kv_evictions_total",
+    "fabric_kv_pool_blocks", "fabric_kv_hit_blocks_total", "fabric_kv_tier_evictions_total",
     "fabric_prompt_tokens_total", "fabric_executor_busy_seconds_total",
     "fabric_executor_idle_seconds_total", "fabric_executor_idle_while_queued_seconds_total",
     "fabric_executor_steps_total", "fabric_executor_graphed_steps_total",
@@ -236,6 +235,12 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
     assert got[("fabric_admission_state", (("state", "open"),))] == 0
     assert got[("fabric_kv_blocks_used", ())] == 188
     assert got[("fabric_kv_blocks_cached", ())] == 0 and got[("fabric_kv_evictions_total", ())] == 0
+    by_state = {dict(lab)["tier"] + "/" + dict(lab)["state"]: v for (n, lab), v in got.items()
+                if n == "fabric_kv_pool_blocks"}
+    assert by_state == {"device/in_flight": 188, "device/cached": 0, "device/empty": 256 - 188,
+                        "host/used": 0, "host/empty": 0}
+    assert got[("fabric_kv_hit_blocks_total", (("tier", "device"),))] == 0
+    assert got[("fabric_kv_tier_evictions_total", (("tier", "host"),))] == 0
     assert got[("fabric_prompt_tokens_total", (("source", "cache"),))] == 4
     assert got[("fabric_prompt_tokens_total", (("source", "computed"),))] == 6
     assert got[("fabric_useful_tokens_total", ())] == 15

@@ -13,7 +13,7 @@ import random
 import pytest
 
 from worker.engine.blocks import BlockPool, OutOfBlocks, block_hashes, padded_tokens
-from worker.engine.build import Engine, build_engine
+from worker.engine.build import Engine, KvSizing, build_engine
 from worker.engine.sequence import Request
 from worker.engine.step import generate
 
@@ -83,41 +83,7 @@ def test_reserve_respects_the_limit_and_leaves_nothing_behind_when_it_refuses() 
     assert p.reserve(2, (), 4, limit=10) is not None and p.used_blocks == 10
 
 
-def test_any_mix_keeps_the_invariants() -> None:
-    """Refcounts never negative, no block both free and referenced, keys consistent,
-    cached blocks hold computed content, nothing leaks after any mix of reserve, compute,
-    register and release."""
-    rng = random.Random(5)
-    p = BlockPool(64, BS)
-    prompts = [[rng.randrange(50) for _ in range(rng.randint(1, 90))] for _ in range(12)]
-    held: dict[int, int] = {}
-    for key in range(3000):
-        op = rng.random()
-        if held and op < 0.4:
-            k = rng.choice(list(held))
-            p.release(k)
-            held.pop(k)
-        elif held and op < 0.6:
-            k = rng.choice(list(held))
-            blocks = p.blocks_of(k)
-            p.mark_ready(blocks[:rng.randint(0, len(blocks))])
-        elif held and op < 0.65:
-            k = rng.choice(list(held))
-            p.register(p.blocks_of(k)[-1], rng.randbytes(16))
-        else:
-            prompt = rng.choice(prompts) + [rng.randrange(50)] * rng.randint(0, 20)
-            n = -(-(len(prompt) + rng.randint(1, 30)) // BS)
-            if p.cost(block_hashes(prompt, BS), n) <= p.free_blocks:
-                r = p.reserve(key, block_hashes(prompt, BS), n, limit=64)
-                assert r is not None and len(r.blocks) == n and len(set(r.blocks)) == n
-                held[key] = n
-        assert p.used_blocks <= p.num_blocks
-        if key % 100 == 0:
-            p.check()
-    for k in list(held):
-        p.release(k)
-    p.check()
-    assert p.used_blocks == 0 and p.holders() == 0 and p.free_blocks == 64
+# Any mix of reserve, compute, register and release: tests/unit/test_kvcapacity.py.
 
 
 # -- the engine, tokens with caching on and off -------------------------------------------
@@ -228,7 +194,7 @@ def test_a_sharer_that_goes_away_before_computing_leaves_the_other_to_compute_it
 
 def test_eviction_pressure_changes_no_token() -> None:
     """A pool of 40 blocks for jobs of up to 9: caching and evicting all the way through."""
-    small = build_engine("builtin:tiny", "cpu", "float32", 640, 144)
+    small = build_engine("builtin:tiny", "cpu", "float32", 640, 144, kv=KvSizing(pool_blocks=40))
     off = build_engine("builtin:tiny", "cpu", "float32", 640, 144, prefix_cache=False)
     rng = random.Random(7)
     systems = [rand(rng, rng.choice([16, 40, 64])) for _ in range(5)]

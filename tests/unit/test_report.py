@@ -387,3 +387,17 @@ def test_soak_growth_reads_a_leak_a_flat_line_and_a_swing() -> None:
     assert g["growth_fraction"] > 0.1
     assert abs(g["trend_fraction"]) < 0.01
     assert round(g["first_half_max_mib"]) == round(g["second_half_max_mib"]) == 430
+
+
+def test_the_unbounded_hit_rate_counts_what_a_cache_that_never_evicts_would_serve() -> None:
+    """Leading full blocks known from an earlier job's prompt, or an answered job's prompt
+    and reply but its newest token; never the whole prompt (its last token is computed)."""
+    from loadgen.agentbench import unbounded_hit_fraction
+
+    first = list(range(40))  # 2 full blocks of 16
+    reply = list(range(100, 124))  # prompt + reply = 64 tokens: the newest not yet written
+    turn2 = first + reply + [7] * 10  # 74 tokens: blocks 0-2 known (48), the 4th was not
+    log = [("sent", first), ("done", first + reply), ("sent", turn2), ("sent", first[:32])]
+    # first: 0 of 40; turn2: 48 of 74; first[:32]: both blocks known, but 31 at most.
+    assert unbounded_hit_fraction(log, 16) == pytest.approx((48 + 31) / (40 + 74 + 32))
+    assert unbounded_hit_fraction([], 16) == 0.0

@@ -2,20 +2,29 @@
 
 A job reserves, when it is admitted, every block its padded length can ever need (prompt +
 max_new_tokens, rounded up to the block size) and returns them when it ends, so the step
-loop never allocates and never runs out: admission keeps the blocks in use under the
-budget, and the pool is sized from that budget.
+loop never allocates and never runs out. The pool is sized by memory, not by the budget:
+admission keeps the blocks *held* under `token_budget` (`reserve(limit=)`), and every block
+beyond what in-flight jobs hold is cache.
 
 Blocks are content-addressed. A full block's key chains its parent's key with its own token
 ids (`block_hashes`), so equal prefixes map to equal keys; a job's reservation takes every
 leading block whose key the pool already knows -- held by another job or kept after its
 job ended -- and counts only what it adds. Blocks are reference-counted: a block whose
 count falls to zero keeps its content and its key (cached, evictable) until its space is
-needed, least recently used first. A block reserved but not yet computed carries its key
-too, so jobs admitted together share a prefix that nobody has computed yet: the first one
-scheduled computes it, the others read it (`ready` says which blocks hold their KV).
+needed. A block reserved but not yet computed carries its key too, so jobs admitted
+together share a prefix that nobody has computed yet: the first one scheduled computes it,
+the others read it (`ready` says which blocks hold their KV).
+
+Eviction keeps what is likely to come back: keyed blocks form a tree (a block is keyed only
+under its own job's keyed parent), and only a leaf -- a cached block no keyed block hangs
+from -- is evicted, least recently used first, so a chain is cut from its end, never in the
+middle, and a held block is never evicted. With a host tier (`worker.engine.hosttier`) an
+evicted block's content is copied out, and a reservation that runs past the device's keys
+into the tier's takes fresh blocks and has the copies brought back (`flush`, once a step,
+before the step that reads or overwrites them).
 
 Thread-safe: admission (the event loop) reserves, the executor thread marks blocks ready,
-registers blocks of generated tokens and releases; one lock, held for microseconds.
+registers blocks of generated tokens, flushes and releases; one lock, held for microseconds.
 No torch here: the broker side sizes jobs with `padded_tokens` and hashes prompts with
 `block_hashes`, and the pool is tested without a device.
 """
@@ -25,10 +34,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # the tier is handed in: the broker side loads blocks without it
+    from worker.engine.hosttier import Copies, HostTier
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -70,16 +83,24 @@ class BlockPool:
     there and nothing reads it as a real key).
 
     Every block is in exactly one state: held (reference count above zero), cached (zero,
-    with content and key: evictable, least recently used first) or empty (zero, no content).
+    with content and key: evictable once a leaf, least recently used first) or empty (zero,
+    no content).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, first: int = 1, caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, first: int = 1, caching: bool = True,
+                 tier: HostTier | None = None):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.caching = caching  # off: no keys are kept, every job computes its whole prompt
+        self.tier = tier if caching else None  # evicted blocks' second home (GPU workers)
+        # Given a flush's copies, issues them (worker.engine.kv.TierCopier); set with a tier.
+        self.copier: Callable[[Copies], None] | None = None
+        self.min_load_blocks = 1  # a host hit shorter than this is recomputed instead
         end = first + num_blocks
         self._ref = [0] * end
         self._key: list[bytes | None] = [None] * end
+        self._parent = [-1] * end  # a keyed block's parent block (-1: the chain's first)
+        self._kids = [0] * end  # keyed blocks whose parent this block is
         self.ready = [False] * end  # the block's KV has been written (a launched step did)
         self._index: dict[bytes, int] = {}  # key -> block
         self._empty = list(range(end - 1, first - 1, -1))  # LIFO: recently freed first
@@ -87,7 +108,7 @@ class BlockPool:
         self._owner: dict[int, tuple[int, ...]] = {}  # job key -> its blocks
         self._lock = threading.Lock()
         self.evictions = 0  # cached blocks whose space was taken for another job
-        self.hit_blocks = 0  # blocks reservations found by content
+        self.hit_blocks = 0  # blocks reservations found by content on the device
 
     # -- reading (any thread; a stale value at worst) ------------------------------------
 
@@ -99,6 +120,10 @@ class BlockPool:
     @property
     def cached_blocks(self) -> int:
         return len(self._cached)
+
+    @property
+    def empty_blocks(self) -> int:
+        return len(self._empty)
 
     @property
     def free_blocks(self) -> int:
@@ -113,20 +138,32 @@ class BlockPool:
 
     # -- admission (event loop) ----------------------------------------------------------
 
-    def _hits(self, hashes: Sequence[bytes], n_blocks: int) -> list[int]:
+    def _hits(self, hashes: Sequence[bytes], n_blocks: int) -> tuple[list[int], int]:
+        """The leading blocks found on the device, and how many keys after them the host
+        tier holds (0 when that run is too short to be worth its copy)."""
         hits: list[int] = []
-        if self.caching:
-            for h in hashes[:n_blocks]:
-                b = self._index.get(h)
-                if b is None:
+        if not self.caching:
+            return hits, 0
+        hashes = hashes[:n_blocks]
+        for h in hashes:
+            b = self._index.get(h)
+            if b is None:
+                break
+            hits.append(b)
+        host = 0
+        # Past a block nobody has computed yet the tier's copies would sit under unwritten
+        # KV: what is ready stays a prefix of every chain.
+        if self.tier is not None and (not hits or self.ready[hits[-1]]):
+            for h in hashes[len(hits):]:
+                if h not in self.tier:
                     break
-                hits.append(b)
-        return hits
+                host += 1
+        return hits, host if host >= self.min_load_blocks else 0
 
     def cost(self, hashes: Sequence[bytes], n_blocks: int) -> int:
         """Blocks a reservation of `n_blocks` would take out of the free pool now."""
         with self._lock:
-            hits = self._hits(hashes, n_blocks)
+            hits, _ = self._hits(hashes, n_blocks)
             return n_blocks - len(hits) + sum(1 for b in hits if self._ref[b] == 0)
 
     def reserve(self, key: int, hashes: Sequence[bytes], n_blocks: int,
@@ -137,7 +174,7 @@ class BlockPool:
         with self._lock:
             if key in self._owner:
                 raise ValueError(f"job {key} already holds blocks")
-            hits = self._hits(hashes, n_blocks)
+            hits, host = self._hits(hashes, n_blocks)
             revived = sum(1 for b in hits if self._ref[b] == 0)  # cached: leave the free pool
             fresh = n_blocks - len(hits)
             added = fresh + revived
@@ -154,33 +191,68 @@ class BlockPool:
             # Key the prompt's own full blocks now, computed or not: a job admitted after
             # this one shares them (and waits for them, or computes them first).
             for i in range(len(hits), min(len(hashes), n_blocks)):
-                self._set_key(blocks[i], hashes[i])
+                self._set_key(blocks, i, hashes[i])
+            loaded = 0
+            for i in range(len(hits), len(hits) + host):
+                # Found in the host tier: its copy back is owed before anything reads it.
+                # (This reservation's own evictions may have overwritten the ring's oldest.)
+                if hashes[i] not in self.tier or self._key[blocks[i]] != hashes[i]:
+                    break
+                self.tier.load(hashes[i], blocks[i])
+                self.ready[blocks[i]] = True
+                loaded += 1
             self._owner[key] = res = tuple(blocks)
             self.hit_blocks += len(hits)
-            return Reservation(res, len(hits), added)
+            return Reservation(res, len(hits) + loaded, added)
 
     def _take(self) -> int:
-        if self._empty:
-            b = self._empty.pop()
-        else:
-            b, _ = self._cached.popitem(last=False)  # the least recently used
-            self._drop_key(b)
-            self.evictions += 1
+        b = self._empty.pop() if self._empty else self._evict()
         self._ref[b] = 1
         self.ready[b] = False
         return b
 
-    def _set_key(self, b: int, h: bytes) -> None:
-        if self.caching and h not in self._index and self._key[b] is None:
+    def _evict(self) -> int:
+        """Free the least recently used leaf, its content copied to the host tier if any."""
+        b = next(b for b in self._cached if not self._kids[b])
+        del self._cached[b]
+        if self.tier is not None:
+            self.tier.spill(self._key[b], b)
+        self._drop_key(b)
+        self.evictions += 1
+        return b
+
+    def evict_cached(self) -> int:
+        """Evict every cached block as a reservation would, leaves first (tests force
+        evictions with it)."""
+        with self._lock:
+            n = len(self._cached)
+            while self._cached:
+                b = self._evict()
+                self.ready[b] = False
+                self._empty.append(b)
+            return n
+
+    def _set_key(self, blocks: Sequence[int], i: int, h: bytes) -> None:
+        """Key `blocks[i]` with `h` if its own previous block carries its parent's key: a
+        block under someone else's copy of its parent would outlive that parent."""
+        b = blocks[i]
+        parent = blocks[i - 1] if i else -1
+        if (self.caching and h not in self._index and self._key[b] is None
+                and (not i or self._key[parent] is not None)):
             self._key[b] = h
             self._index[h] = b
+            self._parent[b] = parent
+            if i:
+                self._kids[parent] += 1
 
     def _drop_key(self, b: int) -> None:
         h = self._key[b]
         if h is not None:
             self._key[b] = None
-            if self._index.get(h) == b:
-                del self._index[h]
+            del self._index[h]
+            if self._parent[b] >= 0:
+                self._kids[self._parent[b]] -= 1
+            self._parent[b] = -1
 
     # -- the executor --------------------------------------------------------------------
 
@@ -189,11 +261,21 @@ class BlockPool:
         for b in blocks:
             self.ready[b] = True
 
-    def register(self, b: int, h: bytes) -> None:
-        """Give a block whose KV is written (generated tokens) its content key."""
+    def register(self, blocks: Sequence[int], i: int, h: bytes) -> None:
+        """Give a job's block `blocks[i]`, whose KV is written (generated tokens), its
+        content key."""
         with self._lock:
-            self.ready[b] = True
-            self._set_key(b, h)
+            self.ready[blocks[i]] = True
+            self._set_key(blocks, i, h)
+
+    def flush(self) -> None:
+        """Issue the host tier's copies owed since the last flush (once a step, before the
+        step is launched: the blocks they read or write are touched by no earlier step)."""
+        if self.tier is None or not self.tier.pending:
+            return
+        with self._lock:
+            copies = self.tier.take()
+        self.copier(copies)
 
     def release(self, key: int) -> int:
         """Return a job's blocks (idempotent). Blocks nobody holds any more keep their content
@@ -221,14 +303,15 @@ class BlockPool:
         with self._lock:
             n = len(self._cached)
             while self._cached:
-                b, _ = self._cached.popitem(last=False)
+                b, _ = self._cached.popitem(last=True)  # the newest first: children first
                 self._drop_key(b)
                 self.ready[b] = False
                 self._empty.append(b)
             return n
 
     def check(self) -> None:
-        """The invariants (tests): every block in exactly one state, keys consistent."""
+        """The invariants (tests): every block in exactly one state, keys consistent, keyed
+        blocks a tree whose cached leaves alone may go."""
         with self._lock:
             held = {b for bs in self._owner.values() for b in bs}
             empty, cached = set(self._empty), set(self._cached)
@@ -243,9 +326,18 @@ class BlockPool:
                 for b in bs:
                     refs[b] = refs.get(b, 0) + 1
             assert all(self._ref[b] == n for b, n in refs.items())
+            kids = [0] * len(self._ref)
             for h, b in self._index.items():
                 assert self._key[b] == h
+                p = self._parent[b]
+                if p >= 0:
+                    assert self._key[p] is not None, f"block {b}'s chain is cut above it"
+                    assert self.ready[p] or not self.ready[b], f"block {b} ready, its parent not"
+                    kids[p] += 1
+            assert kids == self._kids
             for b in cached:
                 assert self._key[b] is not None and self.ready[b], "cached without content"
             for b in empty:
                 assert self._key[b] is None
+            if self.tier is not None:
+                self.tier.check()

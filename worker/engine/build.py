@@ -2,7 +2,8 @@
 
 `build_engine` does everything that can fail before the worker touches the broker: load
 the weights, check that the budget and the longest job fit the model and the device, and
-allocate the KV pool once.
+allocate the KV pool once. The pool is sized by memory (`KvSizing`), never below the
+budget: what in-flight jobs do not hold is prefix cache.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from worker.engine.blocks import blocks_for
 from worker.engine.embedder import BlocksOnly, EmbedArgs, EmbedEngine, EmbedModel
+from worker.engine.hosttier import worth_loading
 from worker.engine.kv import KVPool
 from worker.engine.ladder import make_scheduler
 from worker.engine.lanes import LANE_MIN_WIDTH
@@ -26,6 +28,7 @@ from worker.model.fp8 import quantize_model
 from worker.model.embed_checkpoint import is_encoder_checkpoint, load_encoder
 
 BLOCK_SIZE = LANE_MIN_WIDTH
+CPU_POOL_PER_BUDGET = 4  # the CPU pool's default: this many budgets' worth of blocks
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,6 +46,7 @@ class Engine:
     policy: str = "continuous"  # worker.engine.modes.POLICIES; others are the ladder's
     runner_mode: str = "eager"  # worker.engine.modes.RUNNER_MODES; "pipelined" is CUDA's default
     max_seq_len: int = 0  # the longest job (prompt + generation); bounds decode graph shapes
+    budget_blocks: int = 0  # token_budget in blocks: the most a step's jobs hold
     task = "generate"  # what its jobs ask for (an embedding checkpoint: EmbedEngine, "embed")
 
     def scheduler(self, overlap: bool = False) -> Scheduler:
@@ -57,7 +61,7 @@ class Engine:
     def runner(self) -> Runner:
         runner = Runner(self.loaded.model, self.pool.tensor, self.device, self.runner_mode,
                         self.block_size, self.max_seq_len,
-                        max_batch=min(512, self.pool.num_blocks))
+                        max_batch=min(512, self.budget_blocks or self.pool.num_blocks))
         if runner.graphs is not None:
             runner.graphs.self_check()
         return runner
@@ -87,9 +91,56 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+@dataclass(frozen=True, slots=True)
+class KvSizing:
+    """How big the KV pool and the host tier are; every field has a default that works."""
+
+    pool_blocks: int = 0  # the device pool in blocks; 0: by `pool_gib` or the device's default
+    pool_gib: float = 0.0  # the device pool in GiB; 0: the default
+    memory_fraction: float = 0.8  # CUDA's default: this share of the memory free after weights
+    host_gib: float | None = None  # the host tier (CUDA only); None: 4 GiB on CUDA, 0 on CPU
+
+
+def pool_blocks(sizing: KvSizing, budget_blocks: int, block_bytes: int,
+                free_bytes: int | None) -> tuple[int, str]:
+    """The device pool's size in blocks and where it came from. `free_bytes`: the device
+    memory free after the weights (None: the CPU, whose default is a few budgets)."""
+    if sizing.pool_blocks:
+        n, why = sizing.pool_blocks, "kv_pool_blocks"
+    elif not block_bytes:  # a model without layers (builtin:null) keeps no KV
+        return budget_blocks, "token_budget (no KV)"
+    elif sizing.pool_gib:
+        n, why = int(sizing.pool_gib * 2**30 // block_bytes), "kv_pool_gib"
+    elif free_bytes is not None:
+        if not 0 < sizing.memory_fraction < 1:
+            raise EngineError(f"kv_memory_fraction: {sizing.memory_fraction} is not in (0, 1)")
+        n, why = int(free_bytes * sizing.memory_fraction // block_bytes), "kv_memory_fraction"
+    else:
+        return CPU_POOL_PER_BUDGET * budget_blocks, f"{CPU_POOL_PER_BUDGET} x token_budget"
+    if n < budget_blocks:
+        raise EngineError(f"{why}: the KV pool of {n} blocks ({n * block_bytes / 2**30:.2f} GiB) "
+                          f"is smaller than token_budget's {budget_blocks}")
+    if free_bytes is not None and n * block_bytes > free_bytes * 0.95:
+        raise EngineError(f"{why}: the KV pool needs {n * block_bytes / 2**30:.1f} GiB, "
+                          f"{free_bytes / 2**30:.1f} GiB free")
+    return n, why
+
+
+def min_load_blocks(num_params: int, block_bytes: int) -> int:
+    """The shortest host hit worth reading back rather than recomputing, by a rough model:
+    a PCIe copy at 20 GB/s after 20 us of latency against a prefill at 100 TFLOP/s (2
+    FLOPs per parameter per token). A small model recomputes; a large one always copies."""
+    prefill_s = 2 * num_params * BLOCK_SIZE / 1e14
+    for n in range(1, 65):
+        if worth_loading(n, block_bytes, 20e9, 20e-6, prefill_s):
+            return n
+    return 1 << 30
+
+
 def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq_len: int,
                  max_step_tokens: int | None = None, policy: str = "continuous",
-                 runner: str = "auto", prefix_cache: bool = True) -> Engine | EmbedEngine:
+                 runner: str = "auto", prefix_cache: bool = True,
+                 kv: KvSizing = KvSizing()) -> Engine | EmbedEngine:
     dev = resolve_device(device)
     mode = resolve_runner(runner, dev)
     # fp8: the decoder's projections in e4m3 (worker.model.fp8); everything else, the KV
@@ -110,23 +161,31 @@ def build_engine(model: str, device: str, dtype: str, token_budget: int, max_seq
     if max_seq_len > loaded.args.max_position:
         raise EngineError(f"max_seq_len: {max_seq_len} is over the model's "
                           f"{loaded.args.max_position} positions")
-    # Every job is rounded up to whole blocks, so the pool holds the whole budget exactly.
-    num_blocks = blocks_for(token_budget, BLOCK_SIZE)
-    need = num_blocks * BLOCK_SIZE * KVPool.bytes_per_token(loaded.args, dt)
-    if dev.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(dev)
-        if need > free * 0.9:
-            raise EngineError(f"token_budget: the KV pool needs {need / 2**30:.1f} GiB, "
-                              f"{free / 2**30:.1f} GiB free on {dev}")
+    # Every job is rounded up to whole blocks, so the budget is whole blocks; the pool
+    # holds at least that, and the rest is cache.
+    budget_blocks = blocks_for(token_budget, BLOCK_SIZE)
+    block_bytes = BLOCK_SIZE * KVPool.bytes_per_token(loaded.args, dt)
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
+    num_blocks, sized_by = pool_blocks(kv, budget_blocks, block_bytes, free)
+    host_gib = kv.host_gib if kv.host_gib is not None else 4.0 * (dev.type == "cuda")
+    if host_gib and dev.type != "cuda":
+        raise EngineError("host_tier_gib: the host tier is for GPU workers (on the CPU the "
+                          "device pool is host memory already)")
     # Prefix caching is the product's; the ladder's older policies predate it (their
     # padding rows would also write into shared blocks), and `prefix_cache=False` is the
     # benchmark's way to measure what it buys.
-    pool = KVPool(loaded.args, num_blocks, BLOCK_SIZE, dt, dev,
-                  caching=prefix_cache and policy == "continuous")
+    caching = prefix_cache and policy == "continuous"
+    min_load = min_load_blocks(loaded.args.num_params(), block_bytes)
+    # No host tier for a model that would never read one back (builtin:*), or keeps no KV.
+    host_blocks = int(host_gib * 2**30 // block_bytes) if block_bytes and min_load <= 64 else 0
+    pool = KVPool(loaded.args, num_blocks, BLOCK_SIZE, dt, dev, caching=caching,
+                  host_blocks=host_blocks, sized_by=sized_by)
+    pool.blocks.min_load_blocks = min_load
     # A step is the running batch (at most one row per admitted job) plus whole prompts; the
     # cap keeps one step's activations bounded while letting the longest prompt through.
     step_cap = max_step_tokens or max(max_seq_len, 2048)
-    return Engine(loaded, pool, dev, BLOCK_SIZE, step_cap, policy, mode, max_seq_len)
+    return Engine(loaded, pool, dev, BLOCK_SIZE, step_cap, policy, mode, max_seq_len,
+                  budget_blocks)
 
 
 def _embed_engine(model: str, dev: torch.device, dt: torch.dtype, token_budget: int,

@@ -2,7 +2,8 @@
 
 The pool holds `num_blocks` blocks of `block_size` token slots for every layer; which
 job holds which block, and which blocks keep a prefix's KV for the next job, is
-`worker.engine.blocks.BlockPool`'s business.
+`worker.engine.blocks.BlockPool`'s business. A GPU worker may add a host tier: pinned
+host blocks that evicted blocks are copied to and read back from (`TierCopier`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from worker.engine.blocks import BlockPool
+from worker.engine.hosttier import Copies, HostTier, runs
 from worker.model.decoder import ModelArgs
 
 
@@ -23,19 +25,91 @@ class KVPool:
     SCRATCH_SLOT = 0
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, caching: bool = True):
+                 dtype: torch.dtype, device: torch.device, caching: bool = True,
+                 host_blocks: int = 0, sized_by: str = ""):
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.sized_by = sized_by  # which option (or default) set num_blocks: logged at start
         slots = (num_blocks + 1) * block_size
         self.tensor = torch.zeros(
             (args.n_layers, slots, 2, args.n_kv_heads, args.hd), dtype=dtype, device=device
         )
-        self.blocks = BlockPool(num_blocks, block_size, first=1, caching=caching)
+        tier = HostTier(host_blocks) if host_blocks and caching else None
+        self.blocks = BlockPool(num_blocks, block_size, first=1, caching=caching, tier=tier)
+        self.copier = None
+        if tier is not None:
+            self.copier = self.blocks.copier = TierCopier(self.tensor, host_blocks, block_size)
 
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
 
+    def describe(self) -> dict[str, object]:
+        """The sizing, for the start-up log line."""
+        tier = self.blocks.tier
+        return {"kv_pool_sized_by": self.sized_by,
+                "host_tier_blocks": tier.num_blocks if tier is not None else 0,
+                "host_tier_mib": round(self.copier.nbytes / 2**20, 1) if self.copier else 0}
+
     @staticmethod
     def bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
         return args.n_layers * 2 * args.n_kv_heads * args.hd * torch.finfo(dtype).bits // 8
+
+
+class TierCopier:
+    """Issues a flush's copies between the device pool and the host blocks.
+
+    On CUDA they run on a side stream, off the executor's stream: the side stream first
+    waits for the work already queued (the KV it copies out is written), and the
+    executor's stream then waits for the copies before the step that reads a loaded block
+    or overwrites a spilled one. Both waits are on the device; the host never blocks.
+    The copies run in the order they were owed, on that one stream (`Copies`).
+    On the CPU (tests) the same copies run in place.
+    """
+
+    def __init__(self, tensor: torch.Tensor, host_blocks: int, block_size: int):
+        n_layers, slots, *rest = tensor.shape
+        # [L, NB, bs, 2, Hkv, D]: block b of every layer is dev[:, b]
+        self.dev = tensor.view(n_layers, slots // block_size, block_size, *rest)
+        cuda = tensor.device.type == "cuda"
+        # [NH, L, bs, 2, Hkv, D]: a host block is contiguous, and so is a run of them
+        self.host = torch.zeros((host_blocks, n_layers, block_size, *rest), dtype=tensor.dtype,
+                                pin_memory=cuda)
+        self.stream = torch.cuda.Stream(tensor.device) if cuda else None
+        self.flushes = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.numel() * self.host.element_size()
+
+    def __call__(self, copies: Copies) -> None:
+        if not copies:
+            return
+        self.flushes += 1
+        dev = self.dev.device
+        if self.stream is None:
+            self._copy(copies, dev)
+            return
+        main = torch.cuda.current_stream(dev)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            self._copy(copies, dev)
+        main.wait_stream(self.stream)
+
+    def _copy(self, copies: Copies, dev: torch.device) -> None:
+        nb = dev.type != "cpu"
+        for kind, pairs in copies.batches:
+            if kind == "load":
+                staged = torch.empty((len(pairs), *self.host.shape[1:]), dtype=self.host.dtype,
+                                     device=dev)  # [n, L, bs, 2, Hkv, D]
+                for i, j, slot in runs(pairs, 0):
+                    staged[i:j].copy_(self.host[slot:slot + j - i], non_blocking=nb)
+                idx = torch.tensor([b for _, b in pairs], device=dev)
+                self.dev.index_copy_(1, idx, staged.transpose(0, 1))
+            else:
+                idx = torch.tensor([b for b, _ in pairs], device=dev)
+                staged = self.dev.index_select(1, idx).transpose(0, 1).contiguous()  # [n, L, ...]
+                for i, j, slot in runs(pairs, 1):
+                    self.host[slot:slot + j - i].copy_(staged[i:j], non_blocking=nb)
+        # Every temporary here was allocated on the stream that uses it and freed to it:
+        # whatever reuses its memory is queued after these copies.

@@ -206,7 +206,7 @@ class Postprocess:
         for j, key in enumerate(block_hashes(tokens, bs, seq.keys[-1] if seq.keys else b""),
                                 start=start):
             seq.keys.append(key)
-            self.pool.register(seq.blocks[j], key)
+            self.pool.register(seq.blocks, j, key)
 
     def _finish(self, seq: Sequence, reason: str, now: float) -> Completion:
         if seq.row >= 0:

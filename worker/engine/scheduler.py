@@ -224,6 +224,7 @@ class Scheduler(Postprocess):
         mine = seq.blocks[seq.cached // bs:len(seq.req.prompt) // bs]
         self._planned.update(mine)
         self.pool.mark_ready(mine)
+        self.pool.flush()  # host-tier copies owed: before this step reads or overwrites them
 
     def launched(self, plan: StepPlan) -> None:
         """Overlap only: the plan is on the device; its tokens come back at postprocess."""

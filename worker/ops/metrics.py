@@ -158,14 +158,34 @@ class WorkerCollector(Collector):
         state.add_metric(["open"], float(not v.admission_holding))
         state.add_metric(["holding"], float(v.admission_holding))
         yield state
+        kv = v.kv
         yield _gauge("fabric_kv_blocks_used", "KV cache blocks reserved by admitted jobs.",
-                     v.kv_used_blocks)
+                     kv.in_flight)
         yield _gauge("fabric_kv_blocks_capacity", "KV cache blocks in the preallocated pool.",
-                     v.kv_blocks)
+                     kv.blocks)
         yield _gauge("fabric_kv_blocks_cached", "KV blocks no job holds that keep a computed "
-                     "prefix for the next job (evictable, not counted in use).", v.kv_cached_blocks)
+                     "prefix for the next job (evictable, not counted in use).", kv.cached)
         yield _counter("fabric_kv_evictions", "Cached KV blocks whose space was taken for "
-                       "another job.", v.kv_evictions)
+                       "another job.", kv.evictions)
+        states = GaugeMetricFamily("fabric_kv_pool_blocks", "KV blocks by state and tier: the "
+                                   "device pool's in flight, cached and empty; the host tier's "
+                                   "used and empty.", labels=["tier", "state"])
+        for tier, state, n in (("device", "in_flight", kv.in_flight), ("device", "cached", kv.cached),
+                               ("device", "empty", kv.empty), ("host", "used", kv.host_used),
+                               ("host", "empty", kv.host_blocks - kv.host_used)):
+            states.add_metric([tier, state], n)
+        yield states
+        hits = CounterMetricFamily("fabric_kv_hit_blocks", "KV blocks reservations found by "
+                                   "content, by the tier they were found in.", labels=["tier"])
+        evicted = CounterMetricFamily("fabric_kv_tier_evictions", "KV blocks evicted, by tier "
+                                      "(device: dropped, or copied to the host tier).",
+                                      labels=["tier"])
+        for tier, hit, ev in (("device", kv.hits, kv.evictions),
+                              ("host", kv.host_hits, kv.host_evictions)):
+            hits.add_metric([tier], hit)
+            evicted.add_metric([tier], ev)
+        yield hits
+        yield evicted
 
         # -- executor work, real versus computed
         yield _counter("fabric_executor_busy_seconds", "Time the executor spent in steps.",

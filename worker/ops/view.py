@@ -28,6 +28,30 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class KvLevels:
+    """The KV pool's blocks by state, and its host tier's, read off the block pool."""
+
+    blocks: int  # the device pool
+    in_flight: int  # held by admitted jobs (a block shared by several counts once)
+    cached: int  # held by nobody, keeping a computed prefix (evictable)
+    empty: int  # no content
+    hits: int  # blocks reservations found on the device
+    evictions: int  # device blocks whose content was dropped (or moved to the host tier)
+    host_blocks: int = 0  # the host tier's capacity (0: none)
+    host_used: int = 0
+    host_hits: int = 0  # blocks found in the host tier and copied back
+    host_evictions: int = 0  # host blocks overwritten by newer spills
+
+    @classmethod
+    def of(cls, pool) -> KvLevels:
+        """Read a `worker.engine.blocks.BlockPool` (unlocked: one sample stale at worst)."""
+        t = pool.tier
+        host = (t.num_blocks, t.used_blocks, t.hits, t.evictions) if t is not None else (0,) * 4
+        return cls(pool.num_blocks, pool.used_blocks, pool.cached_blocks, pool.empty_blocks,
+                   pool.hit_blocks, pool.evictions, *host)
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerView:
     ready: bool  # serving: connected, topology verified, executor started
     draining: bool  # stopping (SIGTERM or a fault): fetching nothing new
@@ -43,10 +67,7 @@ class WorkerView:
     inflight_tokens: int
     occupancy: float  # in-flight padded tokens over the budget
     admission_holding: bool  # hit high water, waiting for low water
-    kv_used_blocks: int  # held by admitted jobs (a block shared by several counts once)
-    kv_blocks: int
-    kv_cached_blocks: int  # held by nobody, keeping a computed prefix (evictable)
-    kv_evictions: int
+    kv: KvLevels  # the KV pool and its host tier
     publisher_depth: int  # Results queued or awaiting their PubAck
     publisher_capacity: int
     fetched: int  # messages pulled from the consumer

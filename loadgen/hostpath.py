@@ -37,6 +37,7 @@ def steady(batch: int, new: int, model: str = "builtin:null", device: str = "cpu
     from worker.engine.blocks import padded_tokens
     from worker.engine.build import build_engine
     from worker.engine.sequence import Request
+    from worker.engine.scheduler import StepPlan
     from worker.engine.step import turn
 
     rng = random.Random(seed)
@@ -50,9 +51,23 @@ def steady(batch: int, new: int, model: str = "builtin:null", device: str = "cpu
     for r in reqs:
         r.ignore_eos = True
     sched.add_all(reqs, time.monotonic())
-    inflight = None
-    while sched.lanes:  # the prompts, as the scheduler packs them
-        _, inflight, _ = turn(sched, runner, sched.schedule(), inflight)
+    # Every prompt first, in prefill-only steps (as the kernel ceiling's phased schedule
+    # does): a scheduler step would decode the first prompts while it prefills the rest,
+    # and with long prompts those would end before the last one started.
+    seqs = [s for q in sched.lanes.values() for s in q]
+    sched.lanes.clear()
+    inflight, i = None, 0
+    while i < len(seqs):
+        plan, rows = StepPlan(), 0
+        plan.batch = sched.batch
+        while i < len(seqs) and (not rows or rows + len(seqs[i].req.prompt)
+                                 <= eng.max_step_tokens):
+            plan.prefill.append([seqs[i]])
+            rows += len(seqs[i].req.prompt)
+            i += 1
+        _, inflight, _ = turn(sched, runner, plan, inflight)
+    sched.running = seqs  # (a step's postprocess keeps only its own rows running)
+    sched._running_rows = None
     return eng, sched, runner, inflight
 
 

@@ -18,11 +18,11 @@ from collections.abc import Callable
 import structlog
 from nats.aio.msg import Msg
 
-from schemas import ErrorCode, ErrorInfo, FinishReason, encode
+from schemas import ErrorCode, ErrorInfo, FinishReason
 from worker.admission import Intake
 from worker.broker.publisher import DeadLetter, Delivery, Publisher, Settle
 from worker.broker.replies import (JobTimes, cancelled_result, completion_payload, dead_letter,
-                                   edge_result, embedding_payload, failed_result)
+                                   edge_result, embedding_payload, failed_result, msg_id, payload)
 from worker.broker.validate import Outcome, Ticket
 from worker.engine.sequence import Completion
 from worker.features.stops import StopFailed, cut
@@ -62,7 +62,8 @@ class Answers:
             log.info("job_rejected" if not res.ok else "job_answered_at_edge", job=o.job_id,
                      attempt=o.attempt, code=o.error.code.value if o.error else None,
                      reason=o.error.message if o.error else None)
-        self._deliver(o.msg, o.job_id, o.attempt, encode(res, as_json=o.json), o.reply_to,
+        self._deliver(o.msg, msg_id(o.job_id, o.openai, o.reply_to), o.attempt,
+                      payload(res, o.openai, self._tokenizer, o.json), o.reply_to,
                       Settle.TERM if o.terminate else Settle.ACK, dead)
 
     def unrun(self, t: Ticket, reason: FinishReason, code: ErrorCode, why: str,
@@ -95,14 +96,14 @@ class Answers:
                 continue
             times = JobTimes.of(t, c, now)
             try:
-                payload, code = self._payload(t, c, stops, times, tok)
+                data, code = self._payload(t, c, stops, times, tok)
             except Exception as e:  # noqa: BLE001 - one job's Result must not cost the others
                 stop = isinstance(e, StopFailed)
                 c.finish_reason, c.error = "error", (
                     (ErrorCode.STOP_FAILED if stop else ErrorCode.RESULT_FAILED).value,
                     f"{'matching its stop strings' if stop else 'building its Result'} "
                     f"failed: {e!r}"[:400])
-                payload, code = self._payload(t, c, None, times, None)
+                data, code = self._payload(t, c, None, times, None)
             if code not in (None, ErrorCode.CANCELLED):
                 log.warning("job_failed", job=t.job.id, attempt=t.attempt, code=code.value,
                             reason=c.error[1] if c.error else None, tokens=len(c.tokens))
@@ -112,7 +113,8 @@ class Answers:
                                   queued_ms=times.queued_ms, first_token_ms=times.first_token_ms,
                                   total_ms=times.total_ms,
                                   error_code=None if code is None else code.value)
-            self._deliver(t.msg, t.job.id, t.attempt, payload, t.job.reply_to, Settle.ACK)
+            self._deliver(t.msg, msg_id(t.job.id, t.openai, t.job.reply_to), t.attempt, data,
+                          t.job.reply_to, Settle.ACK)
 
     def _payload(self, t: Ticket, c: Completion, stops: StopMatcher | None, times: JobTimes,
                  tok: Tokenizer | None) -> tuple[bytes, ErrorCode | None]:
@@ -125,14 +127,15 @@ class Answers:
             text = tok.decode(c.tokens) if c.tokens and tok is not None else None
             if c.finish_reason == "cancelled":
                 log.info("job_cancelled", job=t.job.id, attempt=t.attempt, tokens=len(c.tokens))
-                return encode(cancelled_result(t, c, text, wid, times), as_json=t.json), \
-                    ErrorCode.CANCELLED
+                return payload(cancelled_result(t, c, text, wid, times), t.openai, tok,
+                               t.json), ErrorCode.CANCELLED
             code = ErrorCode(c.error[0]) if c.error else ErrorCode.RESULT_FAILED
             why = c.error[1] if c.error else "the executor ended it without a reason"
-            return encode(failed_result(t, c, text, wid, times, code, why), as_json=t.json), code
+            return payload(failed_result(t, c, text, wid, times, code, why), t.openai, tok,
+                           t.json), code
         text = None if stops is None else cut(stops, c)
         return completion_payload(t, c, tok.decode(c.tokens) if text is None else text, wid,
-                                  times), None
+                                  times, tok), None
 
     def _deliver(self, msg: Msg, job_id: str, attempt: int, payload: bytes, reply_to: str | None,
                  settle: Settle, dead: DeadLetter | None = None) -> None:

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                      default=os.environ.get("FABRIC_CANCEL_SUBJECT", "fabric.cancel"),
                      help='core NATS subject of cancel messages, {"ids": [job id, ...]} '
                           "(or FABRIC_CANCEL_SUBJECT; default fabric.cancel)")
+    run.add_argument("--served-model-name", action="append", metavar="NAME",
+                     help="a name an OpenAI line's model may give (repeatable; default: the "
+                          "configured model and its directory's name)")
     run.add_argument("--burst", action="store_true",
                      help="exit 0 once the consumer has nothing pending and nothing is held")
     run.add_argument("--max-step-tokens", type=int, default=None)
@@ -230,7 +233,7 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     import torch
 
     from worker.app import Worker
-    from worker.options import Options
+    from worker.options import Options, served_names
     from worker.engine.build import EngineError, build_engine_off_main
 
     torch.set_num_threads(budget.threads)
@@ -271,7 +274,8 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
                    broker_give_up_s=args.broker_give_up_s, publish_give_up_s=args.publish_give_up_s,
                    threads=budget.threads, adapt_threads=adapt,
                    start_spare=idle_while_loading() if idle_while_loading else 0.0,
-                   cancel_subject=args.cancel_subject)
+                   cancel_subject=args.cancel_subject,
+                   served=served_names(cfg.model, args.served_model_name))
     worker = Worker(cfg, opts, engine, _topology(cfg, args), _security(args))
     if obs is not None:
         obs.attach(worker)

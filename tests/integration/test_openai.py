@@ -171,7 +171,7 @@ async def test_bad_lines_are_400_lines_with_openai_error_bodies(
     bad = {
         "model": line("model", CHAT, {"model": "gpt-4o", "messages": hi}),
         "stream": line("stream", CHAT, {"model": MODEL, "messages": hi, "stream": True}),
-        "n": line("n", CHAT, {"model": MODEL, "messages": hi, "n": 2}),
+        "echo": line("echo", COMPLETIONS, {"model": MODEL, "prompt": "a", "echo": True}),
         "unknown": line("unknown", CHAT, {"model": MODEL, "messages": hi, "logit_bias": {}}),
         "url": {**line("url", "/v1/responses", {}), "url": "/v1/responses"},
         "long": line("long", COMPLETIONS, {"model": MODEL, "prompt": "x" * 2000,
@@ -189,7 +189,7 @@ async def test_bad_lines_are_400_lines_with_openai_error_bodies(
     assert "'builtin:tiny'" in got["model"]["response"]["body"]["error"]["message"]
     assert got["model"]["response"]["body"]["error"]["param"] == "model"
     assert got["stream"]["response"]["body"]["error"]["param"] == "stream"
-    assert got["n"]["response"]["body"]["error"]["param"] == "n"
+    assert got["echo"]["response"]["body"]["error"]["param"] == "echo"
     assert "logit_bias" in got["unknown"]["response"]["body"]["error"]["message"]
     assert got["long"]["response"]["body"]["error"]["code"] == "too_long"
     assert got["schema"]["response"]["body"]["error"]["code"] == "bad_schema"
@@ -217,3 +217,26 @@ async def test_embeddings_lines_conform_and_equal_the_own_format(
     vec = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
     cut = np.asarray(ref[:8]) / np.linalg.norm(ref[:8])
     assert vec.shape == (8,) and np.allclose(vec, cut, atol=1e-5)
+
+
+async def test_n_choices_share_one_message_and_equal_their_own_format_jobs(
+        tmp_engine_toml, workers, nats_url) -> None:
+    cfg = tmp_engine_toml()
+    provision(cfg)
+    workers(cfg)
+    hi = [{"role": "user", "content": "Tell me a story about the sea and a boat."}]
+    lines = [line("n3", CHAT, {"model": MODEL, "messages": hi, "n": 3, "max_tokens": 10,
+                               "temperature": 0.9, "seed": 5}),
+             line("n2-bad", CHAT, {"model": MODEL, "messages": hi, "n": 2, "max_tokens": 2000})]
+    twins = [own(f"own-{i}", 10, messages=[Message(role="user", content=hi[0]["content"])],
+                 sampling=Sampling(temperature=0.9, seed=5 + i)) for i in range(3)]
+    got = await exchange(nats_url, [json.dumps(x).encode() for x in lines] + twins, 5)
+    body = strict(ChatCompletion, got["n3"]["response"]["body"])
+    assert [c.index for c in body.choices] == [0, 1, 2]
+    texts = [c.message.content for c in body.choices]
+    own_results = [Result.model_validate(got[f"own-{i}"]) for i in range(3)]
+    assert texts == [r.text for r in own_results]
+    assert len(set(texts)) > 1  # seeds 5, 6, 7: not one choice three times
+    assert body.usage.prompt_tokens == own_results[0].usage.prompt_tokens  # counted once
+    assert body.usage.completion_tokens == sum(len(r.tokens) for r in own_results)
+    assert got["n2-bad"]["response"]["status_code"] == 400  # too long: refused before fan-out

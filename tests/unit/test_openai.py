@@ -115,7 +115,7 @@ def test_tool_calls_are_parsed_only_when_whole(text: str, content: str | None,
 
 @pytest.mark.parametrize("body, param", [
     ({"messages": HI, "stream": True}, "stream"),
-    ({"messages": HI, "n": 3}, "n"),
+    ({"messages": HI, "frequency_penalty": 1}, "frequency_penalty"),
     ({"messages": HI, "presence_penalty": 0.5}, "presence_penalty"),
     ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
     ({"messages": HI, "tool_choice": "required"}, "tool_choice"),
@@ -131,8 +131,8 @@ def test_what_cannot_be_honoured_is_refused_by_name(body: dict, param: str) -> N
         translate(chat_line(body), ("m",))
     assert e.value.call.param == param and e.value.call.custom_id == "r1"
     assert param in e.value.message or param == "model"
-    out = output_line(e.value.call, {"ok": False, "error": {"code": e.value.code.value,
-                                                            "message": e.value.message}}, None)
+    out = output_line(e.value.call, [{"ok": False, "error": {"code": e.value.code.value,
+                                                             "message": e.value.message}}], None)
     assert out["response"]["status_code"] == 400
     assert ErrorObject.model_validate(out["response"]["body"]["error"]).param == param
 

@@ -19,7 +19,7 @@ from schemas.codec import completion_dict
 from worker.broker.publisher import DeadLetter
 from worker.broker.validate import Outcome, Ticket
 from worker.features.openai.request import Call
-from worker.features.openai.response import encode_line, output_line
+from worker.features.openai.response import encode_line, join, output_line
 from worker.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # the engine's record, read by attribute (no engine import at run time)
@@ -48,12 +48,20 @@ class JobTimes:
                    (now - t.arrived_at) * 1e3)
 
 
-def payload(res: Result, call: Call | None, tok: Tokenizer | None, as_json: bool) -> bytes:
+def payload(res: Result, call: Call | None, tok: Tokenizer | None, as_json: bool,
+            part: int = 0) -> bytes | None:
     """A Result's bytes in the job's encoding: the Result itself, or for a job that came as
-    an OpenAI Batch API line, its output line."""
+    an OpenAI Batch API line, its output line -- None while the line waits for its other
+    choices (`part` is this job's)."""
     if call is None:
         return encode(res, as_json=as_json)
-    return encode_line(output_line(call, res.model_dump(mode="json"), tok), as_json)
+    return line_payload(call, part, res.model_dump(mode="json"), tok, as_json)
+
+
+def line_payload(call: Call, part: int, result: dict[str, Any], tok: Tokenizer | None,
+                 as_json: bool) -> bytes | None:
+    results = join(call, part, result)
+    return None if results is None else encode_line(output_line(call, results, tok), as_json)
 
 
 def msg_id(job_id: str, call: Call | None, reply_to: str | None) -> str:
@@ -63,7 +71,7 @@ def msg_id(job_id: str, call: Call | None, reply_to: str | None) -> str:
 
 
 def completion_payload(t: Ticket, c: Completion, text: str, worker_id: str,
-                       times: JobTimes, tok: Tokenizer | None = None) -> bytes:
+                       times: JobTimes, tok: Tokenizer | None = None) -> bytes | None:
     """The encoded Result of a job the executor ran (built without a pydantic model: the
     hot path, one per job), in the job's encoding (`tok`: an OpenAI line's token strings)."""
     fields = dict(
@@ -73,7 +81,7 @@ def completion_payload(t: Ticket, c: Completion, text: str, worker_id: str,
         first_token_ms=times.first_token_ms, total_ms=times.total_ms, worker=worker_id,
         attempt=t.attempt, logprobs=logprob_entries(c, len(c.tokens)))
     if t.openai is not None:
-        return encode_line(output_line(t.openai, completion_dict(**fields), tok), t.json)
+        return line_payload(t.openai, t.part, completion_dict(**fields), tok, t.json)
     return encode_completion(**fields, as_json=t.json)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -47,6 +47,7 @@ class Ticket:
     admitted_at: float = 0.0  # time.monotonic() when admitted (0 while pending)
     reservation: Reservation | None = None  # its KV blocks, from admission on
     openai: Call | None = None  # it came as an OpenAI Batch API line: answered as one
+    part: int = 0  # an OpenAI line with n choices: which one this job is
 
 
 @dataclass(slots=True)
@@ -65,6 +66,7 @@ class Outcome:
     dead_letter: str | None = None  # why it goes to the dead-letter stream (poison)
     json: bool = False  # the job came as JSON: its Result goes back as JSON
     openai: Call | None = None  # it came as an OpenAI Batch API line: answered as one
+    part: int = 0  # an OpenAI line with n choices: which one this job is
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +156,23 @@ class Validator:
                       reserved_tokens=reserved, arrived_at=now,
                       hashes=tuple(block_hashes(prompt, lim.block_size)), json=as_json,
                       openai=call)
+
+    def fan_out(self, t: Ticket) -> list[Ticket]:
+        """A Ticket, or for an OpenAI line with n choices one per choice: the same message
+        and prompt (its KV computed once), their own keys, choice i seeded seed + i."""
+        call = t.openai
+        if call is None or call.n == 1:
+            return [t]
+        call.fanned, call.parts = True, {}
+        seed = t.job.sampling.seed
+        out = [t]
+        for part in range(1, call.n):
+            self._next_key += 1
+            sampling = t.job.sampling.model_copy(
+                update={"seed": None if seed is None else (seed + part) % (1 << 63)})
+            out.append(replace(t, job=t.job.model_copy(update={"sampling": sampling}),
+                               key=self._next_key, part=part))
+        return out
 
     def _bad_ids(self, ids: list[int], what: str, fail) -> Outcome | None:
         """The answer for ids no model can take (none, or outside the vocabulary)."""

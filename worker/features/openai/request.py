@@ -7,6 +7,9 @@ field. Chat messages are rendered by the validator with the checkpoint's templat
 included, as transformers passes them); this module only shapes them. Defaults are
 OpenAI's: temperature 1, top_p 1, no seed; without `max_tokens` the job may run to
 `max_seq_len` (the validator fills it in, and reserves that much KV: send `max_tokens`).
+`n` > 1 choices run as n jobs of one message (the validator's `fan_out`), the seed of choice
+i being seed + i, and their Results join into one line (`response.join`) before it is
+published and the message acked; their shared prompt's KV is computed once (prefix cache).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ class Call:
     base64: bool = False  # embeddings: encoding_format base64
     fill_max_tokens: bool = False  # no max_tokens: up to max_seq_len (the validator's)
     param: str | None = None  # refused: the body field at fault, for the error body
+    n: int = 1  # choices asked for: the line runs as n jobs (parts) sharing the prompt
+    fanned: bool = False  # its n parts were made (by the validator): their Results join
+    parts: dict[int, dict[str, Any]] | None = None  # the joined parts' Results so far
 
 
 class Refused(DecodeError):
@@ -85,6 +91,7 @@ def translate(payload: dict[str, Any], served: tuple[str, ...]) -> tuple[Job, Ca
         prompt = _one(body.input, "input", refuse)
         return _job(base, task="embed", prompt=prompt, dimensions=body.dimensions), call
     _common_refusals(body, refuse)
+    call.n = body.n or 1
     max_tokens = body.max_tokens
     if isinstance(body, ChatBody):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
@@ -130,9 +137,6 @@ def _body_code(e: ValidationError) -> ErrorCode:
 def _common_refusals(body: ChatBody | CompletionBody, refuse) -> None:
     if body.stream:
         raise refuse("stream", "stream is not possible in a batch: the output line is whole")
-    if body.n not in (None, 1):
-        raise refuse("n", "n > 1 is not served yet: send n lines with their own custom_id "
-                     "(they share the prompt through the prefix cache)")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(body, name) not in (None, 0):
             raise refuse(name, "penalties are not supported (only 0)")

@@ -6,6 +6,7 @@ An ok Result's body is a `chat.completion`, `text_completion` or embedding `list
 a failed one is status 400 with an OpenAI error body whose `code` is the project's error
 code (`ERROR_TYPES` maps every one) and whose `param` names the field when one is at fault.
 Ids are derived from the custom id, so a job answered twice (a replay) writes the same ids.
+A line with n choices is answered once, when the Results of its n parts have joined.
 """
 
 from __future__ import annotations
@@ -37,28 +38,47 @@ ERROR_TYPES: dict[str, str] = {
 BAD_REQUEST = 400
 
 
-def output_line(call: Call, result: dict[str, Any], tok: Tokenizer | None,
+def join(call: Call, part: int, result: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The Results the line is built from: this one, or for a line fanned out into n choices,
+    all n in choice order once the last has come (None until then). The Call is the one
+    place the parts meet: every part's Ticket holds it."""
+    if not call.fanned:
+        return [result]
+    call.parts[part] = result
+    if len(call.parts) < call.n:
+        return None
+    return [call.parts[i] for i in range(call.n)]
+
+
+def output_line(call: Call, results: list[dict[str, Any]], tok: Tokenizer | None,
                 created: int | None = None) -> dict[str, Any]:
-    """The output line of `result` (a Result as a JSON-mode dict)."""
-    err = result.get("error")
-    if err is not None or not result["ok"]:
-        return _line(call, BAD_REQUEST, error_body(err["code"], err["message"], call.param))
-    created = int(time.time()) if created is None else created
-    usage = result["usage"]
+    """The output line of `results` (Results as JSON-mode dicts, one per choice; a line
+    answered before it was fanned out has one, repeated for its n choices). One failed
+    choice makes the line its error."""
+    for result in results:
+        err = result.get("error")
+        if err is not None or not result["ok"]:
+            return _line(call, BAD_REQUEST, error_body(err["code"], err["message"], call.param))
     if call.url == EMBEDDINGS:
-        return _line(call, 200, _embedding(call, result, usage))
-    tokens = result["tokens"]
-    cached = {"cached_tokens": usage["cached_tokens"]}
-    body = {"id": "", "object": "", "created": created, "model": call.model,
-            "choices": [_chat_choice(call, result, tok) if call.url == CHAT
-                        else _text_choice(call, result, tok)],
-            "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": len(tokens),
-                      "total_tokens": usage["prompt_tokens"] + len(tokens),
-                      "prompt_tokens_details": cached},
-            "system_fingerprint": None}
+        return _line(call, 200, _embedding(call, results[0], results[0]["usage"]))
+    if len(results) < call.n:
+        results = results * call.n
+    created = int(time.time()) if created is None else created
     chat = call.url == CHAT
-    body["id"] = ("chatcmpl-" if chat else "cmpl-") + _digest(call.custom_id)[:24]
-    body["object"] = "chat.completion" if chat else "text_completion"
+    choose = _chat_choice if chat else _text_choice
+    prompt = results[0]["usage"]["prompt_tokens"]
+    completion = sum(len(r["tokens"]) for r in results)
+    # The prompt is counted once, as OpenAI counts it for n choices; its cached tokens are
+    # the fewest any choice found: a cold prompt was computed (once), so 0.
+    cached = min(r["usage"]["cached_tokens"] for r in results)
+    body = {"id": ("chatcmpl-" if chat else "cmpl-") + _digest(call.custom_id)[:24],
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created, "model": call.model,
+            "choices": [choose(call, r, tok, i) for i, r in enumerate(results)],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion,
+                      "prompt_tokens_details": {"cached_tokens": cached}},
+            "system_fingerprint": None}
     return _line(call, 200, body)
 
 
@@ -88,12 +108,14 @@ def _finish(result: dict[str, Any]) -> str:
     return "length" if result["finish_reason"] == "length" else "stop"
 
 
-def _chat_choice(call: Call, result: dict[str, Any], tok: Tokenizer | None) -> dict[str, Any]:
+def _chat_choice(call: Call, result: dict[str, Any], tok: Tokenizer | None,
+                 index: int) -> dict[str, Any]:
     text = result.get("text") or ""
     finish = _finish(result)
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if call.parse_tools and finish == "stop":
-        content, calls = parse_tool_calls(text, call.custom_id)
+        content, calls = parse_tool_calls(text, f"{call.custom_id}:{index}" if index else
+                                          call.custom_id)
         if calls:
             message.update(content=content, tool_calls=calls)
             finish = "tool_calls"
@@ -104,7 +126,7 @@ def _chat_choice(call: Call, result: dict[str, Any], tok: Tokenizer | None) -> d
             {**_token(tok, e["token"], e["logprob"]),
              "top_logprobs": [_token(tok, i, lp) for i, lp in e["top"][:n]]}
             for e in result["logprobs"]], "refusal": None}
-    return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
 def _token(tok: Tokenizer, token: int, logprob: float) -> dict[str, Any]:
@@ -112,7 +134,8 @@ def _token(tok: Tokenizer, token: int, logprob: float) -> dict[str, Any]:
     return {"token": s, "logprob": logprob, "bytes": list(s.encode())}
 
 
-def _text_choice(call: Call, result: dict[str, Any], tok: Tokenizer | None) -> dict[str, Any]:
+def _text_choice(call: Call, result: dict[str, Any], tok: Tokenizer | None,
+                 index: int) -> dict[str, Any]:
     logprobs = None
     if call.top_logprobs is not None and result.get("logprobs") is not None and tok is not None:
         entries = result["logprobs"]
@@ -125,7 +148,7 @@ def _text_choice(call: Call, result: dict[str, Any], tok: Tokenizer | None) -> d
                     "top_logprobs": [{tok.decode([i]): lp for i, lp in e["top"][:call.top_logprobs]}
                                      for e in entries],
                     "text_offset": offsets}
-    return {"index": 0, "text": result.get("text") or "", "logprobs": logprobs,
+    return {"index": index, "text": result.get("text") or "", "logprobs": logprobs,
             "finish_reason": _finish(result)}
 
 

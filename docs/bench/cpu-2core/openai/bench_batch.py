@@ -52,10 +52,12 @@ def write_file(path: Path, n: int, seed: int = 27) -> None:
                     + "\n")
 
 
-def own_job(line: dict, reply_to: str) -> bytes:
-    """The same request as the project's own Job."""
+def own_job(line: dict, reply_to: str, batch_name: str) -> bytes:
+    """The same request as the project's own Job. Its id is scoped by the batch, as the
+    OpenAI line's Result id is (by its reply subject): the runs share a results stream,
+    whose duplicate window would drop a second run's Results under the same ids."""
     body = line["body"]
-    return json.dumps({"id": line["custom_id"], "messages": body["messages"],
+    return json.dumps({"id": f"{batch_name}:{line['custom_id']}", "messages": body["messages"],
                        "max_new_tokens": body["max_tokens"], "reply_to": reply_to},
                       separators=(",", ":")).encode()
 
@@ -68,7 +70,7 @@ async def own_submit(url: str, b: BatchFile) -> None:
 
     async def one(line: dict) -> None:
         try:
-            await js.publish(jobs, own_job(line, replies),
+            await js.publish(jobs, own_job(line, replies, b.name),
                              headers={"Nats-Msg-Id": f"{b.name}:{line['custom_id']}"})
         finally:
             gate.release()
@@ -84,7 +86,7 @@ async def own_submit(url: str, b: BatchFile) -> None:
 async def own_collect(url: str, b: BatchFile, out: Path) -> None:
     nc = await connect(url, name="own-collect")
     _, replies = batch.subjects(b)
-    want, done, f = set(b.ids), set(), OutputFile(out)
+    want, done, f = {f"{b.name}:{i}" for i in b.ids}, set(), OutputFile(out)
 
     def on_msg(msg) -> None:
         r = json.loads(msg.data)

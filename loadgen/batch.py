@@ -5,9 +5,9 @@
 
 Rule: the broker is the only state. A batch is named by its file's bytes (or `--batch`):
 its lines go to `fabric.jobs.batch.<name>` with `Nats-Msg-Id: <name>:<custom_id>` and
-`reply_to` `fabric.results.batch.<name>`. `submit` first reads what that subject already
-holds and publishes only the rest, so running it again (after a crash, or twice) publishes
-nothing twice, long after the stream's duplicate window. `collect` reads the results
+`reply_to` `fabric.results.batch.<name>`. `submit` first reads what those subjects already
+hold (lines published, lines answered) and publishes only the rest, so running it again
+(after a crash, or twice) publishes nothing twice, long after the duplicate window. `collect` reads the results
 stream's copy of the reply subject from its start, writes one line per custom_id (status
 200 to `--out`, anything else to `--errors`) and stops when every id of the file has one;
 after a crash it appends what its files lack. Exit status: 0 every line collected (or
@@ -80,6 +80,9 @@ async def submit(js, batch: BatchFile, wait: bool, timeout_s: float) -> int:
     prefix = f"{batch.name}:"
     await read_subject(js, jobs, lambda m: published.add(
         (m.headers or {}).get("Nats-Msg-Id", "").removeprefix(prefix)), timeout_s=timeout_s)
+    # Answered lines too: a work-queue jobs stream forgets a job once it is acked.
+    await read_subject(js, replies, lambda m: published.add(json.loads(m.data)["custom_id"]),
+                       timeout_s=timeout_s)
     todo = [line for line in batch.lines if line["custom_id"] not in published]
     print(f"batch {batch.name}: {len(batch.lines)} lines, {len(batch.lines) - len(todo)} "
           f"already published, publishing {len(todo)} to {jobs}", file=sys.stderr)

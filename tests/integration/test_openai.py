@@ -240,3 +240,32 @@ async def test_n_choices_share_one_message_and_equal_their_own_format_jobs(
     assert body.usage.prompt_tokens == own_results[0].usage.prompt_tokens  # counted once
     assert body.usage.completion_tokens == sum(len(r.tokens) for r in own_results)
     assert got["n2-bad"]["response"]["status_code"] == 400  # too long: refused before fan-out
+
+
+async def test_a_hermes_checkpoint_forced_into_a_tool_call(tmp_engine_toml, workers, nats_url,
+                                                           tmp_path) -> None:
+    """A tiny Qwen2 checkpoint whose chat template is Hermes-style: the tools reach its
+    prompt, and with tool_choice required its reply (under the call grammar) comes back as
+    a parsed call."""
+    from tests.unit.test_chat import write_tokenizer
+    from tests.unit.test_checkpoint import hf_config, write_checkpoint
+    from tests.unit.test_openai import HERMES
+    path = write_checkpoint(tmp_path / "hermes", hf_config(
+        "Qwen2ForCausalLM", vocab_size=400, max_position_embeddings=2048))
+    write_tokenizer(path, "chatml", chat_template=HERMES)
+    cfg = tmp_engine_toml(model=str(path))
+    provision(cfg)
+    workers(cfg)
+    hi = [{"role": "user", "content": "Weather in Oslo?"}]
+    body = {"model": "hermes", "messages": hi, "max_tokens": 200, "temperature": 0}
+    lines = [line("forced", CHAT, {**body, "tools": [WEATHER], "tool_choice": "required"}),
+             line("plain", CHAT, body)]
+    got = await exchange(nats_url, [json.dumps(x).encode() for x in lines], 2)
+    forced = strict(ChatCompletion, got["forced"]["response"]["body"])
+    plain = strict(ChatCompletion, got["plain"]["response"]["body"])
+    assert forced.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the tools were shown
+    choice = forced.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)

@@ -206,3 +206,17 @@ def test_the_exported_schemas_agree_with_the_models_on_samples() -> None:
     assert list(chat.iter_errors({**body, "logit_bias": {}}))  # unknown keys are refused
     assert not list(line.iter_errors(chat_line(body)))
     assert list(line.iter_errors({**chat_line(body), "custom_id": "has space"}))
+
+
+def test_a_custom_id_that_is_no_header_value_is_not_the_result_id() -> None:
+    with pytest.raises(Refused) as e:
+        translate(chat_line({"messages": HI}, cid="two\nlines"), ("m",))
+    assert e.value.job_id == "" and e.value.call.custom_id == "two\nlines"
+
+
+def test_result_ids_are_scoped_by_reply_subject_for_openai_lines_only() -> None:
+    from worker.broker.replies import msg_id
+    _, call = translate(chat_line({"messages": HI}), ("m",))
+    assert msg_id("r1", call, "fabric.results.a") == "r1@fabric.results.a"
+    assert msg_id("r1", None, "fabric.results.a") == "r1"  # the own format: unchanged
+    assert msg_id("", call, "fabric.results.a") == ""  # no readable id: no dedupe key

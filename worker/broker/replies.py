@@ -67,7 +67,7 @@ def line_payload(call: Call, part: int, result: dict[str, Any], tok: Tokenizer |
 def msg_id(job_id: str, call: Call | None, reply_to: str | None) -> str:
     """The Result's `Nats-Msg-Id`: the job id; an OpenAI line's custom id is scoped by its
     reply subject, since batch files from different producers reuse ids like `request-1`."""
-    return job_id if call is None else f"{job_id}@{reply_to}"
+    return job_id if call is None or not job_id else f"{job_id}@{reply_to}"
 
 
 def completion_payload(t: Ticket, c: Completion, text: str, worker_id: str,

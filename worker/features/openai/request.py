@@ -15,6 +15,7 @@ published and the message acked; their shared prompt's KV is computed once (pref
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +23,11 @@ from pydantic import ValidationError
 
 from schemas import DecodeError, ErrorCode, Job, Sampling
 from schemas.codec import explain
-from schemas.models import MAX_ID_CHARS, MAX_SEED, ResponseFormat, is_subject
+from schemas.models import ID_PATTERN, MAX_ID_CHARS, MAX_SEED, ResponseFormat, is_subject
 from schemas.openai import BODIES, BatchRequest, ChatBody, CompletionBody, EmbeddingBody
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+_ID = re.compile(ID_PATTERN)
 
 
 @dataclass(slots=True)
@@ -52,7 +54,10 @@ class Refused(DecodeError):
 
     def __init__(self, code: ErrorCode, message: str, call: Call, reply_to: str | None,
                  param: str | None = None):
-        super().__init__(code, message, reply_to=reply_to, job_id=call.custom_id)
+        # The job id becomes a header value (Nats-Msg-Id): only a well-formed custom_id is
+        # one; the output line still names whatever was sent.
+        ok = _ID.fullmatch(call.custom_id) is not None
+        super().__init__(code, message, reply_to=reply_to, job_id=call.custom_id if ok else "")
         self.call = call
         call.param = param
 

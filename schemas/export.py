@@ -15,11 +15,19 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.models import Job, Result
+from schemas.openai import BatchOutput, BatchRequest, ChatBody, CompletionBody, EmbeddingBody
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 SCHEMAS: dict[str, type[BaseModel]] = {
     "job.schema.json": Job,
     "result.schema.json": Result,
+    # The OpenAI Batch API's shapes: the line (its `body` one of the three by `url`), the
+    # bodies, and the output line.
+    "openai-batch-request.schema.json": BatchRequest,
+    "openai-chat-body.schema.json": ChatBody,
+    "openai-completion-body.schema.json": CompletionBody,
+    "openai-embedding-body.schema.json": EmbeddingBody,
+    "openai-batch-output.schema.json": BatchOutput,
 }
 # pydantic emits draft 2020-12; saying so lets validators pick the right dialect.
 _DIALECT = "https://json-schema.org/draft/2020-12/schema"

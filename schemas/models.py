@@ -52,6 +52,7 @@ _SUBJECT_RE = re.compile(SUBJECT_PATTERN)
 # (pydantic's own message quotes the regex).
 PATTERN_HINTS = {
     ("id",): "should be printable ASCII without spaces",
+    ("custom_id",): "should be printable ASCII without spaces (it is the job id)",
     ("reply_to",): "should be a NATS subject: dot-separated non-empty tokens, "
     "no whitespace, no wildcards",
 }

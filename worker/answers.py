@@ -7,7 +7,8 @@ after the Result is durable, and the message stops being held when it is settled
 publisher has aborted (a fatal fault) nothing goes out: the message waits for the
 teardown's nak with the rest. A failure while one job's Result is built (its stop matcher,
 decoding its text) is that job's error Result, never the others'. What the payloads hold
-is `worker.broker.replies`.
+is `worker.broker.replies`. An OpenAI line with n choices is n jobs of one message: their
+Results join into one output line, delivered (and the message settled) with the last.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from collections.abc import Callable
 import structlog
 from nats.aio.msg import Msg
 
-from schemas import ErrorCode, ErrorInfo, FinishReason, encode
+from schemas import ErrorCode, ErrorInfo, FinishReason
 from worker.admission import Intake
 from worker.broker.publisher import DeadLetter, Delivery, Publisher, Settle
 from worker.broker.replies import (JobTimes, cancelled_result, completion_payload, dead_letter,
-                                   edge_result, embedding_payload, failed_result)
+                                   edge_result, embedding_payload, failed_result, msg_id, payload)
 from worker.broker.validate import Outcome, Ticket
 from worker.engine.sequence import Completion
 from worker.features.stops import StopFailed, cut
@@ -62,15 +63,17 @@ class Answers:
             log.info("job_rejected" if not res.ok else "job_answered_at_edge", job=o.job_id,
                      attempt=o.attempt, code=o.error.code.value if o.error else None,
                      reason=o.error.message if o.error else None)
-        self._deliver(o.msg, o.job_id, o.attempt, encode(res, as_json=o.json), o.reply_to,
-                      Settle.TERM if o.terminate else Settle.ACK, dead)
+        data = payload(res, o.openai, self._tokenizer, o.json, o.part)
+        if data is not None:  # None: an OpenAI line waiting for its other choices
+            self._deliver(o.msg, msg_id(o.job_id, o.openai, o.reply_to), o.attempt, data,
+                          o.reply_to, Settle.TERM if o.terminate else Settle.ACK, dead)
 
     def unrun(self, t: Ticket, reason: FinishReason, code: ErrorCode, why: str,
               terminate: bool = True) -> None:
         """Answer a valid job that never reached the executor."""
         self.edge(Outcome(t.msg, t.job.id, t.job.reply_to, t.attempt, t.arrived_at, reason,
                           ErrorInfo(code=code, message=why), prompt_tokens=len(t.prompt),
-                          terminate=terminate, json=t.json))
+                          terminate=terminate, json=t.json, openai=t.openai, part=t.part))
 
     def expired(self, t: Ticket, why: str) -> None:
         self.unrun(t, FinishReason.EXPIRED, ErrorCode.EXPIRED, why)
@@ -95,14 +98,14 @@ class Answers:
                 continue
             times = JobTimes.of(t, c, now)
             try:
-                payload, code = self._payload(t, c, stops, times, tok)
+                data, code = self._payload(t, c, stops, times, tok)
             except Exception as e:  # noqa: BLE001 - one job's Result must not cost the others
                 stop = isinstance(e, StopFailed)
                 c.finish_reason, c.error = "error", (
                     (ErrorCode.STOP_FAILED if stop else ErrorCode.RESULT_FAILED).value,
                     f"{'matching its stop strings' if stop else 'building its Result'} "
                     f"failed: {e!r}"[:400])
-                payload, code = self._payload(t, c, None, times, None)
+                data, code = self._payload(t, c, None, times, None)
             if code not in (None, ErrorCode.CANCELLED):
                 log.warning("job_failed", job=t.job.id, attempt=t.attempt, code=code.value,
                             reason=c.error[1] if c.error else None, tokens=len(c.tokens))
@@ -112,10 +115,12 @@ class Answers:
                                   queued_ms=times.queued_ms, first_token_ms=times.first_token_ms,
                                   total_ms=times.total_ms,
                                   error_code=None if code is None else code.value)
-            self._deliver(t.msg, t.job.id, t.attempt, payload, t.job.reply_to, Settle.ACK)
+            if data is not None:  # None: an OpenAI line waiting for its other choices
+                self._deliver(t.msg, msg_id(t.job.id, t.openai, t.job.reply_to), t.attempt,
+                              data, t.job.reply_to, Settle.ACK)
 
     def _payload(self, t: Ticket, c: Completion, stops: StopMatcher | None, times: JobTimes,
-                 tok: Tokenizer | None) -> tuple[bytes, ErrorCode | None]:
+                 tok: Tokenizer | None) -> tuple[bytes | None, ErrorCode | None]:
         """The job's encoded Result and its error code (None: ok). `tok` None: the tokens
         are not decoded (the Result of a job whose decoding failed)."""
         wid = self._worker_id
@@ -125,14 +130,15 @@ class Answers:
             text = tok.decode(c.tokens) if c.tokens and tok is not None else None
             if c.finish_reason == "cancelled":
                 log.info("job_cancelled", job=t.job.id, attempt=t.attempt, tokens=len(c.tokens))
-                return encode(cancelled_result(t, c, text, wid, times), as_json=t.json), \
-                    ErrorCode.CANCELLED
+                return payload(cancelled_result(t, c, text, wid, times), t.openai, tok,
+                               t.json, t.part), ErrorCode.CANCELLED
             code = ErrorCode(c.error[0]) if c.error else ErrorCode.RESULT_FAILED
             why = c.error[1] if c.error else "the executor ended it without a reason"
-            return encode(failed_result(t, c, text, wid, times, code, why), as_json=t.json), code
+            return payload(failed_result(t, c, text, wid, times, code, why), t.openai, tok,
+                           t.json, t.part), code
         text = None if stops is None else cut(stops, c)
         return completion_payload(t, c, tok.decode(c.tokens) if text is None else text, wid,
-                                  times), None
+                                  times, tok), None
 
     def _deliver(self, msg: Msg, job_id: str, attempt: int, payload: bytes, reply_to: str | None,
                  settle: Settle, dead: DeadLetter | None = None) -> None:

@@ -139,7 +139,7 @@ class Worker:
                         reply_prefix=self.topo.results_prefix, max_deliver=verified.max_deliver,
                         task=eng.task, embed_dim=loaded.info.dim if embed else 0)
         self.ingress = Ingress(self.nc, self.topo.jobs_stream, self.topo.consumer,
-                               Validator(limits, loaded.tokenizer, chat=loaded.chat),
+                               Validator(limits, loaded.tokenizer, loaded.chat, self.opts.served),
                                intake.room, self._on_ticket, self._on_outcome,
                                fetch_timeout_s=FETCH_TIMEOUT_S, api_prefix=self.topo.api_prefix)
         room_changed = self.ingress.room_changed.set

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="intra-op threads (or FABRIC_THREADS; default: the CPUs the worker "
                           "may use, by affinity and cgroup quota, adapted on the CPU to what "
                           "runs fastest when it shares its cores)")
+    run.add_argument("--served-model-name", action="append", metavar="NAME",
+                     help="a name an OpenAI line's model may give (repeatable; default: the "
+                          "configured model and its directory's name)")
     run.add_argument("--burst", action="store_true",
                      help="exit 0 once the consumer has nothing pending and nothing is held")
     run.add_argument("--max-step-tokens", type=int, default=None)
@@ -243,7 +246,7 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
     import torch
 
     from worker.app import Worker
-    from worker.options import Options
+    from worker.options import Options, served_names
     from worker.engine.build import EngineError, KvSizing, build_engine_off_main
 
     torch.set_num_threads(budget.threads)
@@ -287,7 +290,8 @@ def _run(cfg: EngineConfig, args: argparse.Namespace, log) -> int:
                    connect_give_up_s=args.connect_give_up_s, step_timeout_s=args.step_timeout_s,
                    broker_give_up_s=args.broker_give_up_s, publish_give_up_s=args.publish_give_up_s,
                    threads=budget.threads, adapt_threads=adapt,
-                   start_spare=idle_while_loading() if idle_while_loading else 0.0)
+                   start_spare=idle_while_loading() if idle_while_loading else 0.0,
+                   served=served_names(cfg.model, args.served_model_name))
     worker = Worker(cfg, opts, engine, _topology(cfg, args), _security(args))
     if obs is not None:
         obs.attach(worker)

@@ -26,3 +26,13 @@ class Options:
     threads: int = 1  # intra-op threads the worker may use (worker.ops.cpu.cpu_budget)
     adapt_threads: bool = False  # choose 1..threads by measured speed (engine.governor)
     start_spare: float = 0.0  # CPUs of ours left idle while the model loaded (its start count)
+    served: tuple[str, ...] = ()  # model names OpenAI lines may ask for (served_names)
+
+
+def served_names(model: str, given: list[str] | None) -> tuple[str, ...]:
+    """What an OpenAI line's `model` may say: the names given (vLLM's --served-model-name),
+    else the configured model and, for a checkpoint directory, its last path part."""
+    if given:
+        return tuple(given)
+    tail = model.rstrip("/").rsplit("/", 1)[-1]
+    return tuple(dict.fromkeys((model, tail)))

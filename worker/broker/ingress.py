@@ -138,7 +138,8 @@ class Ingress:
         try:
             item = self.validator.check(msg, time.monotonic())
             if isinstance(item, Ticket):
-                self.on_ticket(item)
+                for part in self.validator.fan_out(item):  # n choices of an OpenAI line
+                    self.on_ticket(part)
             else:
                 self.on_outcome(item)
         except Exception as e:  # noqa: BLE001 - a bug here must stop the worker, not vanish

@@ -14,9 +14,13 @@ import msgpack
 import numpy as np
 
 from schemas import (ErrorCode, ErrorInfo, FinishReason, Result, Timing, TokenLogprob, Usage,
-                     encode_completion)
+                     encode, encode_completion)
+from schemas.codec import completion_dict
 from worker.broker.publisher import DeadLetter
 from worker.broker.validate import Outcome, Ticket
+from worker.features.openai.request import Call
+from worker.features.openai.response import encode_line, join, output_line
+from worker.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # the engine's record, read by attribute (no engine import at run time)
     from worker.engine.sequence import Completion
@@ -44,16 +48,41 @@ class JobTimes:
                    (now - t.arrived_at) * 1e3)
 
 
+def payload(res: Result, call: Call | None, tok: Tokenizer | None, as_json: bool,
+            part: int = 0) -> bytes | None:
+    """A Result's bytes in the job's encoding: the Result itself, or for a job that came as
+    an OpenAI Batch API line, its output line -- None while the line waits for its other
+    choices (`part` is this job's)."""
+    if call is None:
+        return encode(res, as_json=as_json)
+    return line_payload(call, part, res.model_dump(mode="json"), tok, as_json)
+
+
+def line_payload(call: Call, part: int, result: dict[str, Any], tok: Tokenizer | None,
+                 as_json: bool) -> bytes | None:
+    results = join(call, part, result)
+    return None if results is None else encode_line(output_line(call, results, tok), as_json)
+
+
+def msg_id(job_id: str, call: Call | None, reply_to: str | None) -> str:
+    """The Result's `Nats-Msg-Id`: the job id; an OpenAI line's custom id is scoped by its
+    reply subject, since batch files from different producers reuse ids like `request-1`."""
+    return job_id if call is None or not job_id else f"{job_id}@{reply_to}"
+
+
 def completion_payload(t: Ticket, c: Completion, text: str, worker_id: str,
-                       times: JobTimes) -> bytes:
+                       times: JobTimes, tok: Tokenizer | None = None) -> bytes | None:
     """The encoded Result of a job the executor ran (built without a pydantic model: the
-    hot path, one per job), in the job's encoding."""
-    return encode_completion(
+    hot path, one per job), in the job's encoding (`tok`: an OpenAI line's token strings)."""
+    fields = dict(
         id=t.job.id, tokens=c.tokens, text=text, finish_reason=FinishReason(c.finish_reason),
         prompt_tokens=len(t.prompt), completion_tokens=len(c.tokens),
         padded_tokens=c.computed_tokens, cached_tokens=c.cached_tokens, queued_ms=times.queued_ms,
         first_token_ms=times.first_token_ms, total_ms=times.total_ms, worker=worker_id,
-        attempt=t.attempt, logprobs=logprob_entries(c, len(c.tokens)), as_json=t.json)
+        attempt=t.attempt, logprobs=logprob_entries(c, len(c.tokens)))
+    if t.openai is not None:
+        return line_payload(t.openai, t.part, completion_dict(**fields), tok, t.json)
+    return encode_completion(**fields, as_json=t.json)
 
 
 def cancelled_result(t: Ticket, c: Completion, text: str | None, worker_id: str,
@@ -98,6 +127,8 @@ def embedding_payload(t: Ticket, c: Completion, worker_id: str, times: JobTimes,
                  timing=Timing(queued_ms=times.queued_ms, first_token_ms=times.first_token_ms,
                                total_ms=times.total_ms),
                  worker=worker_id, attempt=t.attempt)
+    if t.openai is not None:
+        return payload(res, t.openai, None, t.json)
     if t.json:
         return res.model_dump_json().encode()
     return msgpack.packb(res.model_dump(mode="json"), use_bin_type=True, use_single_float=True)

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from nats.aio.msg import Msg
 
-from schemas import DecodeError, ErrorCode, ErrorInfo, FinishReason, Job, decode_job, is_json
+from schemas import DecodeError, ErrorCode, ErrorInfo, FinishReason, Job, is_json
+from schemas.codec import decode_payload, validate
 from worker.engine.blocks import Reservation, block_hashes, padded_tokens
+from worker.features.openai.request import Call, is_batch_line, translate
 from worker.model.chat import ChatError, ChatTemplate
 from worker.model.tokenizer import Tokenizer
 
@@ -44,6 +46,8 @@ class Ticket:
     truncated: bool = False  # embed: the input was cut to the model's limit (job.truncate)
     admitted_at: float = 0.0  # time.monotonic() when admitted (0 while pending)
     reservation: Reservation | None = None  # its KV blocks, from admission on
+    openai: Call | None = None  # it came as an OpenAI Batch API line: answered as one
+    part: int = 0  # an OpenAI line with n choices: which one this job is
 
 
 @dataclass(slots=True)
@@ -61,6 +65,8 @@ class Outcome:
     terminate: bool = True  # term (never redeliver) rather than ack
     dead_letter: str | None = None  # why it goes to the dead-letter stream (poison)
     json: bool = False  # the job came as JSON: its Result goes back as JSON
+    openai: Call | None = None  # it came as an OpenAI Batch API line: answered as one
+    part: int = 0  # an OpenAI line with n choices: which one this job is
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +84,12 @@ class Limits:
 class Validator:
     """Message -> Ticket | Outcome. Pure apart from the clock; no I/O."""
 
-    def __init__(self, limits: Limits, tokenizer: Tokenizer, chat: ChatTemplate | None = None):
+    def __init__(self, limits: Limits, tokenizer: Tokenizer, chat: ChatTemplate | None = None,
+                 served: tuple[str, ...] = ()):
         self.limits = limits
         self.tokenizer = tokenizer
         self.chat = chat  # the checkpoint's chat template; None: jobs with messages are refused
+        self.served = served  # the model names an OpenAI line may ask for
         self._next_key = 0
 
     def _reply_ok(self, subject: str | None) -> bool:
@@ -94,16 +102,17 @@ class Validator:
             return self._poison(msg, attempt, now)
         as_json = is_json(msg.data)
         try:
-            job = decode_job(msg.data)
+            job, call = self._decode(msg.data)
         except DecodeError as e:
             reply = e.reply_to if self._reply_ok(e.reply_to) else None
             return Outcome(msg, e.job_id, reply, attempt, now, FinishReason.ERROR,
-                           ErrorInfo(code=e.code, message=e.message), json=as_json)
+                           ErrorInfo(code=e.code, message=e.message), json=as_json,
+                           openai=getattr(e, "call", None))
 
         def fail(code: ErrorCode, message: str, reply: str | None = job.reply_to,
                  reason: FinishReason = FinishReason.ERROR) -> Outcome:
             return Outcome(msg, job.id, reply, attempt, now, reason,
-                           ErrorInfo(code=code, message=message), json=as_json)
+                           ErrorInfo(code=code, message=message), json=as_json, openai=call)
 
         if not self._reply_ok(job.reply_to):
             return fail(ErrorCode.FORBIDDEN_REPLY_TO,
@@ -115,13 +124,14 @@ class Validator:
             return fail(ErrorCode.UNSUPPORTED_TASK, f"this worker's model does task "
                         f"{lim.task!r}, not {job.task!r}: send it to a worker that does")
         if job.task == "embed":
-            return self._embed(msg, job, attempt, now, as_json, fail)
-        if job.messages is not None:
+            return self._embed(msg, job, attempt, now, as_json, fail, call)
+        messages = job.messages if call is None else call.messages
+        if messages is not None:
             if self.chat is None:
                 return fail(ErrorCode.NO_CHAT_TEMPLATE, "this model has no chat template: send "
                             "a prompt (text or token ids) instead of messages")
             try:
-                prompt = self.chat.render(job.messages)
+                prompt = self.chat.render(messages, tools=call and call.tools)
             except ChatError as e:
                 return fail(ErrorCode.BAD_MESSAGES, str(e))
         elif isinstance(job.prompt, str):
@@ -130,6 +140,9 @@ class Validator:
             prompt = job.prompt
         if (bad := self._bad_ids(prompt, "prompt", fail)) is not None:
             return bad
+        if call is not None and call.fill_max_tokens:  # OpenAI's default: up to the limit
+            job.max_new_tokens = max(1, min(lim.max_seq_len, lim.budget_tokens // lim.block_size
+                                            * lim.block_size) - len(prompt))
         total = len(prompt) + job.max_new_tokens
         reserved = padded_tokens(total, lim.block_size)
         if total > lim.max_seq_len or reserved > lim.budget_tokens:
@@ -137,11 +150,29 @@ class Validator:
                         f"({job.max_new_tokens}) = {total} is over max_seq_len {lim.max_seq_len}")
         if job.max_new_tokens == 0:
             return Outcome(msg, job.id, job.reply_to, attempt, now, FinishReason.LENGTH,
-                           prompt_tokens=len(prompt), terminate=False, json=as_json)
+                           prompt_tokens=len(prompt), terminate=False, json=as_json, openai=call)
         self._next_key += 1
         return Ticket(msg=msg, job=job, key=self._next_key, attempt=attempt, prompt=prompt,
                       reserved_tokens=reserved, arrived_at=now,
-                      hashes=tuple(block_hashes(prompt, lim.block_size)), json=as_json)
+                      hashes=tuple(block_hashes(prompt, lim.block_size)), json=as_json,
+                      openai=call)
+
+    def fan_out(self, t: Ticket) -> list[Ticket]:
+        """A Ticket, or for an OpenAI line with n choices one per choice: the same message
+        and prompt (its KV computed once), their own keys, choice i seeded seed + i."""
+        call = t.openai
+        if call is None or call.n == 1:
+            return [t]
+        call.fanned, call.parts = True, {}
+        seed = t.job.sampling.seed
+        out = [t]
+        for part in range(1, call.n):
+            self._next_key += 1
+            sampling = t.job.sampling.model_copy(
+                update={"seed": None if seed is None else (seed + part) % (1 << 63)})
+            out.append(replace(t, job=t.job.model_copy(update={"sampling": sampling}),
+                               key=self._next_key, part=part))
+        return out
 
     def _bad_ids(self, ids: list[int], what: str, fail) -> Outcome | None:
         """The answer for ids no model can take (none, or outside the vocabulary)."""
@@ -153,7 +184,7 @@ class Validator:
         return None
 
     def _embed(self, msg: Msg, job: Job, attempt: int, now: float, as_json: bool,
-               fail) -> Ticket | Outcome:
+               fail, call: Call | None) -> Ticket | Outcome:
         """An embed job: its input's ids (cut to the model's limit if it asks), no decode."""
         lim = self.limits
         truncated = False
@@ -176,19 +207,26 @@ class Validator:
         self._next_key += 1
         return Ticket(msg=msg, job=job, key=self._next_key, attempt=attempt, prompt=prompt,
                       reserved_tokens=padded_tokens(len(prompt), lim.block_size), arrived_at=now,
-                      json=as_json, truncated=truncated)
+                      json=as_json, truncated=truncated, openai=call)
 
     def _poison(self, msg: Msg, attempt: int, now: float) -> Outcome:
         why = (f"delivered {attempt} times (max_deliver {self.limits.max_deliver}) without an "
                "answer: every worker that took it crashed, stalled or failed on it")
         try:
-            job = decode_job(msg.data)
+            job, call = self._decode(msg.data)
             job_id, reply = job.id, job.reply_to
         except DecodeError as e:
-            job_id, reply = e.job_id, e.reply_to
+            job_id, reply, call = e.job_id, e.reply_to, getattr(e, "call", None)
         return Outcome(msg, job_id, reply if self._reply_ok(reply) else None, attempt, now,
                        FinishReason.ERROR, ErrorInfo(code=ErrorCode.POISON, message=why),
-                       dead_letter=why, json=is_json(msg.data))
+                       dead_letter=why, json=is_json(msg.data), openai=call)
+
+    def _decode(self, data: bytes) -> tuple[Job, Call | None]:
+        """The job, and its Call when it came as an OpenAI Batch API line; or DecodeError."""
+        payload = decode_payload(data)
+        if is_batch_line(payload):
+            return translate(payload, self.served)
+        return validate(payload, Job), None
 
 
 def _attempt(msg: Msg) -> int:

@@ -82,15 +82,20 @@ class ChatTemplate:
         self._tokenizer = tokenizer
         self._special_tokens = dict(special_tokens or {})
 
-    def render(self, messages: Sequence[Message]) -> list[int]:
-        return self._tokenizer.encode(self.render_text(messages), add_special_tokens=False)
+    def render(self, messages: Sequence[Message | dict[str, Any]],
+               tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self._tokenizer.encode(self.render_text(messages, tools), add_special_tokens=False)
 
-    def render_text(self, messages: Sequence[Message]) -> str:
+    def render_text(self, messages: Sequence[Message | dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        """Messages are the Job's, or OpenAI-shaped dicts (tool calls, tool results); tools
+        are JSON-schema dicts handed over as transformers hands them."""
         variables = {
             **self._special_tokens,
-            "messages": [{"role": m.role.value, "content": m.content} for m in messages],
+            "messages": [m if isinstance(m, dict) else {"role": m.role.value, "content": m.content}
+                         for m in messages],
             # Passed as None, not left out: templates test `tools is defined`/`is none`.
-            "tools": None,
+            "tools": tools or None,
             "documents": None,
             "add_generation_prompt": True,
         }

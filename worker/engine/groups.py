@@ -56,6 +56,7 @@ class Group:
     prefix: np.ndarray | None  # [shared] the shared prefix's slots
     at: int = 0  # its first row in the flat order (`Groups.rows`)
     view: StepGroup | None = None  # how a step reads it whole (kept while the tables stay)
+    view_w: int = 0  # the width that view reads: its longest row, rounded up to a block
 
 
 @dataclass(slots=True)
@@ -185,8 +186,12 @@ class Groups:
             at += n
         self._kv, self._mask, self._used = kv, mask, at
 
-    def _view(self, g: Group) -> StepGroup:
-        g.view = StepGroup(g.shared, g.at, g.at + len(g.rows), *self.tables(g), g.prefix)
+    def _view(self, g: Group, w: int) -> StepGroup:
+        """How a step reads the group: its tables' first `w` columns (the growth room past
+        its longest row is not attention's work)."""
+        kv, mask = self.tables(g)
+        g.view, g.view_w = StepGroup(g.shared, g.at, g.at + len(g.rows), kv[:, :w],
+                                     mask[:, :w], g.prefix), w
         return g.view
 
     def tables(self, g: Group) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +217,7 @@ class Groups:
                                     in zip(parts, self.groups)]) if parts
                     else np.zeros(0, dtype=np.int64))
         self.seen = self.b.ctx(self.rows)
+        self._starts = np.array([g.at for g in self.groups], dtype=np.int64)
         self._totals()
 
     def _totals(self) -> None:
@@ -249,7 +255,13 @@ class Groups:
         and the rows' contexts when they are every running row (None: not computed)."""
         self.update()
         if len(rows) == len(self.rows):  # every running row (a plan's rows are running)
-            return self.rows, [g.view or self._view(g) for g in self.groups], self.seen
+            bs, out = self.b.bs, []
+            if self.groups:
+                longest = np.maximum.reduceat(self.seen, self._starts).tolist()
+            for g, n in zip(self.groups, longest if self.groups else ()):
+                w = min(g.width, -(-(n - g.shared) // bs) * bs)
+                out.append(g.view if g.view is not None and g.view_w == w else self._view(g, w))
+            return self.rows, out, self.seen
         inp = np.zeros(self.b.cap, dtype=np.bool_)
         inp[rows] = True
         parts, out, at = [], [], 0
@@ -259,8 +271,10 @@ class Groups:
                 continue
             r = g.rows[sel]
             kv, mask = self.tables(g)
+            w = min(g.width, -(-(int(self.b.ctx(r).max()) - g.shared) // self.b.bs) * self.b.bs)
             parts.append(r)
-            out.append(StepGroup(g.shared, at, at + len(r), kv[sel], mask[sel], g.prefix))
+            out.append(StepGroup(g.shared, at, at + len(r), kv[sel, :w], mask[sel, :w],
+                                 g.prefix))
             at += len(r)
         order = np.concatenate(parts) if parts else rows[:0]
         if len(order) != len(rows):

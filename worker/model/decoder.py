@@ -172,7 +172,8 @@ class Attention(nn.Module):
         out = torch.empty(t, self.n_heads * self.hd, dtype=x.dtype, device=x.device)
         for g in inp.groups:
             bg, nk = g.kv_slots.shape
-            kvg = flat.index_select(0, g.kv_slots.view(-1)).view(bg, nk, 2, self.n_kv, self.hd)
+            # (reshape: a decode group's key table may be a narrower view of a wider one)
+            kvg = flat.index_select(0, g.kv_slots.reshape(-1)).view(bg, nk, 2, self.n_kv, self.hd)
             kg = kvg[:, :, 0].transpose(1, 2)  # [Bg, Hkv, K, D]
             vg = kvg[:, :, 1].transpose(1, 2)  # [Bg, Hkv, K, D]
             if g.rows is not None:

@@ -19,9 +19,9 @@ import time
 import numpy as np
 import pytest
 
-from worker.engine import groups as groups_mod
+from worker.engine import cascades, groups as groups_mod
 from worker.engine.build import Engine, build_engine
-from worker.engine.groups import SCRATCH_SLOT
+from worker.engine.blocks import SCRATCH_SLOT
 from worker.engine.step import turn
 from worker.engine.scheduler import StepPlan
 from tests.unit.test_engine import alone, req
@@ -99,7 +99,7 @@ def roomy() -> Engine:
 
 def test_tables_and_mirror_hold_through_random_traffic(roomy: Engine,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(groups_mod, "DECODE_CASCADE_MIN_SAVED", 0)  # short prefixes cascade too
+    monkeypatch.setattr(cascades, "DECODE_CASCADE_MIN_SAVED", 0)  # short prefixes cascade too
     reqs = traffic(1)
     SEEN.update(groups=0, cascades=0)
     out = run(roomy, reqs, seed=1, cancel=5)

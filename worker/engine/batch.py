@@ -32,10 +32,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from worker.engine.groups import SCRATCH_SLOT, Groups, StepGroup
+from worker.engine.blocks import SCRATCH_SLOT
+from worker.engine.groups import Groups, StepGroup
 from worker.engine.sequence import Sequence
 
 _NONE = np.zeros(0, dtype=np.int64)
+
+
+def sampling_flags(temp: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> dict[str, bool]:
+    """SamplingBatch's host-side flags: which parts of the sampler any row needs."""
+    hot = temp > 0
+    return dict(any_random=bool(hot.any()), any_top_k=bool(((top_k > 0) & hot).any()),
+                any_top_p=bool(((top_p < 1) & hot).any()))
 
 
 @dataclass(slots=True)
@@ -198,13 +206,10 @@ class DecodeBatch:
         object as the last step's (nobody joined or left) reuses what it computed."""
         if order is not self._sampled:
             temp, top_k, top_p = self.temp[order], self.top_k[order], self.top_p[order]
-            hot = temp > 0
             self._sampled = order
             self._sampling = ([temp, top_k, top_p, self.seed[order]],
                               np.flatnonzero(self.grammar[order]),
-                              dict(any_random=bool(hot.any()),
-                                   any_top_k=bool(((top_k > 0) & hot).any()),
-                                   any_top_p=bool(((top_p < 1) & hot).any())))
+                              sampling_flags(temp, top_k, top_p))
         arrays, constrained, flags = self._sampling
         return arrays + [ctx], constrained, flags
 

@@ -44,6 +44,11 @@ if TYPE_CHECKING:  # the tier is handed in: the broker side loads blocks without
     from worker.engine.hosttier import Copies, HostTier
 
 
+# KV slot 0 lies in block 0, which no job holds: rows that are padding, never a real token,
+# write their KV there, and a masked key may point there (`KVPool.SCRATCH_SLOT`).
+SCRATCH_SLOT = 0
+
+
 def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 

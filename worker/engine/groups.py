@@ -29,21 +29,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from worker.engine.cascades import by_tail_length, shared_prefixes
+from worker.engine.blocks import SCRATCH_SLOT
+from worker.engine.cascades import decode_groups
 from worker.engine.lanes import group_by_length
 
 if TYPE_CHECKING:
     from worker.engine.batch import DecodeBatch
 
-SCRATCH_SLOT = 0  # KVPool.SCRATCH_SLOT (no torch here)
 REGROUP_STEPS = 8  # joiners wait in groups of their own at most this many steps
 HEADROOM_BLOCKS = 2
-# A decode cascade (the shared prefix read once for the group, merged by log-sum-exp) costs
-# an attention call and a merge; it saves gathering the prefix's keys for every member but
-# one. Measured on the CPU (builtin:small, 12 sessions on two system prompts, decode ms a
-# step, cascade vs none): 160-token prefixes 11.0 vs 9.4, 480 12.0 vs 13.1, 960 13.8 vs
-# 26.0. So a group is a cascade only where shared tokens x (members - 1) reach this.
-DECODE_CASCADE_MIN_SAVED = 2048
 
 
 @dataclass(slots=True, eq=False)
@@ -81,8 +75,6 @@ class Groups:
         self.joined: list[tuple[int, int]] = []  # (row, gen) not grouped yet
         self.dirty = False  # a row left since the last update
         self.age = 0  # steps since the last full regrouping
-        self.regroups = 0
-        self.rebuilds = 0  # tables built (a group formed or filtered, a row at its table's end)
         self._kv = np.zeros(1 << 16, dtype=np.int64)
         self._mask = np.zeros(1 << 16, dtype=np.bool_)
         self._used = 0  # the bump allocator's end
@@ -126,22 +118,13 @@ class Groups:
             self._flat()
 
     def _regroup(self) -> None:
-        """Every running row: cascade groups split by tail length, then the rest by context
-        length (the same grouping `runner._Builder.decode` makes for a plan)."""
+        """Every running row, grouped as `cascades.decode_groups` says."""
         b = self.b
         rows = np.flatnonzero(b.held)
-        seqs = [b.seqs[r] for r in rows.tolist()]
-        ctx = b.ctx(rows).tolist()
-        found = [(shared, idx) for shared, idx in
-                 by_tail_length(shared_prefixes(seqs, [n - 1 for n in ctx], b.bs), ctx, b.bs)
-                 if shared * (len(idx) - 1) >= DECODE_CASCADE_MIN_SAVED]
-        taken = {i for _, idx in found for i in idx}
-        rest = [i for i in range(len(seqs)) if i not in taken]
-        found += [(0, [rest[j] for j in g]) for g in group_by_length([ctx[i] for i in rest])]
+        found = decode_groups([b.seqs[r] for r in rows.tolist()], b.ctx(rows).tolist(), b.bs)
         self._used = 0  # every table is rebuilt: the buffers start over
         self.groups = [self._build(rows[idx], shared) for shared, idx in found]
         self.age = 0
-        self.regroups += 1
 
     # -- tables --------------------------------------------------------------------------
 
@@ -170,7 +153,6 @@ class Groups:
         kv[:, cols:] = SCRATCH_SLOT
         kv[~mask] = SCRATCH_SLOT
         self._used += n
-        self.rebuilds += 1
         return g
 
     def _compact(self) -> None:

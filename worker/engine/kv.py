@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.engine.blocks import BlockPool
+from worker.engine.blocks import BlockPool, SCRATCH_SLOT
 from worker.engine.hosttier import Copies, HostTier, runs
 from worker.model.decoder import ModelArgs
 
@@ -22,7 +22,7 @@ class KVPool:
     token, write their k/v there.
     """
 
-    SCRATCH_SLOT = 0
+    SCRATCH_SLOT = SCRATCH_SLOT
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, caching: bool = True,

@@ -15,9 +15,8 @@ import itertools
 import numpy as np
 
 from worker.engine.batch import DecodeRows
-from worker.engine.cascades import by_tail_length, shared_prefixes
-from worker.engine.groups import SCRATCH_SLOT
-from worker.engine.lanes import group_by_length
+from worker.engine.blocks import SCRATCH_SLOT
+from worker.engine.cascades import decode_groups
 from worker.engine.sequence import Sequence
 
 
@@ -107,12 +106,7 @@ class Builder:
         # a static batch computes a padding row: it rereads its keys, writes to scratch.
         # One whose last token is still on the device (overlapped steps) counts it.
         ctx = [s.num_tokens - 1 if s.done else s.next_index for s in seqs]
-        # Blocks below a row's own token are written: a prefix shared there can be.
-        groups = by_tail_length(shared_prefixes(seqs, [n - 1 for n in ctx], block_size),
-                                ctx, block_size)
-        taken = {i for _, idx in groups for i in idx}
-        rest = [i for i in range(len(seqs)) if i not in taken]
-        groups += [(0, [rest[j] for j in g]) for g in group_by_length([ctx[i] for i in rest])]
+        groups = decode_groups(seqs, ctx, block_size)
         order = [i for _, g in groups for i in g]
         seqs[:] = [seqs[i] for i in order]
         ctx = [ctx[i] for i in order]

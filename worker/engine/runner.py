@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worker.engine.batch import DecodeBatch, DecodeRows
+from worker.engine.batch import DecodeBatch, DecodeRows, sampling_flags
 from worker.engine.cascades import by_tail_length, shared_prefixes
 from worker.engine.fetch import Fetch, Launched, token_logprobs
 from worker.engine.graphs import DecodeGraphs, GraphStep
@@ -82,9 +82,7 @@ def _sampling(rows: list[Sequence], vocab: int, batch: DecodeBatch | None = None
             if w is not None and s.failed is None:
                 s.failed = ("grammar_failed", w)  # its token is not taken: the job ends
         arrays += [np.array(constrained, dtype=np.int64), masks]
-    return arrays, flags or dict(any_random=bool((temp > 0).any()),
-                                 any_top_k=bool(((top_k > 0) & (temp > 0)).any()),
-                                 any_top_p=bool(((top_p < 1) & (temp > 0)).any()))
+    return arrays, flags or sampling_flags(temp, top_k, top_p)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

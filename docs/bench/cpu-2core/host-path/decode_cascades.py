@@ -2,7 +2,7 @@
 import json, random, sys, time
 import torch
 torch.set_num_threads(1)
-import worker.engine.groups as G
+import worker.engine.cascades as G
 from worker.engine.blocks import padded_tokens
 from worker.engine.build import build_engine
 from worker.engine.sequence import Request

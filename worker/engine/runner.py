@@ -90,13 +90,11 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _block_table(seqs: list[Sequence], ctx: list[int], block_size: int) -> np.ndarray:
-    """[B, nblocks] the KV block ids each sequence's first `ctx` positions lie in (a
-    sequence's slots run block by block: every bs-th one names a block)."""
-    nb = -(-max(ctx) // block_size)
-    table = np.zeros((len(seqs), nb), dtype=np.int64)
+    """[B, nblocks] the KV block ids each sequence's first `ctx` positions lie in."""
+    table = np.zeros((len(seqs), -(-max(ctx) // block_size)), dtype=np.int64)
     for i, (s, n) in enumerate(zip(seqs, ctx)):
         k = -(-n // block_size)
-        table[i, :k] = s.slots[:k * block_size:block_size] // block_size
+        table[i, :k] = s.blocks[:k]
     return table
 
 
@@ -193,7 +191,7 @@ class Runner:
                 table = batch.block_table(d.order, key[1] // self.block_size)
                 host.append(graphs.host_inputs(key, d.tokens, d.positions, d.write_slots,
                                                d.ctx, table))
-                b.attn_real += int(d.ctx.sum())
+                b.attn_real += d.attn_real
             else:
                 host.append(graphs.host_inputs(key, *row_inputs(seqs, ctx), ctx=ctx,
                                                table=_block_table(seqs, ctx, self.block_size)))

@@ -27,6 +27,8 @@ from pydantic import (
 
 # Limits that bound what one message can make the worker hold in memory.
 MAX_ID_CHARS = 128
+MAX_SESSION_CHARS = 128
+DEFAULT_PRIORITY = 5
 MAX_PROMPT_TOKENS = 1_000_000
 MAX_PROMPT_CHARS = 4_000_000
 MAX_STOP_TOKENS = 64
@@ -267,6 +269,14 @@ class Job(_Wire):
     truncate: Annotated[bool, Strict()] = Field(
         False, description="embed: cut an over-long input to the model's limit (the Result "
         "says so) instead of answering too_long.")
+    priority: Annotated[int, Strict(), Field(ge=0, le=9)] = Field(
+        DEFAULT_PRIORITY, description="0 first, 9 last. The broker keeps one queue per "
+        "priority, chosen by the subject (`fabric.prio.<priority>.<anything>`; "
+        "`job_subject` computes it); a worker admits what it has pulled by this field.")
+    session: Annotated[StrictStr, Field(min_length=1, max_length=MAX_SESSION_CHARS)] | None = (
+        Field(None, description="A conversation whose turns share their history: published to "
+              "`fabric.session.<token>` (`job_subject`), its jobs go to the worker that holds "
+              "its KV while that worker lives and keeps up.", exclude_if=_absent))
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> Job:

@@ -74,8 +74,10 @@ def tmp_engine_toml(
     yield make
     if streams and nats_server.is_running():
         # A sync teardown runs outside the session loop, so a private loop is safe here.
-        # The cancels stream too: a cancel kept from one test must not reach the next's workers.
-        asyncio.run(delete_streams(nats_server.url, *streams, "FABRIC_CANCELS"))
+        # The cancels stream too: a cancel kept from one test must not reach the next's workers;
+        # and the members bucket: a killed worker's entry must not own the next's partitions.
+        asyncio.run(delete_streams(nats_server.url, *streams, "FABRIC_CANCELS",
+                                   "KV_FABRIC_WORKERS"))
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from nats.aio.msg import Msg
 
+from worker.broker.ingress import STARVE_AFTER_S
 from worker.broker.validate import Ticket
 from worker.engine.blocks import BlockPool
 
@@ -138,10 +139,24 @@ class Intake:
         if self.draining:
             self.refused.append(t.msg)
             return False
-        self.pending.append(t)
+        self._enqueue(t)
         self.pending_tokens += t.reserved_tokens
         self._job_tokens_ewma += 0.05 * (t.reserved_tokens - self._job_tokens_ewma)
         return True
+
+    def _enqueue(self, t: Ticket) -> None:
+        """Behind every pending job of its priority or a higher one (FIFO within a
+        priority), and never ahead of one that has waited `STARVE_AFTER_S`: a stream of
+        urgent jobs does not hold a pulled one back for longer than that."""
+        pending, p = self.pending, t.job.priority
+        if not pending or pending[-1].job.priority <= p:
+            pending.append(t)
+            return
+        old = t.arrived_at - STARVE_AFTER_S
+        i = len(pending)
+        while i > 0 and pending[i - 1].job.priority > p and pending[i - 1].arrived_at > old:
+            i -= 1
+        pending.insert(i, t)
 
     # -- admission -------------------------------------------------------------------
 

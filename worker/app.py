@@ -9,6 +9,7 @@ through the callbacks wired here; the way out is `worker.lifecycle`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 
@@ -20,6 +21,7 @@ from worker.admitter import Admitter
 from worker.answers import Answers
 from worker.broker.connection import Security, connect
 from worker.broker.ingress import Ingress
+from worker.broker.members import Membership
 from worker.broker.publisher import Publisher, heartbeats
 from worker.broker.topology import Topology, Verified, verify
 from worker.broker.validate import Limits, Outcome, Ticket, Validator
@@ -66,6 +68,7 @@ class Worker:
         self.ingress: Ingress | None = None
         self.publisher: Publisher | None = None
         self.admitter = self.answers = self.cancels = self.formats = self.stops = None
+        self.members: Membership | None = None  # session partitions' owners, if provisioned
         self.last_step_at = 0.0  # monotonic end of the last executor step (executor thread)
         self.starvation = Starvation(cpus=opts.threads)
         self._trimmed_at = 0.0  # monotonic time of the last heap trim (`_sweep`)
@@ -90,6 +93,8 @@ class Worker:
         await self._build(loop, js, verified)
         await self.cancels.listen(self.nc, js, self.topo, verified)
         await self.ingress.start()
+        if self.members is not None:
+            await self.members.join()  # owners known before the first pull
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.life.stop, sig.name)
         self.executor.start()
@@ -100,10 +105,16 @@ class Worker:
         ingress_task = self._supervised(self.ingress.run())
         if self.opts.burst:
             tasks.append(self._supervised(burst_watch(self.life, js, self.topo, self.intake.held)))
+        if self.members is not None:
+            tasks.append(self._supervised(self.members.run()))
         self.ready = True
         log.info("worker_ready", worker=self.opts.worker_id)
         reason = await self.life.wait()
         self.ready = False
+        if self.members is not None:
+            # Our session partitions move to the others now, not after the members' TTL.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.members.leave(), 0.5)
         stages = Stages(self.nc, self.ingress, ingress_task, self.intake, self.executor,
                         self.publisher, self.stats)
         if self.life.fault is not None:
@@ -138,10 +149,15 @@ class Worker:
                         budget_tokens=self.cfg.token_budget, block_size=eng.block_size,
                         reply_prefix=self.topo.results_prefix, max_deliver=verified.max_deliver,
                         task=eng.task, embed_dim=loaded.info.dim if embed else 0)
-        self.ingress = Ingress(self.nc, self.topo.jobs_stream, self.topo.consumer,
+        self.ingress = Ingress(self.nc, self.topo.jobs_stream,
+                               verified.queues or self.topo.consumer,
                                Validator(limits, loaded.tokenizer, loaded.chat, self.opts.served),
                                intake.room, self._on_ticket, self._on_outcome,
                                fetch_timeout_s=FETCH_TIMEOUT_S, api_prefix=self.topo.api_prefix)
+        partitions = sum(q.partition is not None for q in verified.queues)
+        if verified.members and partitions:
+            self.members = Membership(self.nc, js, self.topo, wid, partitions,
+                                      on_change=self.ingress.set_owned)
         room_changed = self.ingress.room_changed.set
         self.stops = Stops(loaded.tokenizer, end=ex.end)
         self.answers = Answers(intake, self.publisher, stats, wid, self.topo.dlq_subject,

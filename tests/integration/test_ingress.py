@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 
 import nats
 import pytest
@@ -89,15 +90,18 @@ def test_deliveries_after_stop_are_still_handed_on(nats_url: str) -> None:
         ing = _ingress(nc, stream, tickets)
         await ing.start()
         task = asyncio.create_task(ing.run())
-        await asyncio.sleep(0.2)  # the request is open and waiting: the stream is empty
+        await asyncio.sleep(0.2)  # the stream is empty: a one-message watch is open
+        assert ing.sources[0].watching
         ing.stop()
         await task
         await _publish(js, subject, range(3))
-        await asyncio.sleep(max(0.0, ing.requests_expire_at - asyncio.get_running_loop().time()))
+        await asyncio.sleep(max(0.0, ing.requests_expire_at - time.monotonic()))
         await nc.flush()
         await ing.settle_deliveries(2.0)
-        assert sorted(t.job.id for t in tickets) == ["j0", "j1", "j2"]
-        assert ing.fetched == 3
+        assert [t.job.id for t in tickets] == ["j0"]  # the watch's one message, handed on
+        assert ing.fetched == 1
+        info = await js.consumer_info(stream, "w")
+        assert info.num_pending == 2 and info.num_ack_pending == 1  # the rest stayed put
         await js.delete_stream(stream)
         await nc.close()
 

@@ -1,4 +1,14 @@
-"""The JetStream objects the fleet shares: jobs stream, durable consumer, results and dead letters.
+"""The JetStream objects the fleet shares: jobs stream, its consumers, results and dead letters.
+
+The jobs stream has one durable pull consumer per queue the fleet serves (`Queue`):
+- priority 5, the default: `fabric.jobs.>` (every producer's subject before priorities
+  existed) and `fabric.prio.5.>`, on the consumer named in the config;
+- each other priority p: `fabric.prio.<p>.>`, on `<consumer>-p<p>`;
+- each session partition k: the stream maps `fabric.session.<token>` to
+  `fabric.session.<k>.<token>` (`partition()`, a hash of the token), on `<consumer>-s<k>`,
+  a consumer with the `overflow` priority group so that a worker other than the
+  partition's owner pulls from it only past a backlog (`worker.broker.sources`).
+The filters do not overlap, so each job is delivered by exactly one consumer.
 
 `provision` creates or updates them idempotently (an operator runs it once per
 deployment, or the compose/Kubernetes one-shot does); `verify` is what a worker runs at
@@ -9,18 +19,24 @@ that is a race, and least-privilege credentials do not allow it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, replace
 
 import nats.js.errors
 import structlog
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import StorageType, StreamConfig, SubjectTransform
 
 log = structlog.get_logger("topology")
 
 RESULTS_STREAM = "FABRIC_RESULTS"
 DLQ_STREAM = "FABRIC_DLQ"
 CANCELS_STREAM = "FABRIC_CANCELS"
+MEMBERS_BUCKET = "FABRIC_WORKERS"
+PRIORITIES = range(10)  # 0 first, 9 last
+DEFAULT_PRIORITY = 5
+GROUP = "fabric"  # the priority group of the session partitions' consumers (ADR-42)
 
 
 class TopologyError(RuntimeError):
@@ -51,6 +67,13 @@ class Topology:
     # connect to answers for (a leaf node with its own JetStream, a hub's domain): every
     # API call and the pull requests go to `$JS.<domain>.API`. None: the local JetStream.
     js_domain: str | None = None
+    prio_prefix: str = "fabric.prio."  # fabric.prio.<p>.<anything>: priority p
+    session_prefix: str = "fabric.session."  # fabric.session.<token>: a session's jobs
+    # Session partitions: each a consumer, each owned by one live worker. More partitions
+    # than workers, or a fleet cannot split them evenly (rendezvous hashing; see sources).
+    partitions: int = 16
+    members_bucket: str = MEMBERS_BUCKET  # a KV bucket: who is alive, for partition owners
+    member_ttl_s: float = 6.0  # a worker not heard from for this long owns nothing
 
     @property
     def api_prefix(self) -> str:
@@ -72,16 +95,51 @@ class Topology:
         # No acknowledgement from the stream: a producer that sends a cancel as a request
         # gets the workers' replies (who held what), not the stream's.
         cancels.no_ack = True
-        return [cfg(self.jobs_stream, self.jobs_subjects),
-                cfg(self.results_stream, self.results_prefix + ">"),
+        jobs = cfg(self.jobs_stream, self.jobs_subjects)
+        jobs.subjects = [self.jobs_subjects, f"{self.prio_prefix}*.>", f"{self.session_prefix}*"]
+        # The broker, not the producer, picks a session's partition: a hash of its token.
+        jobs.subject_transform = SubjectTransform(
+            src=f"{self.session_prefix}*",
+            dest=f"{self.session_prefix}{{{{partition({self.partitions},1)}}}}.{{{{wildcard(1)}}}}")
+        return [jobs, cfg(self.results_stream, self.results_prefix + ">"),
                 cfg(self.dlq_stream, self.dlq_prefix + ">"), cancels]
 
-    def consumer_config(self) -> ConsumerConfig:
-        return ConsumerConfig(durable_name=self.consumer, ack_policy=AckPolicy.EXPLICIT,
-                              deliver_policy=DeliverPolicy.ALL, ack_wait=self.ack_wait_s,
-                              max_deliver=self.max_deliver,
-                              max_ack_pending=self.max_ack_pending,
-                              num_replicas=self.replicas)
+    def queues(self) -> list[Queue]:
+        """Every consumer of the jobs stream, the default (priority 5) first."""
+        out = [Queue(self.consumer, DEFAULT_PRIORITY, None,
+                     (self.jobs_subjects, f"{self.prio_prefix}{DEFAULT_PRIORITY}.>"))]
+        out += [Queue(f"{self.consumer}-p{p}", p, None, (f"{self.prio_prefix}{p}.>",))
+                for p in PRIORITIES if p != DEFAULT_PRIORITY]
+        out += [Queue(f"{self.consumer}-s{k}", DEFAULT_PRIORITY, k, (f"{self.session_prefix}{k}.*",))
+                for k in range(self.partitions)]
+        return out
+
+    def consumer_config(self, q: Queue) -> dict:
+        """The consumer's config as the JetStream API takes it (nats-py's ConsumerConfig
+        has no priority groups)."""
+        cc = {"durable_name": q.consumer, "ack_policy": "explicit", "deliver_policy": "all",
+              "ack_wait": int(self.ack_wait_s * 1e9), "max_deliver": self.max_deliver,
+              "max_ack_pending": self.max_ack_pending, "num_replicas": self.replicas,
+              "filter_subjects": list(q.subjects)}
+        if q.partition is not None:
+            cc |= {"priority_groups": [GROUP], "priority_policy": "overflow"}
+        return cc
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """One consumer of the jobs stream: the jobs of one priority, or of one session
+    partition (priority 5 as far as the broker knows; the worker orders them by their own
+    `priority` once pulled)."""
+
+    consumer: str
+    priority: int
+    partition: int | None  # a session partition's number; None: a priority's queue
+    subjects: tuple[str, ...]
+
+    @property
+    def group(self) -> str | None:
+        return GROUP if self.partition is not None else None
 
 
 async def provision(js: JetStreamContext, topo: Topology) -> list[str]:
@@ -95,9 +153,31 @@ async def provision(js: JetStreamContext, topo: Topology) -> list[str]:
         except nats.js.errors.NotFoundError:
             await js.add_stream(sc)
             done.append(f"stream {sc.name}: created ({sc.subjects[0]})")
-    await js.add_consumer(topo.jobs_stream, topo.consumer_config())
-    done.append(f"consumer {topo.jobs_stream}/{topo.consumer}: ready")
+    for q in topo.queues():
+        await _create_consumer(js, topo, q)
+    done.append(f"consumers {topo.jobs_stream}/{topo.consumer} (priority 5), "
+                f"-p0..-p9 (the other priorities), -s0..-s{topo.partitions - 1} "
+                f"(session partitions): ready")
+    try:
+        await js.key_value(topo.members_bucket)
+        done.append(f"bucket {topo.members_bucket}: exists")
+    except nats.js.errors.BucketNotFoundError:
+        await js.create_key_value(bucket=topo.members_bucket, ttl=topo.member_ttl_s,
+                                  history=1, replicas=topo.replicas,
+                                  storage=StorageType.MEMORY)
+        done.append(f"bucket {topo.members_bucket}: created (members' ttl {topo.member_ttl_s} s)")
     return done
+
+
+async def _create_consumer(js: JetStreamContext, topo: Topology, q: Queue) -> None:
+    """Create or update one consumer through the raw API: a consumer made before
+    priorities existed (no filter) is updated to its filter, so it stops delivering what
+    the new consumers deliver."""
+    subject = f"{topo.api_prefix}.CONSUMER.CREATE.{topo.jobs_stream}.{q.consumer}"
+    body = {"stream_name": topo.jobs_stream, "config": topo.consumer_config(q)}
+    resp = json.loads((await js._nc.request(subject, json.dumps(body).encode(), timeout=5)).data)
+    if "error" in resp:
+        raise TopologyError(f"consumer {q.consumer!r}: {resp['error'].get('description')}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +189,10 @@ class Verified:
     results_captured: bool  # the results stream captures every allowed reply subject
     results_window_s: float = 120.0  # the results stream's duplicate window
     cancels_kept: bool = False  # a stream keeps the cancel subject's messages (replayed at start)
+    # The consumers this worker pulls from: every queue provisioned, or the default alone
+    # on a topology provisioned before priorities and sessions existed.
+    queues: tuple[Queue, ...] = ()
+    members: bool = False  # the members bucket exists: session partitions have owners
 
 
 def _covers(pattern: str, prefix: str) -> bool:
@@ -144,19 +228,40 @@ async def verify(js: JetStreamContext, topo: Topology) -> Verified:
             raise TopologyError(f"stream {name!r} does not exist; {hint}") from None
         subjects[name] = list(sc.subjects or [])
         windows[name] = float(sc.duplicate_window or 0)
-    try:
-        info = await js.consumer_info(topo.jobs_stream, topo.consumer)
-    except nats.js.errors.NotFoundError:
+        if name == topo.jobs_stream:
+            # The partitions are what the stream was provisioned with, not our default.
+            m = re.search(r"partition\((\d+),", sc.subject_transform.dest
+                          if sc.subject_transform else "")
+            topo = replace(topo, partitions=int(m[1]) if m else 0)
+    infos = await _consumer_infos(js, topo)
+    cc = infos.get(topo.consumer)
+    if cc is None:
         raise TopologyError(f"consumer {topo.consumer!r} on stream {topo.jobs_stream!r} "
-                            f"does not exist; {hint}") from None
-    cc = info.config
-    if cc.ack_policy != AckPolicy.EXPLICIT or cc.deliver_subject:
+                            f"does not exist; {hint}")
+    if cc.get("ack_policy") != "explicit" or cc.get("deliver_subject"):
         raise TopologyError(f"consumer {topo.consumer!r} must be a pull consumer with explicit "
-                            f"acks (found ack_policy={cc.ack_policy}, push={bool(cc.deliver_subject)})")
+                            f"acks (found ack_policy={cc.get('ack_policy')}, "
+                            f"push={bool(cc.get('deliver_subject'))})")
+    queues = tuple(q for q in topo.queues() if q.consumer in infos)
+    if len(queues) > 1 and not (cc.get("filter_subject") or cc.get("filter_subjects")):
+        # An unfiltered default consumer delivers every job the other consumers deliver too.
+        raise TopologyError(f"consumer {topo.consumer!r} has no filter while the priority and "
+                            f"session consumers exist: every job would run twice; {hint}")
+    if len(queues) < len(topo.queues()):
+        log.warning("queues_not_provisioned", found=[q.consumer for q in queues],
+                    hint=f"priorities and sessions need their consumers; {hint}")
+    members = True
+    try:
+        await js.key_value(topo.members_bucket)
+    except Exception:  # noqa: BLE001 - missing, or not readable with these credentials
+        members = False
+        if any(q.partition is not None for q in queues):
+            log.warning("members_bucket_missing", bucket=topo.members_bucket,
+                        hint=f"session partitions are served by all workers alike; {hint}")
     if not any(_matches(s, topo.dlq_subject) for s in subjects[topo.dlq_stream]):
         raise TopologyError(f"stream {topo.dlq_stream!r} does not capture {topo.dlq_subject!r}, "
                             f"so poison jobs could not be dead-lettered; {hint}")
-    max_deliver = cc.max_deliver if cc.max_deliver is not None else -1
+    max_deliver = cc.get("max_deliver", -1)
     if max_deliver <= 0:
         log.warning("no_max_deliver", consumer=topo.consumer,
                     hint="a job that kills every worker is retried forever; set max_deliver")
@@ -168,8 +273,22 @@ async def verify(js: JetStreamContext, topo: Topology) -> Verified:
     if not cancels_kept:
         log.warning("cancels_not_kept", stream=topo.cancels_stream, subject=topo.cancel_subject,
                     hint=f"a cancel sent while no worker runs is missed; {hint}")
-    return Verified(ack_wait_s=float(cc.ack_wait or topo.ack_wait_s), max_deliver=max_deliver,
+    return Verified(ack_wait_s=cc.get("ack_wait", 0) / 1e9 or topo.ack_wait_s,
+                    max_deliver=max_deliver,
                     results_captured=any(_covers(s, topo.results_prefix)
                                          for s in subjects[topo.results_stream]),
                     results_window_s=windows[topo.results_stream] or topo.duplicate_window_s,
-                    cancels_kept=cancels_kept)
+                    cancels_kept=cancels_kept, queues=queues, members=members)
+
+
+async def _consumer_infos(js: JetStreamContext, topo: Topology) -> dict[str, dict]:
+    """Every consumer of the jobs stream that is one of our queues: name -> its config as
+    the server reports it (raw: nats-py's ConsumerConfig drops the priority fields)."""
+    names = {q.consumer for q in topo.queues()}
+    out: dict[str, dict] = {}
+    for name in names:
+        subject = f"{topo.api_prefix}.CONSUMER.INFO.{topo.jobs_stream}.{name}"
+        resp = json.loads((await js._nc.request(subject, b"", timeout=5)).data)
+        if "error" not in resp:
+            out[name] = resp["config"]
+    return out

@@ -1,0 +1,235 @@
+"""Priorities and session partitions against a real nats-server: the topology `provision`
+makes, pulled by `Ingress` over several consumers, with the owners `Membership` computes."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import Counter
+
+import nats
+import pytest
+
+from schemas import Job, encode
+from worker.broker.ingress import Ingress
+from worker.broker.members import Membership
+from worker.broker.topology import Topology, provision, verify
+from worker.broker.validate import Limits, Ticket, Validator
+from worker.model.tokenizer import ByteTokenizer
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _topology(tag: str, partitions: int = 4, member_ttl_s: float = 6.0) -> Topology:
+    p = f"q{tag}."
+    return Topology(jobs_stream=f"QJ_{tag}", consumer="w", jobs_subjects=p + "jobs.>",
+                    results_stream=f"QR_{tag}", results_prefix=p + "results.",
+                    dlq_stream=f"QD_{tag}", dlq_prefix=p + "dlq.", cancel_subject=p + "cancel",
+                    cancels_stream=f"QC_{tag}", prio_prefix=p + "prio.",
+                    session_prefix=p + "session.", partitions=partitions,
+                    members_bucket=f"QM_{tag}", member_ttl_s=member_ttl_s)
+
+
+class Broker:
+    def __init__(self, url: str, **kw):
+        self.url, self.kw = url, kw
+
+    async def __aenter__(self):
+        tag = secrets.token_hex(3)
+        self.topo = _topology(tag, **self.kw)
+        self.nc = await nats.connect(self.url)
+        self.js = self.nc.jetstream()
+        await provision(self.js, self.topo)
+        self.verified = await verify(self.js, self.topo)
+        return self
+
+    async def __aexit__(self, *exc):
+        t = self.topo
+        for name in (t.jobs_stream, t.results_stream, t.dlq_stream, t.cancels_stream,
+                     f"KV_{t.members_bucket}"):
+            await self.js.delete_stream(name)
+        await self.nc.close()
+
+    async def publish(self, subject: str, ids, **fields) -> None:
+        for i in ids:
+            job = Job(id=str(i), prompt=[1, 2, 3], max_new_tokens=1,
+                      reply_to=self.topo.results_prefix + "t", **fields)
+            await self.js.publish(subject, encode(job))
+
+    def ingress(self, tickets: list[Ticket], room, **kw) -> Ingress:
+        limits = Limits(vocab_size=256, max_seq_len=1088, budget_tokens=4096, block_size=16,
+                        reply_prefix=self.topo.results_prefix)
+
+        def on_outcome(o) -> None:
+            raise AssertionError(f"unexpected outcome {o}")
+        return Ingress(self.nc, self.topo.jobs_stream, self.verified.queues,
+                       Validator(limits, ByteTokenizer()), room, tickets.append, on_outcome,
+                       fetch_timeout_s=0.5, **kw)
+
+
+async def _until(pred, timeout_s: float = 10.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def _stop(*pairs) -> None:
+    for ing, task in pairs:
+        ing.stop()
+        await task
+
+
+def test_provision_makes_one_consumer_per_queue_and_verify_finds_them(nats_url: str) -> None:
+    async def main() -> None:
+        async with Broker(nats_url, partitions=3) as b:
+            names = [q.consumer for q in b.verified.queues]
+            assert names[0] == "w"  # the default queue first: priority 5
+            assert sorted(names[1:10]) == sorted(f"w-p{p}" for p in range(10) if p != 5)
+            assert names[10:] == ["w-s0", "w-s1", "w-s2"]
+            assert b.verified.members
+            # Provisioning again changes nothing and fails on nothing.
+            await provision(b.js, b.topo)
+            assert (await verify(b.js, b.topo)).queues == b.verified.queues
+    asyncio.run(main())
+
+
+def test_higher_priorities_are_pulled_first_and_fifo_within_one(nats_url: str) -> None:
+    async def main() -> None:
+        async with Broker(nats_url) as b:
+            t = b.topo
+            await b.publish(t.prio_prefix + "9.bulk", range(900, 930))
+            await b.publish(t.jobs_subjects[:-1] + "me", range(500, 530))  # priority 5
+            await b.publish(t.prio_prefix + "0.urgent", range(0, 5))
+            tickets: list[Ticket] = []
+            cap = [12]
+            ing = b.ingress(tickets, lambda: cap[0] - len(tickets))
+            await ing.start()
+            task = asyncio.create_task(ing.run())
+            await _until(lambda: len(tickets) == 12)
+            for _ in range(6):  # room opens a few at a time, as admission frees it
+                cap[0] += 11
+                ing.room_changed.set()
+                await _until(lambda: len(tickets) == min(cap[0], 65))
+            ids = [int(tk.job.id) for tk in tickets]
+            assert ids == list(range(5)) + list(range(500, 530)) + list(range(900, 930))
+            await _stop((ing, task))
+    asyncio.run(main())
+
+
+def test_a_low_priority_is_not_starved_past_the_bound(nats_url: str) -> None:
+    async def main() -> None:
+        async with Broker(nats_url) as b:
+            t = b.topo
+            await b.publish(t.prio_prefix + "9.bulk", range(900, 903))
+            await b.publish(t.prio_prefix + "0.urgent", range(0, 400))
+            tickets: list[Ticket] = []
+            cap = [4]
+            ing = b.ingress(tickets, lambda: cap[0] - len(tickets), starve_after_s=0.5)
+            await ing.start()
+            task = asyncio.create_task(ing.run())
+            start = time.monotonic()
+            while not any(tk.job.id.startswith("90") for tk in tickets):
+                assert time.monotonic() - start < 3.0, "priority 9 starved"
+                cap[0] += 4  # urgent work keeps the room busy
+                ing.room_changed.set()
+                await asyncio.sleep(0.05)
+            waited = time.monotonic() - start
+            urgent_left = 400 - sum(int(tk.job.id) < 900 for tk in tickets)
+            assert urgent_left > 0 and 0.4 <= waited <= 2.0, (waited, urgent_left)
+            await _stop((ing, task))
+    asyncio.run(main())
+
+
+def test_session_jobs_go_to_the_owner_and_spill_only_past_the_bound(nats_url: str) -> None:
+    async def main() -> None:
+        async with Broker(nats_url, partitions=2) as b:
+            t = b.topo
+            got_a: list[Ticket] = []
+            got_b: list[Ticket] = []
+            room_a = [100]
+            a = b.ingress(got_a, lambda: room_a[0] - len(got_a), spill_after=3)
+            bb = b.ingress(got_b, lambda: 100 - len(got_b), spill_after=3)
+            for ing in (a, bb):
+                await ing.start()
+            a.set_owned(frozenset({0, 1}))
+            bb.set_owned(frozenset())
+            tasks = [asyncio.create_task(i.run()) for i in (a, bb)]
+            await asyncio.sleep(0.3)  # both idle: watches open everywhere
+            await b.publish(t.session_prefix + "sess-1", range(6), session="sess-1")
+            await _until(lambda: len(got_a) == 6)
+            await asyncio.sleep(0.3)
+            assert got_b == []  # the owner keeps up: all of it went there
+            # The broker put the session in one partition (its subject says which).
+            assert len({tk.msg.subject for tk in got_a}) == 1
+            assert got_a[0].msg.subject.startswith(t.session_prefix)
+            assert got_a[0].job.session == "sess-1"
+            room_a[0] = len(got_a)  # the owner is full: its jobs queue in the broker
+            await b.publish(t.session_prefix + "sess-1", range(6, 16), session="sess-1")
+            # The other worker takes them while 3 or more wait and leaves 2 to the owner;
+            # the owner's open watch (one message, past its room) may have caught the first.
+            part = got_a[0].msg.subject.split(".")[-2]
+            info = None
+
+            async def settled() -> bool:
+                nonlocal info
+                info = await b.js.consumer_info(t.jobs_stream, f"w-s{part}")
+                return info.num_pending == 2
+            end = time.monotonic() + 10
+            while not await settled():
+                assert time.monotonic() < end
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            assert len(got_a) <= 7 and len(got_b) == 10 - 2 - (len(got_a) - 6) >= 7
+            assert bb.spilled == len(got_b)
+            room_a[0] += 10
+            a.room_changed.set()
+            await _until(lambda: len(got_a) + len(got_b) == 16)
+            assert sorted(int(tk.job.id) for tk in got_a + got_b) == list(range(16))
+            await _stop((a, tasks[0]), (bb, tasks[1]))
+    asyncio.run(main())
+
+
+def test_members_split_the_partitions_and_take_over_from_one_that_leaves(nats_url: str) -> None:
+    async def main() -> None:
+        async with Broker(nats_url, partitions=16, member_ttl_s=1.5) as b:
+            owned: dict[str, frozenset[int]] = {}
+            ms = {w: Membership(b.nc, b.js, b.topo, w, 16,
+                                on_change=lambda o, w=w: owned.__setitem__(w, o))
+                  for w in ("alpha", "beta", "gamma")}
+            for m in ms.values():
+                await m.join()
+            for m in ms.values():
+                await m.refresh()  # the first to join saw itself alone
+            parts = [owned[w] for w in ms]
+            assert sorted(k for p in parts for k in p) == list(range(16))  # each once
+            assert all(p for p in parts)
+            # beta leaves cleanly: the others take its partitions and keep their own.
+            before = dict(owned)
+            await ms["beta"].leave()
+            for w in ("alpha", "gamma"):
+                await ms[w].refresh()
+            assert owned["alpha"] | owned["gamma"] == frozenset(range(16))
+            assert before["alpha"] <= owned["alpha"] and before["gamma"] <= owned["gamma"]
+            # gamma stops being heard from (killed): after the TTL alpha owns everything.
+            await asyncio.sleep(2.5)
+            await ms["alpha"].refresh()
+            assert owned["alpha"] == frozenset(range(16))
+            assert ms["alpha"].members == ("alpha",)
+    asyncio.run(main())
+
+
+def test_owners_are_balanced_and_move_little(nats_url: str) -> None:
+    from worker.broker.members import owned
+    counts = Counter()
+    workers = [f"host-{i}" for i in range(4)]
+    for w in workers:
+        counts[w] = len(owned(w, workers, 64))
+    assert sum(counts.values()) == 64 and min(counts.values()) >= 8
+    # A fifth worker takes about a fifth and nobody else's partitions move between them.
+    five = workers + ["host-4"]
+    moved = sum(1 for k in range(64) for w in workers
+                if k in owned(w, workers, 64) and k not in owned(w, five, 64)
+                and k not in owned("host-4", five, 64))
+    assert moved == 0 and 6 <= len(owned("host-4", five, 64)) <= 22

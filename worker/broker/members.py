@@ -1,0 +1,111 @@
+"""Who owns which session partition: rendezvous hashing over the workers alive.
+
+Every worker puts its id in the members KV bucket (`Topology.members_bucket`, whose entries
+expire after `member_ttl_s`) every third of that TTL, and reads the bucket's keys back (one
+stream-info request, not a watch: an entry that expires leaves no marker to watch). A
+partition's owner is the member with the highest hash of (member, partition) -- rendezvous
+hashing, as Kafka's sticky assignor and the cache-aware routers aim for: every worker
+computes the same owners from the same list with no coordinator, a worker that joins takes
+about 1/N of the partitions and moves nothing else, and one that leaves (or stops being
+heard from) hands over only its own.
+
+Views can disagree for one refresh (a second or two): a partition then has two owners
+(both pull it freely) or none (both pull it only past the overflow bound). Either costs
+some cache hits and loses nothing: which worker pulls a job never decides whether it runs
+once. A worker that stops cleanly deletes its entry, so its partitions move at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from worker.broker.topology import Topology
+
+log = structlog.get_logger("members")
+
+
+def owner(partition: int, members: Sequence[str]) -> str | None:
+    """The member that owns `partition`; None with no members."""
+    def weight(m: str) -> bytes:
+        return hashlib.blake2b(f"{m}/{partition}".encode(), digest_size=8).digest()
+    return max(members, key=weight, default=None)
+
+
+def owned(me: str, members: Sequence[str], partitions: int) -> frozenset[int]:
+    return frozenset(k for k in range(partitions) if owner(k, members) == me)
+
+
+def member_key(worker_id: str) -> str:
+    """A KV key for a worker id (keys take letters, digits and -_=.)."""
+    return re.sub(r"[^-_=A-Za-z0-9]", "_", worker_id)
+
+
+class Membership:
+    """This worker's entry in the members bucket, and the partitions it owns by it."""
+
+    def __init__(self, nc, js, topo: Topology, worker_id: str, partitions: int,
+                 on_change: Callable[[frozenset[int]], None]):
+        self.nc, self.js, self.topo = nc, js, topo
+        self.me = member_key(worker_id)
+        self.partitions = partitions
+        self.on_change = on_change
+        self.members: tuple[str, ...] = ()
+        self.owned: frozenset[int] = frozenset()
+        self.refresh_s = topo.member_ttl_s / 3
+        self._kv = None
+        self.errors = 0
+
+    @property
+    def _stream(self) -> str:
+        return f"KV_{self.topo.members_bucket}"
+
+    async def join(self) -> None:
+        """Put our entry and learn the owners, before the first pull."""
+        self._kv = await self.js.key_value(self.topo.members_bucket)
+        await self.refresh()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception as e:  # noqa: BLE001 - a broker hiccup: keep what we had
+                self.errors += 1
+                if self.errors == 1 or self.errors % 20 == 0:
+                    log.warning("members_refresh_failed", error=repr(e), count=self.errors)
+
+    async def refresh(self) -> None:
+        await self._kv.put(self.me, json.dumps({"worker": self.me}).encode())
+        members = await self.read()
+        if self.me not in members:
+            members = tuple(sorted((*members, self.me)))
+        mine = owned(self.me, members, self.partitions)
+        if members != self.members:
+            log.info("members_changed", members=list(members), owned=sorted(mine))
+        self.members = members
+        if mine != self.owned:
+            self.owned = mine
+            self.on_change(mine)
+
+    async def read(self) -> tuple[str, ...]:
+        prefix = f"$KV.{self.topo.members_bucket}."
+        resp = await self.nc.request(f"{self.topo.api_prefix}.STREAM.INFO.{self._stream}",
+                                     json.dumps({"subjects_filter": prefix + ">"}).encode(),
+                                     timeout=5)
+        subjects = (json.loads(resp.data).get("state") or {}).get("subjects") or {}
+        return tuple(sorted(s[len(prefix):] for s in subjects))
+
+    async def leave(self) -> None:
+        """Stopping: delete our entry outright (a KV delete would leave a marker behind),
+        so the others take our partitions now rather than after the TTL."""
+        try:
+            await self.js.purge_stream(self._stream, subject=f"$KV.{self.topo.members_bucket}."
+                                       f"{self.me}")
+        except Exception as e:  # noqa: BLE001 - then it expires after the TTL
+            log.warning("members_leave_failed", error=repr(e))

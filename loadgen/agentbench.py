@@ -1,8 +1,10 @@
 """The agent table of `fabric-loadgen bench --agent-sessions N`: what the prefix cache buys.
 
 Rule: agent traffic (`loadgen.sessions`: sessions sharing system prompts, each turn the last
-one plus its reply) on rung 4's worker three ways -- prefix cache on, off, and on two
-one-core workers sharing the consumer -- so the cache's worth is a ratio on one workload.
+one plus its reply) on rung 4's worker five ways -- prefix cache on and off; one one-core
+worker with two workers' pool; two one-core workers sharing the consumers, with sessions
+named (the fleet as one cache) and anonymous -- so the cache's worth and the fleet's are
+ratios on one workload.
 Beside the hit rate each run got: the KV pool it had and the hit rate a cache that never
 evicts would have given on the same traffic (`unbounded_hit_fraction`).
 """
@@ -22,9 +24,10 @@ from worker.engine.blocks import block_hashes
 
 def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
               partial=lambda: None, out: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Agent traffic on rung 4's worker: prefix caching on, off (`--no-prefix-cache`), and
-    on two one-core workers sharing the consumer (sessions spread over both, so a session's
-    next turn lands on the worker that holds its prefix about half the time)."""
+    """Agent traffic on rung 4's worker: prefix caching on, off (`--no-prefix-cache`); one
+    one-core worker with two workers' pool; two one-core workers whose jobs name their
+    session (each turn goes to the worker that holds the session's KV), and the same two
+    with anonymous sessions (a turn lands where its history is about half the time)."""
     spec = SessionSpec(sessions=cfg.agent_sessions, system_prompts=cfg.agent_system_prompts,
                        turns=cfg.agent_turns, system_tokens=cfg.agent_system_tokens,
                        seed=cfg.seed)
@@ -34,12 +37,16 @@ def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
     # Filled in place (`out`), so the caller's partial results hold every run so far.
     out = {} if out is None else out
     out["spec"] = dataclasses.asdict(spec)
-    for label, cpus, args in (("cache", ("",), ()), ("no_cache", ("",), ("--no-prefix-cache",)),
-                              ("two_workers", ("0", "1"), ())):
+    runs = [("cache", ("",), (), spec), ("no_cache", ("",), ("--no-prefix-cache",), spec),
+            ("one_core", ("0",), None, spec), ("two_workers", ("0", "1"), (), spec),
+            ("two_workers_anonymous", ("0", "1"), (), dataclasses.replace(spec, named=False))]
+    for label, cpus, args, sp in runs:
+        if args is None:  # one worker on one core, with the pool two workers have together
+            args = ("--kv-pool-blocks", str(2 * out["cache"]["kv_blocks"]))
         log(f"agent traffic, {label.replace('_', ' ')}: {spec.sessions} sessions x "
             f"{spec.turns} turns ...")
         r = run_rung(cfg, broker, work, f"agent{label.replace('_', '')}", "continuous", [],
-                     cpus=cpus, sessions=spec, worker_args=args)
+                     cpus=cpus, sessions=sp, worker_args=args)
         r.pop("completions")
         r["unbounded_hit_fraction"] = unbounded_hit_fraction(r.pop("token_log"), r["block_size"])
         out[label] = r
@@ -47,6 +54,10 @@ def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
         log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s, prompt from cache "
             f"{r['cache_hit_fraction']:.3f} (unbounded {r['unbounded_hit_fraction']:.3f}), "
             f"KV pool {r['kv_blocks']} blocks, RSS {r['rss_mib']} MiB")
+    one, two = out["one_core"], out["two_workers"]
+    out["fleet_ratio"] = two["useful_tokens_per_s"] / one["useful_tokens_per_s"]
+    out["fleet_hit_ratio"] = (two["cache_hit_fraction"] / one["cache_hit_fraction"]
+                              if one["cache_hit_fraction"] else 0.0)
     out["ratio"] = out["cache"]["useful_tokens_per_s"] / out["no_cache"]["useful_tokens_per_s"]
     # What a miss costs: the ragged workload (nothing shared) with the cache on and off.
     jobs = generate(WorkloadSpec(num_jobs=cfg.jobs, seed=cfg.seed, run_id="ragged"))
@@ -92,7 +103,9 @@ def markdown(a: dict[str, Any]) -> list[str]:
              "| worker | useful tok/s | jobs/s | prompt from cache | unbounded cache would | "
              "KV pool blocks (budget) | RSS MiB | p50 / p99 latency ms |",
              "|---|---|---|---|---|---|---|---|"]
-    for label in ("cache", "no_cache", "two_workers"):
+    for label in ("cache", "no_cache", "one_core", "two_workers", "two_workers_anonymous"):
+        if label not in a:
+            continue
         r = a[label]
         lat = r["latency_ms"]
         lines.append(f"| {label.replace('_', ' ')} | {r['useful_tokens_per_s']:,.0f} | "
@@ -101,6 +114,12 @@ def markdown(a: dict[str, Any]) -> list[str]:
                      f"{r.get('kv_blocks')} ({r.get('kv_budget_blocks')}) | {r.get('rss_mib')} | "
                      f"{lat['p50']:,.0f} / {lat['p99']:,.0f} |")
     lines += ["", f"Prefix caching on over off: {a['ratio']:.2f}x useful tokens/s."]
+    if "fleet_ratio" in a:
+        lines.append(f"Two one-core workers with sessions over one one-core worker with their "
+                     f"pools together: {a['fleet_ratio']:.2f}x useful tokens/s, "
+                     f"{100 * a['fleet_hit_ratio']:.0f}% of its prompt tokens from cache "
+                     f"(anonymous sessions: {100 * a['two_workers_anonymous']['cache_hit_fraction']:.1f}%"
+                     f" from cache).")
     if "ragged_ratio" in a:
         lines.append(f"Ragged traffic (nothing shared), cache on over off: "
                      f"{a['ragged_cache']['useful_tokens_per_s']:,.0f} / "

@@ -40,7 +40,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loadgen import agentbench, embedbench, fleetbench, hostpath, peer
+from loadgen import agentbench, embedbench, fleetbench, hostpath, peer, prioritybench
 from loadgen.broker import EmbeddedNats
 from loadgen.ceiling import kernel_ceiling
 from loadgen.rung import BenchConfig, machine, run_backlog, run_rung, run_sustained
@@ -106,6 +106,18 @@ def run_bench(cfg: BenchConfig, out: Path, log=print) -> dict[str, Any]:
         if cfg.agent_sessions:
             agentbench.run_agent(cfg, broker, work, log, partial=lambda: partial(result),
                                  out=result.setdefault("agent", {}))
+        if cfg.priority_mix[0]:
+            bulk, urgent = cfg.priority_mix
+            rows = result.setdefault("priority_mix", [])
+            for cpus in (("",), ("0", "1")):
+                log(f"priorities, {len(cpus)} worker(s): {bulk} bulk jobs, {urgent} urgent ...")
+                r = prioritybench.run_priority_mix(cfg, broker, work, f"prio{len(cpus)}", bulk,
+                                                   urgent, cpus)
+                rows.append(r)
+                partial(result)
+                log(f"  urgent wait p99 {r['wait_ms'].get('0', {}).get('p99', 0):.0f} ms, bulk "
+                    f"done in {r['bulk_done_s']} s, {r['answered']} answered, "
+                    f"{r['duplicates']} duplicates")
         if cfg.embed_model:
             result["embed"] = embedbench.run_embed(cfg, broker, work, log, partial=lambda: partial(result))
         if cfg.peer_jobs:
@@ -194,6 +206,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += fleetbench.markdown(result.get("fleet", {}))
     if "agent" in result:
         lines += agentbench.markdown(result["agent"])
+    if result.get("priority_mix"):
+        lines += prioritybench.markdown(result["priority_mix"])
     if "embed" in result:
         lines += embedbench.markdown(result["embed"])
     lines += peer.markdown(result.get("peer", {}))

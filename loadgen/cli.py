@@ -103,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--agent-sessions", type=int, default=0,
                        help="agent traffic: N sessions, with the prefix cache on, off, and "
                             "on two workers (0 = skip)")
+    bench.add_argument("--priority-mix", type=runargs.int_pair, default=(0, 0),
+                       metavar="BULK,URGENT",
+                       help="a backlog of BULK default-priority jobs, then URGENT priority-0 "
+                            "jobs published during it, on one worker and on two: each "
+                            "priority's wait (e.g. 5000,200; default: skip)")
     bench.add_argument("--agent-turns", type=int, default=4)
     bench.add_argument("--agent-system-prompts", type=int, default=4)
     bench.add_argument("--agent-system-tokens", type=runargs.int_pair, default=(300, 700),
@@ -314,6 +319,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       serial_jobs=args.serial_jobs, null_jobs=args.null_jobs,
                       fleet_jobs=args.fleet_jobs, fleet_sustained_s=args.fleet_sustained_s,
                       sustained_s=args.sustained_s, agent_sessions=args.agent_sessions,
+                      priority_mix=args.priority_mix,
                       agent_turns=args.agent_turns,
                       agent_system_prompts=args.agent_system_prompts,
                       agent_system_tokens=args.agent_system_tokens,

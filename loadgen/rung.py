@@ -54,6 +54,9 @@ class BenchConfig:
     # Agent traffic (loadgen.sessions): this many sessions, 0 = skip; run with the prefix
     # cache on and off, and on two workers sharing one consumer.
     agent_sessions: int = 0
+    # A bulk backlog and urgent jobs published during it (loadgen.prioritybench), on one
+    # worker and on two; (0, 0) = skip.
+    priority_mix: tuple[int, int] = (0, 0)
     # An embedding checkpoint (sentence-transformers directory): the embedding table, with
     # this many texts; "" = skip (loadgen.embedbench).
     embed_model: str = ""

@@ -27,6 +27,7 @@ from loadgen.client import RESULT_PREFIX, connect, outcome_of, reply_subject
 from loadgen.ledger import RunStats
 from loadgen.workload import VOCAB_SIZE
 from schemas import DecodeError, Job, decode_result, encode
+from schemas.subjects import job_subject
 
 __all__ = ["SessionSpec", "plan", "run_sessions"]
 
@@ -41,6 +42,9 @@ class SessionSpec:
     new_tokens: tuple[int, int] = (16, 48)  # max_new_tokens per turn, uniform
     seed: int = 0
     run_id: str = "agent"
+    # Jobs name their session and go to its subject (`schemas.subjects.job_subject`), so a
+    # fleet serves each session where its KV lives; False: anonymous jobs on one subject.
+    named: bool = True
 
     def __post_init__(self) -> None:
         for name in ("system_tokens", "user_tokens", "new_tokens"):
@@ -57,6 +61,9 @@ class SessionSpec:
 
     def job_id(self, session: int, turn: int) -> str:
         return f"{self.run_id}-s{session}-t{turn}"
+
+    def session_name(self, session: int) -> str:
+        return f"{self.run_id}-s{session}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +101,7 @@ async def run_sessions(nats_url: str, spec: SessionSpec, *,
     where = {spec.job_id(i, t): (i, t) for i in range(spec.sessions) for t in range(spec.turns)}
     prompts: dict[int, list[int]] = {}  # session -> the prompt of its turn in flight
     reply_to = reply_subject(spec.run_id, result_prefix)
-    subject = f"{subject_prefix}{spec.run_id}"
+    plain_subject = f"{subject_prefix}{spec.run_id}"
     ended = asyncio.Event()
     live = spec.sessions
     tasks: set[asyncio.Task] = set()
@@ -104,7 +111,8 @@ async def run_sessions(nats_url: str, spec: SessionSpec, *,
     async def send(i: int, t: int) -> None:
         s = sessions[i]
         job = Job(id=spec.job_id(i, t), prompt=prompts[i], max_new_tokens=s.new_tokens[t],
-                  reply_to=reply_to)
+                  reply_to=reply_to, session=spec.session_name(i) if spec.named else None)
+        subject = job_subject(job, spec.run_id) if spec.named else plain_subject
         stats.record_sent(job.id, time.monotonic())
         stats.token_log.append(("sent", prompts[i]))
         stats.max_in_flight = max(stats.max_in_flight, len(stats.sent_s) - len(stats.outcomes))

@@ -94,7 +94,12 @@ class Worker:
         await self.cancels.listen(self.nc, js, self.topo, verified)
         await self.ingress.start()
         if self.members is not None:
-            await self.members.join()  # owners known before the first pull
+            try:
+                await self.members.join()  # owners known before the first pull
+            except Exception as e:  # noqa: BLE001 - e.g. through a leaf node: no owners then
+                log.warning("members_unavailable", error=repr(e),
+                            hint="session partitions are served by all workers alike")
+                self.members = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.life.stop, sig.name)
         self.executor.start()
@@ -201,6 +206,9 @@ class Worker:
             kv=KvLevels.of(intake.pool),
             publisher_depth=pub.depth if pub else 0, publisher_capacity=pub.capacity if pub else 0,
             fetched=ing.fetched if ing else 0, published=pub.published if pub else 0,
+            fetched_by_queue=ing.fetched_by_queue() if ing else {},
+            spilled=ing.spilled if ing else 0,
+            partitions_owned=len(self.members.owned) if self.members else None,
             acked=pub.acked if pub else 0, termed=pub.termed if pub else 0,
             naked=pub.naked if pub else 0, dead_lettered=pub.dead_lettered if pub else 0,
             last_step_at=self.last_step_at,

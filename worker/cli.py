@@ -38,7 +38,8 @@ def _topology(cfg: EngineConfig, args: argparse.Namespace) -> Topology:
                     replicas=getattr(args, "replicas", 1),
                     max_ack_pending=getattr(args, "max_ack_pending", 20000),
                     max_deliver=getattr(args, "max_deliver", 5),
-                    js_domain=args.js_domain or None, cancel_subject=args.cancel_subject)
+                    js_domain=args.js_domain or None, cancel_subject=args.cancel_subject,
+                    partitions=getattr(args, "partitions", 16))
 
 
 def _domain_name(text: str) -> str:
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(prov)
     prov.add_argument("--replicas", type=int, default=1)
     prov.add_argument("--max-ack-pending", type=int, default=20000)
+    prov.add_argument("--partitions", type=int, default=16,
+                      help="session partitions (a consumer each; workers find the number in "
+                           "the stream): several per worker the fleet may have")
     prov.add_argument("--max-deliver", type=int, default=5,
                       help="deliveries per job; the last one dead-letters it instead of running it")
     dlq = sp.add_parser("dlq", help="list or replay dead letters (operator credentials)")

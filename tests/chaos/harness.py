@@ -13,7 +13,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,23 +93,42 @@ async def _connect(url: str):
                                                reconnect_time_wait=0.2, max_reconnect_attempts=5), 20)
 
 
-async def publish(url: str, jobs: list[Job], subject: str, window: int = 512,
-                  raw: list[bytes] | None = None) -> None:
-    """Publish jobs (and raw payloads) to JetStream, `window` acks outstanding at most."""
+async def publish(url: str, jobs: list[Job], subject: str | Callable[[Job], str],
+                  window: int = 512, raw: list[bytes] | None = None) -> None:
+    """Publish jobs (and raw payloads) to JetStream, `window` acks outstanding at most;
+    `subject` may be a function of the job (`schemas.subjects.job_subject`)."""
     nc = await _connect(url)
     try:
         js = nc.jetstream()
         gate = asyncio.Semaphore(window)
 
-        async def one(payload: bytes, msg_id: str | None) -> None:
+        async def one(payload: bytes, msg_id: str | None, to: str) -> None:
             async with gate:
                 headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-                await js.publish(subject, payload, headers=headers, timeout=30)
+                await js.publish(to, payload, headers=headers, timeout=30)
 
-        await asyncio.gather(*(one(encode(j), j.id) for j in jobs),
-                             *(one(p, None) for p in raw or []))
+        def to(j: Job | None) -> str:
+            return subject(j) if callable(subject) and j is not None else str(subject)
+        await asyncio.gather(*(one(encode(j), j.id, to(j)) for j in jobs),
+                             *(one(p, None, to(None)) for p in raw or []))
     finally:
         await nc.close()
+
+
+async def wait_meta_leader(urls: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            nc = await nats.connect(urls.split(","), connect_timeout=2)
+            try:
+                await nc.jetstream().account_info()
+                return
+            finally:
+                await nc.close()
+        except Exception:  # noqa: BLE001 - "JetStream not ready" until the cluster forms
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def count_results(url: str, subject: str) -> int:
@@ -257,4 +276,5 @@ def small_jobs(run_id: str, n: int, seed: int, reply_to: str, max_prompt: int = 
 
 __all__ = ["ENGINE", "Fleet", "consumer_state", "count_results", "dead_letters", "delete_streams",
            "engine_toml", "iso_to_unix", "log_events", "provision", "publish", "read_stream",
-           "redelivered_now", "reference_tokens", "results", "small_jobs", "wait_results"]
+           "redelivered_now", "reference_tokens", "results", "small_jobs", "wait_meta_leader",
+           "wait_results"]

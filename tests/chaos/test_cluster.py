@@ -7,50 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack
 
-import nats
 import pytest
 
 from loadgen.broker import EmbeddedNats
 from tests.chaos.harness import (count_results, engine_toml, log_events, provision, reference_tokens,
-                                 results, small_jobs, wait_results)
+                                 results, small_jobs, wait_meta_leader, wait_results)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@pytest.fixture
-def cluster(tmp_path) -> Iterator[list[EmbeddedNats]]:
-    client, monitor, route = _ports(3), _ports(3), _ports(3)
-    with ExitStack() as stack:
-        nodes = []
-        for i in range(3):
-            routes = ", ".join(f"nats-route://127.0.0.1:{route[j]}" for j in range(3) if j != i)
-            conf = (f"server_name: n{i}\n"
-                    f"cluster {{\n  name: fabric-chaos\n  listen: 127.0.0.1:{route[i]}\n"
-                    f"  routes: [{routes}]\n}}\n")
-            node = EmbeddedNats(port=client[i], monitor_port=monitor[i], extra_config=conf,
-                                store_dir=tmp_path / f"js{i}",
-                                health_path="/healthz?js-enabled-only=true")
-            stack.callback(node.close)
-            nodes.append(node)
-        for node in nodes:  # each waits only for itself; the meta leader comes after
-            node.start()
-        yield nodes
 
 
 def _connected_node(nodes: list[EmbeddedNats], client_name: str) -> int:
@@ -64,25 +30,9 @@ def _connected_node(nodes: list[EmbeddedNats], client_name: str) -> int:
     raise AssertionError(f"{client_name} is connected to no node")
 
 
-async def _wait_meta_leader(urls: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            nc = await nats.connect(urls.split(","), connect_timeout=2)
-            try:
-                await nc.jetstream().account_info()
-                return
-            finally:
-                await nc.close()
-        except Exception:  # noqa: BLE001 - "JetStream not ready" until the cluster forms
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)
-
-
 async def test_kill_the_node_the_worker_is_connected_to(cluster, fleet, tmp_path) -> None:
     urls = ",".join(n.url for n in cluster)
-    await _wait_meta_leader(urls)
+    await wait_meta_leader(urls)
     cfg, stream, consumer = engine_toml(tmp_path, urls)
     provision(cfg, extra_args=["--replicas", "3", "--ack-wait-s", "5"])
     f = fleet(cfg)

@@ -359,7 +359,7 @@ def test_every_nats_password_comes_from_a_secret():
 
 def test_worker_permissions_are_least_privilege():
     topo = _topology()
-    stream, consumer = topo.jobs_stream, topo.consumer
+    stream = topo.jobs_stream
     users = _permission_users()
     assert set(users) == {"worker", "provisioner", "producer"}
     assert _allowed(users["worker"], "publish") == {
@@ -367,9 +367,14 @@ def test_worker_permissions_are_least_privilege():
         f"$JS.API.STREAM.INFO.{stream}",
         f"$JS.API.STREAM.INFO.{topo.results_stream}",
         f"$JS.API.STREAM.INFO.{topo.dlq_stream}",
-        f"$JS.API.CONSUMER.INFO.{stream}.{consumer}",
-        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",
-        f"$JS.ACK.{stream}.{consumer}.>",
+        # Every consumer of the jobs stream: one per priority and per session partition.
+        f"$JS.API.CONSUMER.INFO.{stream}.*",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*",
+        f"$JS.ACK.{stream}.>",
+        # The members bucket: its own entry (put, purge on leaving), the list (stream info).
+        f"$JS.API.STREAM.INFO.KV_{topo.members_bucket}",
+        f"$JS.API.STREAM.PURGE.KV_{topo.members_bucket}",
+        f"$KV.{topo.members_bucket}.>",
         f"{topo.results_prefix}>",
         f"{topo.dlq_prefix}>",
         # The cancels the broker kept, read once at start through an ephemeral consumer of
@@ -387,7 +392,10 @@ def test_worker_permissions_are_least_privilege():
     assert not any(".DELETE" in subject for subject in provisioner)
     for name in (stream, topo.results_stream, topo.dlq_stream, topo.cancels_stream):
         assert {f"$JS.API.STREAM.CREATE.{name}", f"$JS.API.STREAM.UPDATE.{name}"} <= provisioner
-    assert {"fabric.jobs.>", "fabric.cancel"} <= _allowed(users["producer"], "publish")
+    assert {f"$JS.API.STREAM.CREATE.KV_{topo.members_bucket}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.*"} <= provisioner
+    assert {"fabric.jobs.>", "fabric.prio.>", "fabric.session.>",
+            "fabric.cancel"} <= _allowed(users["producer"], "publish")
     assert _allowed(users["producer"], "subscribe") == {f"{topo.results_prefix}>", "_INBOX.>"}
     for rel in ("worker/deployment.yaml", "provision/job.yaml"):
         assert _env(_container(rel))["FABRIC_NATS_USER"] in users
@@ -396,6 +404,7 @@ def test_worker_permissions_are_least_privilege():
 async def test_live_nats_server_enforces_the_permissions(tmp_path: Path):
     """The compose nats.conf on a real server, driven through the worker's own code paths."""
     nats = pytest.importorskip("nats", reason="nats-py is not installed")
+    from worker.broker.members import Membership
     from worker.broker.topology import provision, verify
     from worker.features.cancels import Cancels
 
@@ -455,6 +464,22 @@ async def test_live_nats_server_enforces_the_permissions(tmp_path: Path):
             assert (await results.next_msg(timeout=2)).data == b"result-1"
             info = await js.consumer_info(topo.jobs_stream, topo.consumer)
             assert (info.num_pending, info.num_ack_pending) == (0, 0)
+            # Priorities and sessions: the producer may publish to their subjects, the
+            # worker pull from their consumers and keep its entry in the members bucket.
+            await producer.jetstream().publish("fabric.prio.0.run1", b"urgent")
+            await producer.jetstream().publish("fabric.session.chat-1", b"turn")
+            verified = await verify(js, topo)
+            assert len(verified.queues) == 10 + topo.partitions and verified.members
+            m = Membership(worker, js, topo, "w-1", topo.partitions, on_change=lambda o: None)
+            await m.join()
+            assert m.members == ("w-1",) and m.owned == frozenset(range(topo.partitions))
+            urgent = await js.pull_subscribe_bind(durable=f"{topo.consumer}-p0",
+                                                  stream=topo.jobs_stream)
+            [msg] = await urgent.fetch(1, timeout=2)
+            assert msg.data == b"urgent"
+            await msg.ack_sync()
+            await m.leave()
+            assert await m.read() == ()
             assert violations == []
 
             await asyncio.gather(

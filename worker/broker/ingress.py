@@ -52,7 +52,7 @@ log = structlog.get_logger("ingress")
 # The 409 a pull request gets when it asks for more than the consumer's max_batch.
 _MAX_BATCH = re.compile(r"MaxRequestBatch of (\d+)")
 
-SPILL_AFTER = 2  # a partition's jobs waiting undelivered before a non-owner takes them
+SPILL_AFTER = 4  # a partition's jobs waiting undelivered before a non-owner takes them
 STARVE_AFTER_S = 5.0
 
 
@@ -149,6 +149,14 @@ class Ingress:
         for s in self.sources:
             p = s.queue.partition
             s.min_pending = 0 if p is None or owned is None or p in owned else self.spill_after
+
+    def fetched_by_queue(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.sources:
+            q = s.queue
+            label = "session" if q.partition is not None else f"p{q.priority}"
+            out[label] = out.get(label, 0) + s.fetched
+        return out
 
     def _credit(self) -> int:
         return sum(s.credit for s in self.sources if s.pulling)

@@ -101,7 +101,18 @@ class WorkerCollector(Collector):
         yield jobs
         yield _counter("fabric_redeliveries", "Messages received with a delivery count above 1.",
                        stats.redelivered)
-        yield _counter("fabric_messages_fetched", "Messages pulled from the consumer.", v.fetched)
+        yield _counter("fabric_messages_fetched", "Messages pulled from the consumers.", v.fetched)
+        by_queue = CounterMetricFamily(
+            "fabric_queue_messages_fetched", "Messages pulled, by queue: a priority's (p0-p9; "
+            "p5 is the default) or the session partitions'.", labels=["queue"])
+        for q, n in sorted(v.fetched_by_queue.items()):
+            by_queue.add_metric([q], n)
+        yield by_queue
+        yield _counter("fabric_session_spilled", "Session jobs taken from partitions another "
+                       "worker owns (its owner was not keeping up).", v.spilled)
+        if v.partitions_owned is not None:
+            yield _gauge("fabric_session_partitions_owned", "Session partitions this worker "
+                         "owns now.", v.partitions_owned)
         cancels = CounterMetricFamily(
             "fabric_cancel_messages", "Cancel messages heard: taken, or refused (not "
             '{"ids": [...]} within the bounds).', labels=["result"])

@@ -8,7 +8,7 @@ unlocked: a value torn by a concurrent update costs one sample, never correctnes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -70,7 +70,12 @@ class WorkerView:
     kv: KvLevels  # the KV pool and its host tier
     publisher_depth: int  # Results queued or awaiting their PubAck
     publisher_capacity: int
-    fetched: int  # messages pulled from the consumer
+    fetched: int  # messages pulled from the consumers
+    # Messages pulled, by the queue they came from ("p0".."p9", "session"): see
+    # worker.broker.ingress; and those taken from session partitions another worker owns.
+    fetched_by_queue: dict[str, int] = field(default_factory=dict)
+    spilled: int = 0
+    partitions_owned: int | None = None  # session partitions this worker owns (None: no owners)
     published: int  # Results confirmed by the broker
     acked: int
     termed: int

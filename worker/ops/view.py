@@ -71,11 +71,6 @@ class WorkerView:
     publisher_depth: int  # Results queued or awaiting their PubAck
     publisher_capacity: int
     fetched: int  # messages pulled from the consumers
-    # Messages pulled, by the queue they came from ("p0".."p9", "session"): see
-    # worker.broker.ingress; and those taken from session partitions another worker owns.
-    fetched_by_queue: dict[str, int] = field(default_factory=dict)
-    spilled: int = 0
-    partitions_owned: int | None = None  # session partitions this worker owns (None: no owners)
     published: int  # Results confirmed by the broker
     acked: int
     termed: int
@@ -88,3 +83,8 @@ class WorkerView:
     cpu_wait_ratio: float  # of that, per second per expected CPU, over the last second
     cpu_starved: bool  # that ratio stayed high while busy (worker.ops.cpu.Starvation)
     stats: WorkerStats  # the counters and histograms (live: read, never written)
+    # Messages pulled, by the queue they came from ("p0".."p9", "session"): see
+    # worker.broker.ingress; and those taken from session partitions another worker owns.
+    fetched_by_queue: dict[str, int] = field(default_factory=dict)
+    spilled: int = 0
+    partitions_owned: int | None = None  # session partitions this worker owns (None: no owners)

@@ -71,6 +71,7 @@ class Source:
     over: asyncio.Event = field(default_factory=asyncio.Event)  # the no_wait pull ended
     last_pull: float = 0.0  # monotonic time a pull last reached it
     short: bool = False  # the last pull ended before its batch: nothing more there
+    retry_at: float = 0.0  # refused (409...): not asked again before this monotonic time
     fetched: int = 0
 
     @property
@@ -163,7 +164,7 @@ class Ingress:
 
     def _order(self, now: float) -> list[Source]:
         starved = now - self.starve_after_s
-        return sorted((s for s in self.sources if not s.open),
+        return sorted((s for s in self.sources if not s.open and s.retry_at <= now),
                       key=lambda s: (not (s.last_pull < starved and not s.short), s.rank()))
 
     async def run(self) -> None:
@@ -182,7 +183,7 @@ class Ingress:
                     if self.stopping or self._failure is not None:
                         break
                     await self._pull(s, n)
-                    if s.short:
+                    if s.short or s.retry_at:
                         break
                 if s.short and not self.stopping and self.room() > 1:
                     await self._watch(s)  # (a room of 1 is caution: nothing extra held)
@@ -200,7 +201,7 @@ class Ingress:
     async def _pull(self, s: Source, n: int) -> None:
         """Ask `s` for up to `n` messages, now (no_wait), and wait for the answer."""
         s.credit = s.batch = n
-        s.pulling, s.short = True, False
+        s.pulling, s.short, s.retry_at = True, False, 0.0
         s.over.clear()
         s.last_pull = now = time.monotonic()
         self.requests_expire_at = max(self.requests_expire_at, now + 0.5)
@@ -252,6 +253,8 @@ class Ingress:
                     # The consumer caps a pull's batch (max_batch): ask for that much from now on.
                     self.max_batch = max(1, int(m[1]))
                 self._fetch_failed(f"pull request ended: {s.queue.consumer} {status} {why}")
+                # Asked again at once it would be refused again: a tight loop.
+                s.retry_at = time.monotonic() + 0.5
             self._ended(s, short=status in ("404", "408"))
             if status == "408" and not self.stopping and self.room() > 1:
                 # A watch that saw nothing: the source is still empty; watch it again.

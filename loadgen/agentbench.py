@@ -4,7 +4,9 @@ Rule: agent traffic (`loadgen.sessions`: sessions sharing system prompts, each t
 one plus its reply) on rung 4's worker three ways -- prefix cache on, off, and on two
 one-core workers sharing the consumer -- so the cache's worth is a ratio on one workload.
 Beside the hit rate each run got: the KV pool it had and the hit rate a cache that never
-evicts would have given on the same traffic (`unbounded_hit_fraction`).
+evicts would have given on the same traffic (`unbounded_hit_fraction`). With
+`agent_host_tier` (GPU workers, a small pool) the two runs are the cache with its host
+tier and without, and the table adds blocks found by tier and copied out by when.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
     # Filled in place (`out`), so the caller's partial results hold every run so far.
     out = {} if out is None else out
     out["spec"] = dataclasses.asdict(spec)
-    for label, cpus, args in (("cache", ("",), ()), ("no_cache", ("",), ("--no-prefix-cache",)),
-                              ("two_workers", ("0", "1"), ())):
+    pool = ("--kv-pool-blocks", str(cfg.agent_kv_pool_blocks)) if cfg.agent_kv_pool_blocks else ()
+    runs = ((("cache", ("",), pool), ("no_tier", ("",), (*pool, "--host-tier-gib", "0")))
+            if cfg.agent_host_tier else
+            (("cache", ("",), pool), ("no_cache", ("",), (*pool, "--no-prefix-cache")),
+             ("two_workers", ("0", "1"), pool)))
+    for label, cpus, args in runs:
         log(f"agent traffic, {label.replace('_', ' ')}: {spec.sessions} sessions x "
             f"{spec.turns} turns ...")
         r = run_rung(cfg, broker, work, f"agent{label.replace('_', '')}", "continuous", [],
@@ -47,7 +53,10 @@ def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
         log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s, prompt from cache "
             f"{r['cache_hit_fraction']:.3f} (unbounded {r['unbounded_hit_fraction']:.3f}), "
             f"KV pool {r['kv_blocks']} blocks, RSS {r['rss_mib']} MiB")
-    out["ratio"] = out["cache"]["useful_tokens_per_s"] / out["no_cache"]["useful_tokens_per_s"]
+    other = "no_tier" if cfg.agent_host_tier else "no_cache"
+    out["ratio"] = out["cache"]["useful_tokens_per_s"] / out[other]["useful_tokens_per_s"]
+    if cfg.agent_host_tier:
+        return out
     # What a miss costs: the ragged workload (nothing shared) with the cache on and off.
     jobs = generate(WorkloadSpec(num_jobs=cfg.jobs, seed=cfg.seed, run_id="ragged"))
     for label, args in (("ragged_cache", ()), ("ragged_no_cache", ("--no-prefix-cache",))):
@@ -92,7 +101,8 @@ def markdown(a: dict[str, Any]) -> list[str]:
              "| worker | useful tok/s | jobs/s | prompt from cache | unbounded cache would | "
              "KV pool blocks (budget) | RSS MiB | p50 / p99 latency ms |",
              "|---|---|---|---|---|---|---|---|"]
-    for label in ("cache", "no_cache", "two_workers"):
+    labels = [k for k in ("cache", "no_tier", "no_cache", "two_workers") if k in a]
+    for label in labels:
         r = a[label]
         lat = r["latency_ms"]
         lines.append(f"| {label.replace('_', ' ')} | {r['useful_tokens_per_s']:,.0f} | "
@@ -100,6 +110,17 @@ def markdown(a: dict[str, Any]) -> list[str]:
                      f"{100 * r.get('unbounded_hit_fraction', 0):.1f}% | "
                      f"{r.get('kv_blocks')} ({r.get('kv_budget_blocks')}) | {r.get('rss_mib')} | "
                      f"{lat['p50']:,.0f} / {lat['p99']:,.0f} |")
+    if "no_tier" in a:
+        lines += ["", f"Host tier on over off: {a['ratio']:.2f}x useful tokens/s.", "",
+                  "| worker | device hits | host hits | copied out ahead | at eviction | "
+                  "device evictions | host tier blocks |", "|---|---|---|---|---|---|---|"]
+        for label in labels:
+            kv = a[label].get("kv") or {}
+            lines.append(f"| {label.replace('_', ' ')} | {kv.get('hits')} | "
+                         f"{kv.get('host_hits')} | {kv.get('written_ahead')} | "
+                         f"{kv.get('spilled_at_eviction')} | {kv.get('evictions')} | "
+                         f"{kv.get('host_blocks')} |")
+        return lines
     lines += ["", f"Prefix caching on over off: {a['ratio']:.2f}x useful tokens/s."]
     if "ragged_ratio" in a:
         lines.append(f"Ragged traffic (nothing shared), cache on over off: "

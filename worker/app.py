@@ -9,6 +9,7 @@ through the callbacks wired here; the way out is `worker.lifecycle`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import time
 
@@ -113,8 +114,9 @@ class Worker:
                                            faulted=lambda: self.life.fault is not None)
         for t in tasks:
             t.cancel()
+        # The KV pool's counters (hits and copies by tier) beside the stats: the bench reads them.
         log.info("worker_summary", worker=self.opts.worker_id, exit_reason=reason, exit_code=code,
-                 **self.stats.summary())
+                 **self.stats.summary(), kv=dataclasses.asdict(KvLevels.of(self.intake.pool)))
         return code
 
     async def _build(self, loop: asyncio.AbstractEventLoop, js, verified: Verified) -> None:

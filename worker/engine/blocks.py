@@ -54,11 +54,13 @@ SCRATCH_SLOT = 0
 
 
 # Blocks written back ahead a step, at most (one contiguous copy: they take consecutive host
-# slots): at 16-token blocks, 128 tokens a step, more than a decode step frees on average,
-# yet one small copy beside a step's own work. Only the cached blocks within
-# `WRITE_BACK_WINDOW` of the LRU end, counting the empty blocks first, are candidates: what
+# slots). 8 blocks are 128 tokens: twice what a decode step of 64 sequences writes, so decode
+# stretches build a lead; a step that admits long prompts may evict more than the lead, and
+# those blocks are copied out at eviction (counted apart). Only the cached blocks within
+# `WRITE_BACK_WINDOW` of eviction, counting the empty blocks first, are candidates: what
 # the next reservations would evict, not the whole cache (a tier smaller than the device
-# cache would otherwise fill with copies of blocks the device keeps).
+# cache would otherwise fill with copies of blocks the device keeps), and a step's scan for
+# them stays short.
 WRITE_BACK_BLOCKS = 8
 WRITE_BACK_WINDOW = 256
 
@@ -390,6 +392,7 @@ class BlockPool:
                 assert self._key[b] is not None and self.ready[b], "cached without content"
             for b in empty:
                 assert self._key[b] is None
-            assert self._wait >= 0 and all(m > 0 for m in self._out.values())
             if self.tier is not None:
                 self.tier.check()
+                # A copy out is owed or issued: its mark is one the tier has handed out.
+                assert all(0 < m <= self.tier.ahead.mark for m in self._out.values())

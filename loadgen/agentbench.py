@@ -6,7 +6,9 @@ worker with two workers' pool; two one-core workers sharing the consumers, with 
 named (the fleet as one cache) and anonymous -- so the cache's worth and the fleet's are
 ratios on one workload.
 Beside the hit rate each run got: the KV pool it had and the hit rate a cache that never
-evicts would have given on the same traffic (`unbounded_hit_fraction`).
+evicts would have given on the same traffic (`unbounded_hit_fraction`). With
+`agent_host_tier` (GPU workers, a small pool) the two runs are the cache with its host
+tier and without, and the table adds blocks found by tier and copied out by when.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
     # Filled in place (`out`), so the caller's partial results hold every run so far.
     out = {} if out is None else out
     out["spec"] = dataclasses.asdict(spec)
-    runs = [("cache", ("",), (), spec), ("no_cache", ("",), ("--no-prefix-cache",), spec),
-            ("one_core", ("0",), None, spec), ("two_workers", ("0", "1"), (), spec),
-            ("two_workers_anonymous", ("0", "1"), (), dataclasses.replace(spec, named=False))]
+    pool = ("--kv-pool-blocks", str(cfg.agent_kv_pool_blocks)) if cfg.agent_kv_pool_blocks else ()
+    runs = ((("cache", ("",), pool, spec), ("no_tier", ("",), (*pool, "--host-tier-gib", "0"), spec))
+            if cfg.agent_host_tier else
+            (("cache", ("",), pool, spec), ("no_cache", ("",), (*pool, "--no-prefix-cache"), spec),
+             ("one_core", ("0",), None, spec), ("two_workers", ("0", "1"), pool, spec),
+             ("two_workers_anonymous", ("0", "1"), pool, dataclasses.replace(spec, named=False))))
     for label, cpus, args, sp in runs:
         if args is None:  # one worker on one core, with the pool two workers have together
             args = ("--kv-pool-blocks", str(2 * out["cache"]["kv_blocks"]))
@@ -54,11 +59,14 @@ def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
         log(f"  {r['useful_tokens_per_s']:.0f} useful tok/s, prompt from cache "
             f"{r['cache_hit_fraction']:.3f} (unbounded {r['unbounded_hit_fraction']:.3f}), "
             f"KV pool {r['kv_blocks']} blocks, RSS {r['rss_mib']} MiB")
+    other = "no_tier" if cfg.agent_host_tier else "no_cache"
+    out["ratio"] = out["cache"]["useful_tokens_per_s"] / out[other]["useful_tokens_per_s"]
+    if cfg.agent_host_tier:
+        return out
     one, two = out["one_core"], out["two_workers"]
     out["fleet_ratio"] = two["useful_tokens_per_s"] / one["useful_tokens_per_s"]
     out["fleet_hit_ratio"] = (two["cache_hit_fraction"] / one["cache_hit_fraction"]
                               if one["cache_hit_fraction"] else 0.0)
-    out["ratio"] = out["cache"]["useful_tokens_per_s"] / out["no_cache"]["useful_tokens_per_s"]
     # What a miss costs: the ragged workload (nothing shared) with the cache on and off.
     jobs = generate(WorkloadSpec(num_jobs=cfg.jobs, seed=cfg.seed, run_id="ragged"))
     for label, args in (("ragged_cache", ()), ("ragged_no_cache", ("--no-prefix-cache",))):
@@ -103,9 +111,9 @@ def markdown(a: dict[str, Any]) -> list[str]:
              "| worker | useful tok/s | jobs/s | prompt from cache | unbounded cache would | "
              "KV pool blocks (budget) | RSS MiB | p50 / p99 latency ms |",
              "|---|---|---|---|---|---|---|---|"]
-    for label in ("cache", "no_cache", "one_core", "two_workers", "two_workers_anonymous"):
-        if label not in a:
-            continue
+    labels = [k for k in ("cache", "no_tier", "no_cache", "one_core", "two_workers",
+                          "two_workers_anonymous") if k in a]
+    for label in labels:
         r = a[label]
         lat = r["latency_ms"]
         lines.append(f"| {label.replace('_', ' ')} | {r['useful_tokens_per_s']:,.0f} | "
@@ -113,6 +121,17 @@ def markdown(a: dict[str, Any]) -> list[str]:
                      f"{100 * r.get('unbounded_hit_fraction', 0):.1f}% | "
                      f"{r.get('kv_blocks')} ({r.get('kv_budget_blocks')}) | {r.get('rss_mib')} | "
                      f"{lat['p50']:,.0f} / {lat['p99']:,.0f} |")
+    if "no_tier" in a:
+        lines += ["", f"Host tier on over off: {a['ratio']:.2f}x useful tokens/s.", "",
+                  "| worker | device hits | host hits | copied out ahead | at eviction | "
+                  "device evictions | host tier blocks |", "|---|---|---|---|---|---|---|"]
+        for label in labels:
+            kv = a[label].get("kv") or {}
+            lines.append(f"| {label.replace('_', ' ')} | {kv.get('hits')} | "
+                         f"{kv.get('host_hits')} | {kv.get('written_ahead')} | "
+                         f"{kv.get('spilled_at_eviction')} | {kv.get('evictions')} | "
+                         f"{kv.get('host_blocks')} |")
+        return lines
     lines += ["", f"Prefix caching on over off: {a['ratio']:.2f}x useful tokens/s."]
     if "fleet_ratio" in a:
         lines.append(f"Two one-core workers with sessions over one one-core worker with their "

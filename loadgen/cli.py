@@ -112,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--agent-system-prompts", type=int, default=4)
     bench.add_argument("--agent-system-tokens", type=runargs.int_pair, default=(300, 700),
                        metavar="LO,HI")
+    bench.add_argument("--agent-kv-pool-blocks", type=int, default=0,
+                       help="the agent workers' KV pool in blocks (0 = the default size)")
+    bench.add_argument("--agent-host-tier", action="store_true",
+                       help="GPU: the agent table compares the host tier on and off "
+                            "(--host-tier-gib 0) instead of the cache on, off and on two "
+                            "workers; with a small --agent-kv-pool-blocks")
     bench.add_argument("--embed-model", default="",
                        help="an embedding checkpoint (sentence-transformers directory): the "
                             "embedding table -- worker, a SentenceTransformer consumer, the "
@@ -323,6 +329,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       agent_turns=args.agent_turns,
                       agent_system_prompts=args.agent_system_prompts,
                       agent_system_tokens=args.agent_system_tokens,
+                      agent_kv_pool_blocks=args.agent_kv_pool_blocks,
+                      agent_host_tier=args.agent_host_tier,
                       embed_model=args.embed_model, embed_jobs=args.embed_jobs,
                       host_path_steps=args.host_path_steps, peer_jobs=args.peer_jobs,
                       peer_max_new=args.peer_max_new, ceiling_runs=args.ceiling_runs)

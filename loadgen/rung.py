@@ -67,6 +67,10 @@ class BenchConfig:
     agent_turns: int = 4
     agent_system_prompts: int = 4
     agent_system_tokens: tuple[int, int] = (300, 700)
+    agent_kv_pool_blocks: int = 0  # the agent workers' device KV pool (0: the default size)
+    # The agent table compares the host tier on and off (GPU workers) instead of the cache
+    # on, off and on two workers: with a small pool, what the tier buys.
+    agent_host_tier: bool = False
     ceiling_runs: int = 3  # the ceiling reported is the median of these
     ceiling_runner: str = "auto"  # the device's default: pipelined on CUDA, eager on the CPU
     timeout_s: float = 1800.0
@@ -178,6 +182,7 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
         # The first worker's KV pool (blocks; the budget's share of them) and peak RSS.
         "kv_blocks": engine.get("kv_blocks"), "kv_budget_blocks": engine.get("kv_budget_blocks"),
         "block_size": engine.get("block_size"), "rss_mib": rss_mib,
+        "kv": s.get("kv"),  # the first worker's KV counters: hits and copies by tier
         **({"token_log": stats.token_log} if sessions is not None else {}),
     }
 

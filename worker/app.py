@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import time
 
@@ -129,8 +130,9 @@ class Worker:
                                            faulted=lambda: self.life.fault is not None)
         for t in tasks:
             t.cancel()
+        # The KV pool's counters (hits and copies by tier) beside the stats: the bench reads them.
         log.info("worker_summary", worker=self.opts.worker_id, exit_reason=reason, exit_code=code,
-                 **self.stats.summary())
+                 **self.stats.summary(), kv=dataclasses.asdict(KvLevels.of(self.intake.pool)))
         return code
 
     async def _build(self, loop: asyncio.AbstractEventLoop, js, verified: Verified) -> None:

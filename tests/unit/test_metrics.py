@@ -176,6 +176,7 @@ NAMED = {
     "fabric_budget_occupancy_while_queued", "fabric_admission_state", "fabric_kv_blocks_used",
     "fabric_kv_blocks_capacity", "fabric_kv_blocks_cached", "fabric_kv_evictions_total",
     "fabric_kv_pool_blocks", "fabric_kv_hit_blocks_total", "fabric_kv_tier_evictions_total",
+    "fabric_kv_host_copies_out_total",
     "fabric_prompt_tokens_total", "fabric_executor_busy_seconds_total",
     "fabric_executor_idle_seconds_total", "fabric_executor_idle_while_queued_seconds_total",
     "fabric_executor_steps_total", "fabric_executor_graphed_steps_total",
@@ -241,6 +242,7 @@ def test_collector_exports_every_named_series_from_live_state() -> None:
                         "host/used": 0, "host/empty": 0}
     assert got[("fabric_kv_hit_blocks_total", (("tier", "device"),))] == 0
     assert got[("fabric_kv_tier_evictions_total", (("tier", "host"),))] == 0
+    assert got[("fabric_kv_host_copies_out_total", (("when", "ahead"),))] == 0
     assert got[("fabric_prompt_tokens_total", (("source", "cache"),))] == 4
     assert got[("fabric_prompt_tokens_total", (("source", "computed"),))] == 6
     assert got[("fabric_useful_tokens_total", ())] == 15

@@ -401,3 +401,20 @@ def test_the_unbounded_hit_rate_counts_what_a_cache_that_never_evicts_would_serv
     # first: 0 of 40; turn2: 48 of 74; first[:32]: both blocks known, but 31 at most.
     assert unbounded_hit_fraction(log, 16) == pytest.approx((48 + 31) / (40 + 74 + 32))
     assert unbounded_hit_fraction([], 16) == 0.0
+
+
+def test_the_agent_table_with_the_host_tier_reports_hits_by_tier_and_copies_by_when() -> None:
+    from loadgen.agentbench import markdown
+
+    def run(tps: float, host: int, ahead: int) -> dict:
+        return {"useful_tokens_per_s": tps, "jobs_per_s": 1.0, "cache_hit_fraction": 0.9,
+                "unbounded_hit_fraction": 0.95, "kv_blocks": 768, "kv_budget_blocks": 512,
+                "rss_mib": 900, "latency_ms": {"p50": 10, "p99": 20},
+                "kv": {"hits": 900, "host_hits": host, "written_ahead": ahead,
+                       "spilled_at_eviction": 3, "evictions": 400, "host_blocks": host and 8192}}
+
+    a = {"spec": {"sessions": 32, "turns": 12, "system_prompts": 2, "system_tokens": [100, 200]},
+         "cache": run(2000.0, 300, 390), "no_tier": run(1600.0, 0, 0), "ratio": 1.25}
+    md = "\n".join(markdown(a))
+    assert "Host tier on over off: 1.25x" in md and "Prefix caching" not in md
+    assert "| cache | 900 | 300 | 390 | 3 | 400 | 8192 |" in md and "| no tier |" in md

@@ -21,7 +21,10 @@ from -- is evicted, least recently used first, so a chain is cut from its end, n
 middle, and a held block is never evicted. With a host tier (`worker.engine.hosttier`) an
 evicted block's content is copied out, and a reservation that runs past the device's keys
 into the tier's takes fresh blocks and has the copies brought back (`flush`, once a step,
-before the step that reads or overwrites them).
+before the step that reads or overwrites them). The copy out is mostly done ahead: each
+flush writes back a few cached blocks at the LRU end (`write_back_blocks`), so that their
+eviction costs no copy, and the step waits only for copies it depends on: a load it may
+read, a copy out of a block it may overwrite (`flush`'s `wait`).
 
 Thread-safe: admission (the event loop) reserves, the executor thread marks blocks ready,
 registers blocks of generated tokens, flushes and releases; one lock, held for microseconds.
@@ -32,6 +35,7 @@ No torch here: the broker side sizes jobs with `padded_tokens` and hashes prompt
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -47,6 +51,18 @@ if TYPE_CHECKING:  # the tier is handed in: the broker side loads blocks without
 # KV slot 0 lies in block 0, which no job holds: rows that are padding, never a real token,
 # write their KV there, and a masked key may point there (`KVPool.SCRATCH_SLOT`).
 SCRATCH_SLOT = 0
+
+
+# Blocks written back ahead a step, at most (one contiguous copy: they take consecutive host
+# slots). 8 blocks are 128 tokens: twice what a decode step of 64 sequences writes, so decode
+# stretches build a lead; a step that admits long prompts may evict more than the lead, and
+# those blocks are copied out at eviction (counted apart). Only the cached blocks within
+# `WRITE_BACK_WINDOW` of eviction, counting the empty blocks first, are candidates: what
+# the next reservations would evict, not the whole cache (a tier smaller than the device
+# cache would otherwise fill with copies of blocks the device keeps), and a step's scan for
+# them stays short.
+WRITE_BACK_BLOCKS = 8
+WRITE_BACK_WINDOW = 256
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -98,9 +114,12 @@ class BlockPool:
         self.block_size = block_size
         self.caching = caching  # off: no keys are kept, every job computes its whole prompt
         self.tier = tier if caching else None  # evicted blocks' second home (GPU workers)
-        # Given a flush's copies, issues them (worker.engine.kv.TierCopier); set with a tier.
-        self.copier: Callable[[Copies], None] | None = None
+        # Given a flush's copies (owed, written ahead) and the mark the step waits for,
+        # issues them (worker.engine.kv.TierCopier); set with a tier.
+        self.copier: Callable[[Copies, Copies, int], None] | None = None
         self.min_load_blocks = 1  # a host hit shorter than this is recomputed instead
+        self.write_back_blocks = WRITE_BACK_BLOCKS  # 0: copy out at eviction only
+        self.write_back_window = WRITE_BACK_WINDOW
         end = first + num_blocks
         self._ref = [0] * end
         self._key: list[bytes | None] = [None] * end
@@ -112,6 +131,10 @@ class BlockPool:
         self._cached: OrderedDict[int, None] = OrderedDict()  # oldest first
         self._owner: dict[int, tuple[int, ...]] = {}  # job key -> its blocks
         self._lock = threading.Lock()
+        # Copies not yet waited for: a block -> the mark of the batch copying it out, and
+        # the highest mark the next step must wait for (0: none).
+        self._out: dict[int, int] = {}
+        self._wait = 0
         self.evictions = 0  # cached blocks whose space was taken for another job
         self.hit_blocks = 0  # blocks reservations found by content on the device
 
@@ -203,7 +226,7 @@ class BlockPool:
                 # (This reservation's own evictions may have overwritten the ring's oldest.)
                 if hashes[i] not in self.tier or self._key[blocks[i]] != hashes[i]:
                     break
-                self.tier.load(hashes[i], blocks[i])
+                self._wait = max(self._wait, self.tier.load(hashes[i], blocks[i]))
                 self.ready[blocks[i]] = True
                 loaded += 1
             self._owner[key] = res = tuple(blocks)
@@ -214,14 +237,17 @@ class BlockPool:
         b = self._empty.pop() if self._empty else self._evict()
         self._ref[b] = 1
         self.ready[b] = False
+        # Its new holder overwrites it: not before its copy out has read it.
+        self._wait = max(self._wait, self._out.pop(b, 0))
         return b
 
     def _evict(self) -> int:
-        """Free the least recently used leaf, its content copied to the host tier if any."""
+        """Free the least recently used leaf, its content copied to the host tier if any
+        (unless it was written back ahead)."""
         b = next(b for b in self._cached if not self._kids[b])
         del self._cached[b]
-        if self.tier is not None:
-            self.tier.spill(self._key[b], b)
+        if self.tier is not None and self.tier.spill(self._key[b], b):
+            self._out[b] = self.tier.pending.mark
         self._drop_key(b)
         self.evictions += 1
         return b
@@ -274,13 +300,35 @@ class BlockPool:
             self._set_key(blocks, i, h)
 
     def flush(self) -> None:
-        """Issue the host tier's copies owed since the last flush (once a step, before the
-        step is launched: the blocks they read or write are touched by no earlier step)."""
-        if self.tier is None or not self.tier.pending:
+        """Issue the host tier's copies (once a step, before the step is launched): those
+        owed since the last flush, then a few written back ahead; and say which the step
+        must wait for -- loads it may read, copies out of blocks it may overwrite."""
+        if self.tier is None:
             return
         with self._lock:
-            copies = self.tier.take()
-        self.copier(copies)
+            self._write_back()
+            owed, ahead = self.tier.take()
+            wait, self._wait = self._wait, 0
+        if owed or ahead or wait:
+            self.copier(owed, ahead, wait)
+
+    def _write_back(self) -> None:
+        """Owe copies of the cached blocks next in line for eviction that the tier lacks:
+        at most `write_back_blocks`, within `write_back_window` of eviction (empty blocks
+        go first)."""
+        window = self.write_back_window - len(self._empty)
+        n = self.write_back_blocks
+        if window <= 0 or n <= 0:
+            return
+        tier, mark = self.tier, self.tier.ahead.mark
+        for b in itertools.islice(self._cached, window):
+            h = self._key[b]
+            if h not in tier:
+                tier.write_back(h, b)
+                self._out[b] = mark
+                n -= 1
+                if not n:
+                    return
 
     def release(self, key: int) -> int:
         """Return a job's blocks (idempotent). Blocks nobody holds any more keep their content
@@ -346,3 +394,5 @@ class BlockPool:
                 assert self._key[b] is None
             if self.tier is not None:
                 self.tier.check()
+                # A copy out is owed or issued: its mark is one the tier has handed out.
+                assert all(0 < m <= self.tier.ahead.mark for m in self._out.values())

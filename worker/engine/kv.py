@@ -8,6 +8,8 @@ host blocks that evicted blocks are copied to and read back from (`TierCopier`).
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from worker.engine.blocks import BlockPool, SCRATCH_SLOT
@@ -59,12 +61,13 @@ class KVPool:
 class TierCopier:
     """Issues a flush's copies between the device pool and the host blocks.
 
-    On CUDA they run on a side stream, off the executor's stream: the side stream first
-    waits for the work already queued (the KV it copies out is written), and the
-    executor's stream then waits for the copies before the step that reads a loaded block
-    or overwrites a spilled one. Both waits are on the device; the host never blocks.
-    The copies run in the order they were owed, on that one stream (`Copies`).
-    On the CPU (tests) the same copies run in place.
+    On CUDA they run on one side stream, off the executor's stream: the side stream first
+    waits for the work already queued (the KV it copies out is written, and no earlier
+    step still touches a block it loads into), and records an event after each batch. The
+    executor's stream waits for a batch's event only when the pool says the step depends on
+    it (`wait`: a load it may read, a copy out of a block it may overwrite); copies of
+    blocks the step leaves alone run beside it. Both waits are on the device; the host
+    never blocks. On the CPU (tests) the same copies run in place.
     """
 
     def __init__(self, tensor: torch.Tensor, host_blocks: int, block_size: int):
@@ -76,25 +79,43 @@ class TierCopier:
         self.host = torch.zeros((host_blocks, n_layers, block_size, *rest), dtype=tensor.dtype,
                                 pin_memory=cuda)
         self.stream = torch.cuda.Stream(tensor.device) if cuda else None
+        # (mark, event) of the batches issued that the executor's stream has not waited for
+        # and that may not have finished, oldest first.
+        self.events: deque[tuple[int, torch.cuda.Event]] = deque()
         self.flushes = 0
+        self.waits = 0  # steps the executor's stream was made to wait for copies
 
     @property
     def nbytes(self) -> int:
         return self.host.numel() * self.host.element_size()
 
-    def __call__(self, copies: Copies) -> None:
-        if not copies:
-            return
-        self.flushes += 1
+    def __call__(self, owed: Copies, ahead: Copies, wait: int) -> None:
+        if owed or ahead:
+            self.flushes += 1
         dev = self.dev.device
         if self.stream is None:
-            self._copy(copies, dev)
+            for copies in (owed, ahead):
+                self._copy(copies, dev)
             return
         main = torch.cuda.current_stream(dev)
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
-            self._copy(copies, dev)
-        main.wait_stream(self.stream)
+        # Finished batches need no wait: forget them (the stream runs them in order).
+        while self.events and self.events[0][1].query():
+            self.events.popleft()
+        if owed or ahead:
+            self.stream.wait_stream(main)
+            with torch.cuda.stream(self.stream):
+                for copies in (owed, ahead):
+                    if copies:
+                        self._copy(copies, dev)
+                        self.events.append((copies.mark, torch.cuda.Event()))
+                        self.events[-1][1].record(self.stream)
+        # One stream: the last batch at or below `wait` covers every earlier one.
+        last = None
+        while self.events and self.events[0][0] <= wait:
+            last = self.events.popleft()[1]
+        if last is not None:
+            main.wait_event(last)
+            self.waits += 1
 
     def _copy(self, copies: Copies, dev: torch.device) -> None:
         nb = dev.type != "cpu"
@@ -104,12 +125,19 @@ class TierCopier:
                                      device=dev)  # [n, L, bs, 2, Hkv, D]
                 for i, j, slot in runs(pairs, 0):
                     staged[i:j].copy_(self.host[slot:slot + j - i], non_blocking=nb)
-                idx = torch.tensor([b for _, b in pairs], device=dev)
-                self.dev.index_copy_(1, idx, staged.transpose(0, 1))
+                self.dev.index_copy_(1, _index([b for _, b in pairs], dev),
+                                     staged.transpose(0, 1))
             else:
-                idx = torch.tensor([b for b, _ in pairs], device=dev)
+                idx = _index([b for b, _ in pairs], dev)
                 staged = self.dev.index_select(1, idx).transpose(0, 1).contiguous()  # [n, L, ...]
                 for i, j, slot in runs(pairs, 1):
                     self.host[slot:slot + j - i].copy_(staged[i:j], non_blocking=nb)
         # Every temporary here was allocated on the stream that uses it and freed to it:
         # whatever reuses its memory is queued after these copies.
+
+
+def _index(blocks: list[int], dev: torch.device) -> torch.Tensor:
+    """Block ids on `dev`. Through pinned memory on CUDA: a copy from pageable memory would
+    make the host wait for the side stream, which waits for the executor's."""
+    idx = torch.tensor(blocks, dtype=torch.int64)
+    return idx if dev.type == "cpu" else idx.pin_memory().to(dev, non_blocking=True)

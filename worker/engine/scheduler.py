@@ -129,6 +129,13 @@ class Scheduler(Postprocess):
     # -- the step ---------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
+        plan = self._plan()
+        # The host tier's copies, once a step, before it is launched: it waits for those it
+        # reads or overwrites, and the rest run beside it.
+        self.pool.flush()
+        return plan
+
+    def _plan(self) -> StepPlan:
         self._planned: set[int] = set()  # blocks a sequence earlier in this step computes
         if self.solo and not self.running:
             # A suspected poison job runs with nothing else, so if it kills the step it dies alone.
@@ -224,7 +231,6 @@ class Scheduler(Postprocess):
         mine = seq.blocks[seq.cached // bs:len(seq.req.prompt) // bs]
         self._planned.update(mine)
         self.pool.mark_ready(mine)
-        self.pool.flush()  # host-tier copies owed: before this step reads or overwrites them
 
     def launched(self, plan: StepPlan) -> None:
         """Overlap only: the plan is on the device; its tokens come back at postprocess."""

@@ -197,6 +197,13 @@ class WorkerCollector(Collector):
             evicted.add_metric([tier], ev)
         yield hits
         yield evicted
+        out = CounterMetricFamily("fabric_kv_host_copies_out", "KV blocks copied to the host "
+                                  "tier: ahead of their eviction, off the step's path, or "
+                                  "at it (the step that reuses the block waits for the copy).",
+                                  labels=["when"])
+        out.add_metric(["ahead"], kv.written_ahead)
+        out.add_metric(["at_eviction"], kv.spilled_at_eviction)
+        yield out
 
         # -- executor work, real versus computed
         yield _counter("fabric_executor_busy_seconds", "Time the executor spent in steps.",

@@ -40,13 +40,18 @@ class KvLevels:
     host_blocks: int = 0  # the host tier's capacity (0: none)
     host_used: int = 0
     host_hits: int = 0  # blocks found in the host tier and copied back
-    host_evictions: int = 0  # host blocks overwritten by newer spills
+    host_evictions: int = 0  # host blocks overwritten by newer copies out
+    # Device blocks copied to the host tier ahead of their eviction (off the step's path),
+    # and those copied out when they were evicted (the step that reuses them waits).
+    written_ahead: int = 0
+    spilled_at_eviction: int = 0
 
     @classmethod
     def of(cls, pool) -> KvLevels:
         """Read a `worker.engine.blocks.BlockPool` (unlocked: one sample stale at worst)."""
         t = pool.tier
-        host = (t.num_blocks, t.used_blocks, t.hits, t.evictions) if t is not None else (0,) * 4
+        host = ((t.num_blocks, t.used_blocks, t.hits, t.evictions, t.written_ahead, t.spills)
+                if t is not None else (0,) * 6)
         return cls(pool.num_blocks, pool.used_blocks, pool.cached_blocks, pool.empty_blocks,
                    pool.hit_blocks, pool.evictions, *host)
 

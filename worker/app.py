@@ -9,7 +9,6 @@ through the callbacks wired here; the way out is `worker.lifecycle`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import signal
 import time
@@ -94,13 +93,8 @@ class Worker:
         await self._build(loop, js, verified)
         await self.cancels.listen(self.nc, js, self.topo, verified)
         await self.ingress.start()
-        if self.members is not None:
-            try:
-                await self.members.join()  # owners known before the first pull
-            except Exception as e:  # noqa: BLE001 - e.g. through a leaf node: no owners then
-                log.warning("members_unavailable", error=repr(e),
-                            hint="session partitions are served by all workers alike")
-                self.members = None
+        if self.members is not None and not await self.members.join():
+            self.members = None  # owners known before the first pull, or none at all
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.life.stop, sig.name)
         self.executor.start()
@@ -118,9 +112,7 @@ class Worker:
         reason = await self.life.wait()
         self.ready = False
         if self.members is not None:
-            # Our session partitions move to the others now, not after the members' TTL.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.members.leave(), 0.5)
+            await self.members.leave()  # our partitions move now, not after the TTL
         stages = Stages(self.nc, self.ingress, ingress_task, self.intake, self.executor,
                         self.publisher, self.stats)
         if self.life.fault is not None:
@@ -196,28 +188,7 @@ class Worker:
 
     def view(self) -> WorkerView:
         """What metrics and health read (any thread)."""
-        ex, pub, ing, intake = self.executor, self.publisher, self.ingress, self.intake
-        return WorkerView(
-            ready=self.ready, draining=self.intake.draining, faulted=self.life.fault is not None,
-            started=ex is not None, executor_alive=ex is not None and ex.alive,
-            connected=None if self.nc is None else self.nc.is_connected,
-            held=len(self.intake.held), pending_jobs=len(self.intake.pending),
-            pending_tokens=self.intake.pending_tokens, inflight_jobs=len(self.intake.inflight),
-            running_jobs=ex.running_jobs if ex else 0, inflight_tokens=intake.in_flight_tokens,
-            occupancy=intake.occupancy, admission_holding=intake.admission.holding,
-            kv=KvLevels.of(intake.pool),
-            publisher_depth=pub.depth if pub else 0, publisher_capacity=pub.capacity if pub else 0,
-            fetched=ing.fetched if ing else 0, published=pub.published if pub else 0,
-            fetched_by_queue=ing.fetched_by_queue() if ing else {},
-            spilled=ing.spilled if ing else 0,
-            partitions_owned=len(self.members.owned) if self.members else None,
-            acked=pub.acked if pub else 0, termed=pub.termed if pub else 0,
-            naked=pub.naked if pub else 0, dead_lettered=pub.dead_lettered if pub else 0,
-            last_step_at=self.last_step_at,
-            intra_op_threads=ex.threads if ex else self.opts.threads,
-            thread_probes=ex.governor.probes if ex and ex.governor else 0,
-            cpu_wait_s=process_wait_s(), cpu_wait_ratio=self.starvation.wait_ratio,
-            cpu_starved=self.starvation.starved, stats=self.stats)
+        return WorkerView.of(self, process_wait_s())
 
     # -- a job's path: each stage once, in order ---------------------------------------
 

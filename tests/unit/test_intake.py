@@ -288,3 +288,41 @@ def test_jobs_sharing_a_prefix_cost_the_budget_what_they_add() -> None:
     assert i.in_flight_tokens == (64 + 7 * 2) * BLOCK  # the prefix once, two blocks each after
     assert [t.reservation.shared for t in tickets] == [0] + [62] * 7
     i.pool.check()
+
+
+# -- priorities in the pending queue --------------------------------------------------
+
+
+def _prio(priority: int, arrived_at: float | None = None) -> Ticket:
+    t = ticket()
+    t.job.priority = priority
+    if arrived_at is not None:
+        t.arrived_at = arrived_at
+    return t
+
+
+def test_pending_is_ordered_by_priority_and_fifo_within_one() -> None:
+    i = intake()
+    order = [5, 9, 5, 0, 9, 3, 0, 5]
+    ts = [_prio(p) for p in order]
+    for t in ts:
+        assert arrive(i, t)
+    got = [t.key for t in i.pending]
+    want = [t.key for t in sorted(ts, key=lambda t: t.job.priority)]  # sorted() is stable
+    assert got == want
+    assert i.pending_tokens == sum(t.reserved_tokens for t in ts)
+    # Admission takes them in that order.
+    assert [t.key for t in i.admit(time.monotonic(), time.time()).run] == want[:len(i.inflight)]
+
+
+def test_an_urgent_job_never_overtakes_one_that_waited_past_the_bound() -> None:
+    from worker.broker.ingress import STARVE_AFTER_S
+    i = intake()
+    now = time.monotonic()
+    old = _prio(9, arrived_at=now - STARVE_AFTER_S - 1)  # waited past the bound
+    young = _prio(9, arrived_at=now - 0.1)
+    for t in (old, young):
+        assert arrive(i, t)
+    urgent = _prio(0, arrived_at=now)
+    assert arrive(i, urgent)
+    assert [t.key for t in i.pending] == [old.key, urgent.key, young.key]

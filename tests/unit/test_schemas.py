@@ -265,7 +265,14 @@ INVALID_JOBS = [
     ("nan deadline", job_map(deadline_s=math.nan)),
     ("str deadline", job_map(deadline_s="soon")),
     ("bool deadline", job_map(deadline_s=True)),
-    ("unknown key", job_map(priority=1)),
+    ("unknown key", job_map(urgency=1)),
+    ("priority over 9", job_map(priority=10)),
+    ("negative priority", job_map(priority=-1)),
+    ("str priority", job_map(priority="1")),
+    ("float priority", job_map(priority=1.0)),
+    ("empty session", job_map(session="")),
+    ("long session", job_map(session="s" * 129)),
+    ("int session", job_map(session=42)),
     ("missing id", {k: v for k, v in job_map().items() if k != "id"}),
     ("missing prompt", {k: v for k, v in job_map().items() if k != "prompt"}),
     ("missing max_new_tokens", {k: v for k, v in job_map().items() if k != "max_new_tokens"}),
@@ -388,6 +395,10 @@ def test_invalid_job_is_rejected(payload: dict[str, Any]) -> None:
 
 VALID_JOBS = [
     ("max id", job_map(id="x" * 128)),
+    ("first priority", job_map(priority=0)),
+    ("last priority", job_map(priority=9)),
+    ("a session", job_map(session="chat 42 / tenant é")),
+    ("max session", job_map(session="s" * 128)),
     ("punctuated id", job_map(id="tenant/42:job#7~!")),
     ("one token", job_map(prompt=[0])),
     ("big token id", job_map(prompt=[2**40])),
@@ -736,7 +747,7 @@ def test_json_schema_agrees_with_the_model_on_samples() -> None:
             continue  # slow in a pure-Python validator, and the bound is in the schema
         if any(isinstance(v, float) and not math.isfinite(v) for v in _leaves(payload)):
             continue  # JSON has no NaN or inf to send
-        if name in {"float token", "integral float max_new_tokens"}:
+        if name in {"float token", "integral float max_new_tokens", "float priority"}:
             continue  # JSON Schema counts 1.0 as an integer; msgpack keeps the difference
         if name.startswith("bin "):
             continue  # JSON has no bytes

@@ -65,10 +65,18 @@ class Membership:
     def _stream(self) -> str:
         return f"KV_{self.topo.members_bucket}"
 
-    async def join(self) -> None:
-        """Put our entry and learn the owners, before the first pull."""
-        self._kv = await self.js.key_value(self.topo.members_bucket)
-        await self.refresh()
+    async def join(self) -> bool:
+        """Put our entry and learn the owners, before the first pull. False when the bucket
+        cannot be reached (through a leaf node its subjects stay in the leaf's domain):
+        then nobody owns anything here and this worker pulls every partition freely."""
+        try:
+            self._kv = await self.js.key_value(self.topo.members_bucket)
+            await self.refresh()
+            return True
+        except Exception as e:  # noqa: BLE001 - a fleet without owners still serves all
+            log.warning("members_unavailable", error=repr(e),
+                        hint="session partitions are served by all workers alike")
+            return False
 
     async def run(self) -> None:
         while True:
@@ -101,11 +109,11 @@ class Membership:
         subjects = (json.loads(resp.data).get("state") or {}).get("subjects") or {}
         return tuple(sorted(s[len(prefix):] for s in subjects))
 
-    async def leave(self) -> None:
+    async def leave(self, timeout_s: float = 0.5) -> None:
         """Stopping: delete our entry outright (a KV delete would leave a marker behind),
         so the others take our partitions now rather than after the TTL."""
         try:
-            await self.js.purge_stream(self._stream, subject=f"$KV.{self.topo.members_bucket}."
-                                       f"{self.me}")
+            await asyncio.wait_for(self.js.purge_stream(
+                self._stream, subject=f"$KV.{self.topo.members_bucket}.{self.me}"), timeout_s)
         except Exception as e:  # noqa: BLE001 - then it expires after the TTL
             log.warning("members_leave_failed", error=repr(e))

@@ -9,7 +9,7 @@ unlocked: a value torn by a concurrent update costs one sample, never correctnes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from worker.ops.stats import WorkerStats
@@ -93,3 +93,30 @@ class WorkerView:
     fetched_by_queue: dict[str, int] = field(default_factory=dict)
     spilled: int = 0
     partitions_owned: int | None = None  # session partitions this worker owns (None: no owners)
+
+    @classmethod
+    def of(cls, w: Any, cpu_wait_s: float | None) -> WorkerView:
+        """What the worker `w` (`worker.app.Worker`) shows now (any thread); `cpu_wait_s`
+        read by the caller (`worker.ops.cpu.process_wait_s`: this module stays plain data)."""
+        ex, pub, ing, intake = w.executor, w.publisher, w.ingress, w.intake
+        return cls(
+            ready=w.ready, draining=w.intake.draining, faulted=w.life.fault is not None,
+            started=ex is not None, executor_alive=ex is not None and ex.alive,
+            connected=None if w.nc is None else w.nc.is_connected,
+            held=len(w.intake.held), pending_jobs=len(w.intake.pending),
+            pending_tokens=w.intake.pending_tokens, inflight_jobs=len(w.intake.inflight),
+            running_jobs=ex.running_jobs if ex else 0, inflight_tokens=intake.in_flight_tokens,
+            occupancy=intake.occupancy, admission_holding=intake.admission.holding,
+            kv=KvLevels.of(intake.pool),
+            publisher_depth=pub.depth if pub else 0, publisher_capacity=pub.capacity if pub else 0,
+            fetched=ing.fetched if ing else 0, published=pub.published if pub else 0,
+            fetched_by_queue=ing.fetched_by_queue() if ing else {},
+            spilled=ing.spilled if ing else 0,
+            partitions_owned=len(w.members.owned) if w.members else None,
+            acked=pub.acked if pub else 0, termed=pub.termed if pub else 0,
+            naked=pub.naked if pub else 0, dead_lettered=pub.dead_lettered if pub else 0,
+            last_step_at=w.last_step_at,
+            intra_op_threads=ex.threads if ex else w.opts.threads,
+            thread_probes=ex.governor.probes if ex and ex.governor else 0,
+            cpu_wait_s=cpu_wait_s, cpu_wait_ratio=w.starvation.wait_ratio,
+            cpu_starved=w.starvation.starved, stats=w.stats)

@@ -1,0 +1,59 @@
+"""Which subject a producer publishes a job to (`schemas.subjects`), and the owners of the
+session partitions (`worker.broker.members`): plain functions, checked on their own."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+from schemas import Job
+from schemas.subjects import job_subject, session_token
+from worker.broker.members import member_key, owned, owner
+
+
+def _job(**kw) -> Job:
+    return Job(id="j1", prompt=[1], max_new_tokens=1, reply_to="fabric.results.t", **kw)
+
+
+def test_the_subject_follows_session_then_priority() -> None:
+    assert job_subject(_job()) == "fabric.jobs.default"
+    assert job_subject(_job(), "me") == "fabric.jobs.me"
+    assert job_subject(_job(priority=5), "me") == "fabric.jobs.me"
+    assert job_subject(_job(priority=0), "me") == "fabric.prio.0.me"
+    assert job_subject(_job(priority=9)) == "fabric.prio.9.default"
+    # A session's subject carries no priority: its partition is one queue.
+    assert job_subject(_job(session="chat-42", priority=0)) == "fabric.session.chat-42"
+
+
+def test_a_session_token_is_the_session_or_its_digest() -> None:
+    assert session_token("Agent_7-b") == "Agent_7-b"
+    for s in ("a.b", "a b", "tenant/1", "é", "x" * 129, "*", ">"):
+        tok = session_token(s)
+        assert tok == hashlib.blake2b(s.encode(), digest_size=16).hexdigest()
+        assert len(tok) == 32 and "." not in tok
+    assert session_token("a.b") != session_token("a b")
+
+
+def test_owners_cover_every_partition_once_and_move_little() -> None:
+    workers = [f"host-{i}" for i in range(4)]
+    parts = [owned(w, workers, 64) for w in workers]
+    assert sorted(k for p in parts for k in p) == list(range(64))
+    assert min(len(p) for p in parts) >= 8  # 16 each on average
+    assert owner(3, []) is None and owned("x", ["x"], 5) == frozenset(range(5))
+    # A fifth worker takes partitions only for itself: nobody else's move.
+    five = workers + ["host-4"]
+    for k in range(64):
+        if owner(k, five) != "host-4":
+            assert owner(k, five) == owner(k, workers)
+    # And one that leaves hands over only its own.
+    three = workers[1:]
+    for k in range(64):
+        if owner(k, workers) != "host-0":
+            assert owner(k, three) == owner(k, workers)
+    spread = Counter(owner(k, five) for k in range(64))
+    assert len(spread) == 5
+
+
+def test_member_keys_are_valid_kv_keys() -> None:
+    assert member_key("gpu-node-3-1234") == "gpu-node-3-1234"
+    assert member_key("host.example.com:1") == "host_example_com_1"

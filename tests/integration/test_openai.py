@@ -380,15 +380,16 @@ async def test_a_list_of_inputs_is_one_line_equal_to_its_inputs_one_per_line(
 async def test_a_prompt_failing_while_it_runs_makes_its_line_one_error_line(
         tmp_engine_toml, workers, nats_url) -> None:
     """The line's stop matcher fails from its 6th token on (a failpoint for this line's id
-    only), after some of its prompts may have finished: the line is one 400 line naming a
-    prompt, never a partial answer, the message acked (no redelivery, no second line) and
-    the worker's other work unharmed."""
+    only; its three prompts make some 45 tokens, fed as they are made), after some of its
+    prompts may have finished: the line is one 400 line naming a prompt, never a partial
+    answer, the message acked (no redelivery, no second line) and the worker's other work
+    unharmed."""
     cfg = tmp_engine_toml()
     provision(cfg)
     w = workers(cfg, env={"FABRIC_FAILPOINTS": "stops.feed=raise@6:job=fails"})
     body = {"model": MODEL, "temperature": 0, "stop": "zzz"}
-    lines = [line("fails", COMPLETIONS, {**body, "prompt": ["a", "b", "c"], "max_tokens": 4}),
-             line("fine", COMPLETIONS, {**body, "prompt": ["a", "b", "c"], "max_tokens": 4})]
+    lines = [line("fails", COMPLETIONS, {**body, "prompt": ["a", "b", "c"], "max_tokens": 16}),
+             line("fine", COMPLETIONS, {**body, "prompt": ["a", "b", "c"], "max_tokens": 16})]
     counts: dict[str, int] = {}
     got = await exchange(nats_url, [json.dumps(x).encode() for x in lines], 2, counts,
                          linger_s=1.5)
@@ -399,5 +400,6 @@ async def test_a_prompt_failing_while_it_runs_makes_its_line_one_error_line(
     assert err.message.startswith("body.prompt[") and err.param == "prompt"
     fine = strict(Completion, got["fine"]["response"]["body"])
     assert [c.index for c in fine.choices] == [0, 1, 2]
+    assert fine.usage.completion_tokens > 8  # the twin line made well past the 6th token
     w.terminate(grace_s=10)
     assert '"redelivered": 0' in w.log_path.read_text()

@@ -4,9 +4,11 @@ Rule: a line is `{custom_id, method, url, body}` plus our `reply_to`, exactly as
 API, LiteLLM and `vllm run-batch` write it; the body is the `/v1/chat/completions`,
 `/v1/completions` or `/v1/embeddings` request. Every field the worker honours is modelled;
 a field it cannot honour is refused by name (unknown keys are refused, and known ones whose
-value would change the output in a way we do not do -- `stream: true`, `n` > 1, penalties
--- are refused by `worker.features.openai`), never ignored silently. Numbers follow OpenAI's
-own leniency (an integer is a fine temperature), unlike the project's strict Job.
+value would change the output in a way we do not do -- `stream: true`, penalties -- are
+refused by `worker.features.openai`), never ignored silently. A list of prompts (inputs) is
+of one kind -- all strings or all token-id lists -- and at most `MAX_CHOICES` (`MAX_INPUTS`)
+long. Numbers follow OpenAI's own leniency (an integer is a fine temperature), unlike the
+project's strict Job.
 The output line is built in `worker.features.openai.response` and checked against the
 official `openai` package's types by the tests; its shape is `BatchOutput` here, for the
 JSON Schema export.
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from schemas.models import (ID_PATTERN, MAX_ID_CHARS, MAX_LOGPROBS, MAX_MESSAGES,
                             MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_SEED, MAX_STOP_CHARS,
@@ -24,6 +27,10 @@ from schemas.models import (ID_PATTERN, MAX_ID_CHARS, MAX_LOGPROBS, MAX_MESSAGES
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_TOOLS = 128
+# A completions line runs as one job per choice (prompts x n), all held until the last is
+# done: n's own cap bounds them together. Embeddings follow OpenAI's limit on inputs.
+MAX_CHOICES = 128
+MAX_INPUTS = 2048
 
 
 class _Body(BaseModel):
@@ -125,7 +132,7 @@ class _Sampled(_Body):
     top_p: TopP | None = None
     seed: Seed | None = None
     stop: Stop | None = None
-    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     stream: bool | None = None
     frequency_penalty: Penalty | None = None  # only 0: we have no penalties
     presence_penalty: Penalty | None = None
@@ -145,9 +152,44 @@ class ChatBody(_Sampled):
     store: bool | None = None
 
 
+def _items(what: str, most: int) -> BeforeValidator:
+    """A list of several prompts (inputs) checked before the union's own errors (one per
+    member, none of them saying what is wrong): empty, mixed kinds, too many, or one of them
+    empty (error type `empty_prompt`: the line's code is then `empty_prompt`)."""
+    def check(value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise PydanticCustomError("empty_prompt", f"is an empty list: send at least one "
+                                      f"{what}")
+        kinds = {"strings" if isinstance(x, str) else "token-id lists" if isinstance(x, list)
+                 else "token ids" for x in value}
+        if len(kinds) > 1:
+            raise PydanticCustomError("mixed_items", f"mixes {' and '.join(sorted(kinds))}: a "
+                                      f"list of {what}s is all strings or all token-id lists")
+        if kinds == {"token ids"}:
+            return value  # one prompt of token ids
+        if len(value) > most:
+            raise PydanticCustomError("too_many_items", f"{len(value)} {what}s are over the "
+                                      f"{most} one request may hold: split them over lines")
+        empty = next((i for i, x in enumerate(value) if not x), None)
+        if empty is not None:
+            raise PydanticCustomError("empty_prompt", f"{what} {empty} of the list is empty")
+        return value
+    return BeforeValidator(check)
+
+
+def _prompts(what: str, most: int) -> Any:
+    """One prompt (input) -- a string or token ids -- or a list of 1..`most` of one kind."""
+    return Annotated[Str | Ids | Annotated[list[Str], Field(min_length=1, max_length=most)]
+                     | Annotated[list[Ids], Field(min_length=1, max_length=most)],
+                     _items(what, most)]
+
+
 class CompletionBody(_Sampled):
-    prompt: Str | Ids | Annotated[list[Str], Field(min_length=1)] | Annotated[
-        list[Ids], Field(min_length=1)]
+    prompt: _prompts("prompt", MAX_CHOICES) = Field(
+        description=f"One prompt, or a list of them (one choice each, x n; prompts x n at "
+                    f"most {MAX_CHOICES}).")
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool | None = None  # only false: the prompt is not repeated in the text
     suffix: Str | None = None  # only null: no insertion
@@ -155,8 +197,8 @@ class CompletionBody(_Sampled):
 
 class EmbeddingBody(_Body):
     model: Annotated[str, Field(min_length=1, max_length=256)]
-    input: Str | Ids | Annotated[list[Str], Field(min_length=1)] | Annotated[
-        list[Ids], Field(min_length=1)]
+    input: _prompts("input", MAX_INPUTS) = Field(
+        description=f"One input, or a list of up to {MAX_INPUTS} (one embedding each).")
     dimensions: Annotated[int, Field(ge=1)] | None = None
     encoding_format: Literal["float", "base64"] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None

@@ -227,7 +227,8 @@ class Intake:
 
     def take_unadmitted(self) -> list[Msg]:
         """Every message fetched and never admitted: pending, and refused while stopping."""
-        msgs = [t.msg for t in self.pending] + self.refused
+        # A message of several jobs (an OpenAI line's parts) is in the list once.
+        msgs = list({id(m): m for m in [t.msg for t in self.pending] + self.refused}.values())
         self.pending.clear()
         self.refused = []
         self.pending_tokens = 0

@@ -199,7 +199,8 @@ class Worker:
             log.info("job_redelivered", job=job_id, attempt=attempt)
 
     def _on_ticket(self, t: Ticket) -> None:
-        self._hold(t.msg, t.attempt, t.job.id)
+        if t.part == 0:  # a message of several jobs is held (and counted) once
+            self._hold(t.msg, t.attempt, t.job.id)
         if not self.cancels.screen(t, "cancelled before it was delivered"):
             self.formats.prepare(t)  # then the admitter, now or once its schema compiled
 

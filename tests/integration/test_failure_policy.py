@@ -59,7 +59,8 @@ def _validator(max_deliver: int) -> Validator:
 def test_last_delivery_is_a_dead_letter_and_earlier_ones_run() -> None:
     job = encode(Job(id="j1", prompt=[1, 2, 3], max_new_tokens=4, reply_to="fabric.results.r"))
     v = _validator(max_deliver=5)
-    assert isinstance(v.check(FakeMsg(job, 4), time.monotonic()), Ticket)
+    [t] = v.check(FakeMsg(job, 4), time.monotonic())
+    assert isinstance(t, Ticket)
     out = v.check(FakeMsg(job, 5), time.monotonic())
     assert isinstance(out, Outcome) and out.dead_letter and out.terminate
     assert out.error.code == ErrorCode.POISON and out.reply_to == "fabric.results.r"
@@ -71,7 +72,8 @@ def test_last_delivery_is_a_dead_letter_and_earlier_ones_run() -> None:
     evil = encode(Job(id="e", prompt=[1], max_new_tokens=1, reply_to="$JS.API.STREAM.DELETE.X"))
     assert v.check(FakeMsg(evil, 5), time.monotonic()).reply_to is None
     # max_deliver <= 0 (unlimited): never dead-lettered.
-    assert isinstance(_validator(max_deliver=-1).check(FakeMsg(job, 99), time.monotonic()), Ticket)
+    [t] = _validator(max_deliver=-1).check(FakeMsg(job, 99), time.monotonic())
+    assert isinstance(t, Ticket)
 
 
 def test_subject_coverage() -> None:

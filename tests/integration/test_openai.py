@@ -20,7 +20,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.shared import ErrorObject
 
 from loadgen.fleet import provision
-from schemas import Job, Message, Result, Sampling, decode_result, encode
+from schemas import Job, Message, Result, Sampling, encode
 from tests.fixtures_minilm import minilm_dir_or_skip
 
 pytestmark = pytest.mark.timeout(300)
@@ -50,15 +50,20 @@ def line(cid: str, url: str, body: dict[str, Any]) -> dict[str, Any]:
     return {"custom_id": cid, "method": "POST", "url": url, "body": body, "reply_to": RESULTS}
 
 
-async def exchange(url: str, payloads: list[bytes], n: int) -> dict[str, Any]:
-    """Publish, and gather n answers by id (an output line's custom_id or a Result's id)."""
+async def exchange(url: str, payloads: list[bytes], n: int,
+                   counts: dict[str, int] | None = None, linger_s: float = 0.0) -> dict[str, Any]:
+    """Publish, and gather n answers by id (an output line's custom_id or a Result's id);
+    `counts` gets how many answers each id had, heard `linger_s` past the n-th."""
     nc = await nats.connect(url)
     got: dict[str, Any] = {}
+    counts = {} if counts is None else counts
     done = asyncio.Event()
 
     async def on(m) -> None:
         data = json.loads(m.data) if m.data[:1] == b"{" else msgpack.unpackb(m.data)
-        got[data.get("custom_id", data.get("id"))] = data
+        key = data.get("custom_id", data.get("id"))
+        got[key] = data
+        counts[key] = counts.get(key, 0) + 1
         if len(got) >= n:
             done.set()
 
@@ -68,6 +73,7 @@ async def exchange(url: str, payloads: list[bytes], n: int) -> dict[str, Any]:
     for p in payloads:
         await js.publish("fabric.jobs.oai", p)
     await asyncio.wait_for(done.wait(), 180)
+    await asyncio.sleep(linger_s)
     await nc.close()
     return got
 
@@ -269,3 +275,131 @@ async def test_a_hermes_checkpoint_forced_into_a_tool_call(tmp_engine_toml, work
     (call,) = choice.message.tool_calls
     assert call.function.name == "get_weather"
     assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+async def test_a_list_of_prompts_is_one_line_equal_to_its_prompts_one_per_line(
+        tmp_engine_toml, workers, nats_url) -> None:
+    cfg = tmp_engine_toml()
+    provision(cfg)
+    workers(cfg)
+    prompts = ["Once upon a time", "The sea was", "Hello"]
+    ids = [[5, 6, 7, 8], [9, 10]]
+    body = {"model": MODEL, "max_tokens": 8, "temperature": 0.9, "seed": 3, "n": 2}
+    greedy = {"model": MODEL, "max_tokens": 6, "temperature": 0}
+    lines = [line("many", COMPLETIONS, {**body, "prompt": prompts}),
+             line("ids", COMPLETIONS, {**greedy, "prompt": ids})]
+    lines += [line(f"one-{i}", COMPLETIONS, {**body, "prompt": p}) for i, p in enumerate(prompts)]
+    lines += [line(f"id-{i}", COMPLETIONS, {**greedy, "prompt": p}) for i, p in enumerate(ids)]
+    bad = {
+        "bad-item": {**body, "prompt": ["fine", "x" * 2000, "fine"]},  # prompt 1 too long
+        "empty": {**body, "prompt": []},
+        "mixed": {**body, "prompt": ["a", [5, 6]]},
+        "too-many": {**body, "prompt": ["a"] * 65},  # x n 2 = 130 choices
+    }
+    lines += [line(cid, COMPLETIONS, b) for cid, b in bad.items()]
+    counts: dict[str, int] = {}
+    got = await exchange(nats_url, [json.dumps(x).encode() for x in lines], len(lines), counts,
+                         linger_s=1.0)
+    assert counts == {x["custom_id"]: 1 for x in lines}  # one line per custom_id, ever
+
+    many = strict(Completion, got["many"]["response"]["body"])
+    ones = [strict(Completion, got[f"one-{i}"]["response"]["body"]) for i in range(3)]
+    # OpenAI's order: choice index = prompt index * n + choice; each the prompt's own line.
+    assert [c.index for c in many.choices] == list(range(6))
+    assert [c.text for c in many.choices] == [c.text for one in ones for c in one.choices]
+    assert [c.finish_reason for c in many.choices] == [c.finish_reason for one in ones
+                                                       for c in one.choices]
+    assert many.usage.prompt_tokens == sum(one.usage.prompt_tokens for one in ones)
+    assert many.usage.completion_tokens == sum(one.usage.completion_tokens for one in ones)
+    assert many.usage.total_tokens == many.usage.prompt_tokens + many.usage.completion_tokens
+    assert many.usage.prompt_tokens_details.cached_tokens >= 0
+    by_ids = strict(Completion, got["ids"]["response"]["body"])
+    alone = [strict(Completion, got[f"id-{i}"]["response"]["body"]) for i in range(2)]
+    assert [c.text for c in by_ids.choices] == [one.choices[0].text for one in alone]
+    assert by_ids.usage.prompt_tokens == sum(map(len, ids))
+
+    for cid, why in (("bad-item", "body.prompt[1]: "), ("empty", "empty list"),
+                     ("mixed", "mixes"), ("too-many", "130 choices")):
+        out = got[cid]
+        assert out["response"]["status_code"] == 400, out
+        err = strict(ErrorObject, out["response"]["body"]["error"])
+        assert why in err.message and err.param in ("prompt", "n"), err
+    assert got["bad-item"]["response"]["body"]["error"]["code"] == "too_long"
+    assert got["empty"]["response"]["body"]["error"]["code"] == "empty_prompt"
+
+
+async def test_a_list_of_inputs_is_one_line_equal_to_its_inputs_one_per_line(
+        tmp_engine_toml, workers, nats_url) -> None:
+    model = minilm_dir_or_skip()
+    cfg = tmp_engine_toml(model=str(model), max_seq_len=256)
+    provision(cfg)
+    workers(cfg)
+    name, url = model.name, "/v1/embeddings"
+    texts = ["a cat sat", "on the mat", "the quick brown fox jumps", "a", "and so on and on"]
+    ids = [[101, 2023, 102], [101, 4937, 2938, 102]]
+    lines = [line("texts", url, {"model": name, "input": texts}),
+             line("ids-b64", url, {"model": name, "input": ids, "encoding_format": "base64",
+                                   "dimensions": 8}),
+             line("bad-item", url, {"model": name, "input": ["fine", "word " * 300]}),
+             line("too-many", url, {"model": name, "input": ["a"] * 2049})]
+    lines += [line(f"text-{i}", url, {"model": name, "input": t}) for i, t in enumerate(texts)]
+    lines += [line(f"ids-{i}", url, {"model": name, "input": x, "encoding_format": "base64",
+                                     "dimensions": 8}) for i, x in enumerate(ids)]
+    counts: dict[str, int] = {}
+    got = await exchange(nats_url, [json.dumps(x).encode() for x in lines], len(lines), counts,
+                         linger_s=1.0)
+    assert counts == {x["custom_id"]: 1 for x in lines}
+
+    many = strict(CreateEmbeddingResponse, got["texts"]["response"]["body"])
+    ones = [strict(CreateEmbeddingResponse, got[f"text-{i}"]["response"]["body"])
+            for i in range(len(texts))]
+    assert [d.index for d in many.data] == list(range(len(texts)))
+    for d, one in zip(many.data, ones):
+        # Equal up to float noise: packed with different others.
+        assert np.allclose(d.embedding, one.data[0].embedding, atol=1e-5)
+    assert many.usage.prompt_tokens == sum(one.usage.prompt_tokens for one in ones)
+    assert many.usage.total_tokens == many.usage.prompt_tokens
+
+    def vectors(body: dict[str, Any]) -> list[np.ndarray]:
+        return [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in body["data"]]
+
+    b64 = got["ids-b64"]["response"]["body"]
+    assert [d["index"] for d in b64["data"]] == [0, 1]
+    singles = [vectors(got[f"ids-{i}"]["response"]["body"])[0] for i in range(len(ids))]
+    for vec, single in zip(vectors(b64), singles):
+        assert vec.shape == (8,) and np.allclose(vec, single, atol=1e-5)
+    assert b64["usage"]["prompt_tokens"] == sum(map(len, ids))
+
+    assert got["bad-item"]["response"]["status_code"] == 400
+    err = strict(ErrorObject, got["bad-item"]["response"]["body"]["error"])
+    assert err.message.startswith("body.input[1]: ") and err.code == "too_long"
+    err = strict(ErrorObject, got["too-many"]["response"]["body"]["error"])
+    assert "2049 inputs are over the 2048" in err.message and err.param == "input"
+
+
+async def test_a_prompt_failing_while_it_runs_makes_its_line_one_error_line(
+        tmp_engine_toml, workers, nats_url) -> None:
+    """The line's stop matcher fails from its 6th token on (a failpoint for this line's id
+    only; its three prompts make some 45 tokens, fed as they are made), after some of its
+    prompts may have finished: the line is one 400 line naming a prompt, never a partial
+    answer, the message acked (no redelivery, no second line) and the worker's other work
+    unharmed."""
+    cfg = tmp_engine_toml()
+    provision(cfg)
+    w = workers(cfg, env={"FABRIC_FAILPOINTS": "stops.feed=raise@6:job=fails"})
+    body = {"model": MODEL, "temperature": 0, "stop": "zzz"}
+    lines = [line("fails", COMPLETIONS, {**body, "prompt": ["a", "b", "c"], "max_tokens": 16}),
+             line("fine", COMPLETIONS, {**body, "prompt": ["a", "b", "c"], "max_tokens": 16})]
+    counts: dict[str, int] = {}
+    got = await exchange(nats_url, [json.dumps(x).encode() for x in lines], 2, counts,
+                         linger_s=1.5)
+    assert counts == {"fails": 1, "fine": 1}
+    out = got["fails"]["response"]
+    err = strict(ErrorObject, out["body"]["error"])
+    assert out["status_code"] == 400 and err.code == "stop_failed" and err.type == "server_error"
+    assert err.message.startswith("body.prompt[") and err.param == "prompt"
+    fine = strict(Completion, got["fine"]["response"]["body"])
+    assert [c.index for c in fine.choices] == [0, 1, 2]
+    assert fine.usage.completion_tokens > 8  # the twin line made well past the 6th token
+    w.terminate(grace_s=10)
+    assert '"redelivered": 0' in w.log_path.read_text()

@@ -421,7 +421,7 @@ def test_a_messages_job_becomes_a_ticket_with_the_rendered_ids(tmp_path: Path) -
     chat = hf_chat(write_tokenizer(tmp_path, "chatml"))
     tok = HFTokenizer(tmp_path / "tokenizer.json")
     conv = CONVERSATIONS["tool"]
-    ticket = validator(tok, chat).check(chat_job(conv), time.monotonic())
+    [ticket] = validator(tok, chat).check(chat_job(conv), time.monotonic())
     assert isinstance(ticket, Ticket)
     assert ticket.prompt == chat.render(messages(conv))
     assert ticket.prompt != tok.encode(chat.render_text(messages(conv)))  # no second BOS

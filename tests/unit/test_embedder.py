@@ -93,10 +93,10 @@ def test_the_validator_tokenizes_embed_jobs_and_answers_what_it_cannot_run(
     def check(**kw):
         return v.check(msg(Job(id="j", task="embed", reply_to="fabric.results.x", **kw)), 0.0)
 
-    t = check(prompt="hello world")
+    [t] = check(prompt="hello world")
     assert isinstance(t, Ticket) and t.prompt == engine.loaded.tokenizer.encode(
         "hello world", truncate=False).ids and t.reserved_tokens == 16
-    cut = check(prompt="word " * 300, truncate=True)
+    [cut] = check(prompt="word " * 300, truncate=True)
     assert isinstance(cut, Ticket) and cut.truncated and len(cut.prompt) == 256
     for kw, code in ((dict(prompt="word " * 300), ErrorCode.TOO_LONG),
                      (dict(prompt=[101] * 300), ErrorCode.TOO_LONG),

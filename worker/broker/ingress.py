@@ -4,7 +4,7 @@ delivery on once.
 The pull consumers are the outermost buffer. Ingress asks the broker for at most as many
 messages as the pending queue can take (`room()`: its bound is in tokens, one admission
 group's worth, so a backlog of any size stays in the broker, not in this process). Each
-delivery is validated (`worker.broker.validate`) into a `Ticket` or an `Outcome` and
+delivery is validated (`worker.broker.validate`) into its `Ticket`s or an `Outcome` and
 handed to the worker's callbacks.
 
 Several consumers, one room (`Source`, one per `worker.broker.topology.Queue`): a pass
@@ -270,11 +270,11 @@ class Ingress:
             self._ended(s, short=False)
         try:
             item = self.validator.check(msg, time.monotonic())
-            if isinstance(item, Ticket):
-                for part in self.validator.fan_out(item):  # n choices of an OpenAI line
-                    self.on_ticket(part)
-            else:
+            if isinstance(item, Outcome):
                 self.on_outcome(item)
+            else:
+                for part in item:  # several: the choices and prompts of an OpenAI line
+                    self.on_ticket(part)
         except Exception as e:  # noqa: BLE001 - a bug here must stop the worker, not vanish
             # nats-py would only log an exception from a callback; the pull loop raises it
             # instead, and a stage that fails takes the worker down (fatal: all nak'd).

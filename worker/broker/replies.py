@@ -111,10 +111,11 @@ def failed_result(t: Ticket, c: Completion, text: str | None, worker_id: str, ti
 
 
 def embedding_payload(t: Ticket, c: Completion, worker_id: str, times: JobTimes,
-                      default_normalize: bool) -> bytes:
+                      default_normalize: bool) -> bytes | None:
     """An embed job's Result: its vector cut to `dimensions` and normalized as the job (or
     the checkpoint) says, as float32 values -- msgpack float 32, or JSON numbers of the
-    float32's shortest round-trip form."""
+    float32's shortest round-trip form. An OpenAI line's input: its output line, or None
+    while the line waits for its other inputs."""
     v = np.asarray(c.embedding, dtype=np.float32)
     if t.job.dimensions is not None:
         v = v[:t.job.dimensions]
@@ -128,7 +129,7 @@ def embedding_payload(t: Ticket, c: Completion, worker_id: str, times: JobTimes,
                                total_ms=times.total_ms),
                  worker=worker_id, attempt=t.attempt)
     if t.openai is not None:
-        return payload(res, t.openai, None, t.json)
+        return payload(res, t.openai, None, t.json, t.part)
     if t.json:
         return res.model_dump_json().encode()
     return msgpack.packb(res.model_dump(mode="json"), use_bin_type=True, use_single_float=True)

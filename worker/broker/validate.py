@@ -1,4 +1,8 @@
-"""Validation: each delivery becomes a `Ticket` (valid work) or an `Outcome` (an answer).
+"""Validation: each delivery becomes its `Ticket`s (valid work) or an `Outcome` (an answer).
+
+A delivery is one Ticket, except an OpenAI line that asks for several: n choices, or a list
+of prompts (inputs), each becoming n. Such a line is valid only if every prompt is: one that
+is not answers the whole line, its message naming the item (`body.prompt[3]: ...`).
 
 An `Outcome` is decided at the edge without the device: bad input, a reply subject outside
 the result prefix, a deadline already past, zero tokens to generate, poison. So bad input
@@ -47,7 +51,7 @@ class Ticket:
     admitted_at: float = 0.0  # time.monotonic() when admitted (0 while pending)
     reservation: Reservation | None = None  # its KV blocks, from admission on
     openai: Call | None = None  # it came as an OpenAI Batch API line: answered as one
-    part: int = 0  # an OpenAI line with n choices: which one this job is
+    part: int = 0  # an OpenAI line of several jobs: which (prompt index * n + choice)
 
 
 @dataclass(slots=True)
@@ -66,7 +70,7 @@ class Outcome:
     dead_letter: str | None = None  # why it goes to the dead-letter stream (poison)
     json: bool = False  # the job came as JSON: its Result goes back as JSON
     openai: Call | None = None  # it came as an OpenAI Batch API line: answered as one
-    part: int = 0  # an OpenAI line with n choices: which one this job is
+    part: int = 0  # an OpenAI line of several jobs: which (prompt index * n + choice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +99,8 @@ class Validator:
     def _reply_ok(self, subject: str | None) -> bool:
         return bool(subject) and subject.startswith(self.limits.reply_prefix)
 
-    def check(self, msg: Msg, now: float) -> Ticket | Outcome:
+    def check(self, msg: Msg, now: float) -> list[Ticket] | Outcome:
+        """The delivery's Tickets (parts in order), or the Outcome that answers it."""
         lim = self.limits
         attempt = _attempt(msg)
         if 0 < lim.max_deliver <= attempt:
@@ -123,6 +128,30 @@ class Validator:
         if job.task != lim.task:
             return fail(ErrorCode.UNSUPPORTED_TASK, f"this worker's model does task "
                         f"{lim.task!r}, not {job.task!r}: send it to a worker that does")
+        if call is None or call.items is None:
+            one = self._prompt(msg, job, attempt, now, as_json, fail, call)
+            return one if isinstance(one, Outcome) else self._fan_out([one])
+        firsts: list[Ticket] = []
+        answered: Outcome | None = None
+        for i, item in enumerate(call.items):
+            got = self._prompt(msg, job.model_copy(update={"prompt": item}), attempt, now,
+                               as_json, fail, call)
+            if isinstance(got, Ticket):
+                firsts.append(got)
+            elif got.error is not None:
+                call.param = call.field
+                got.error = ErrorInfo(code=got.error.code,
+                                      message=f"body.{call.field}[{i}]: {got.error.message}")
+                return got
+            else:  # max_tokens 0, as it is for every prompt: the line is answered unrun
+                got.prompt_tokens += answered.prompt_tokens if answered else 0
+                answered = got
+        return answered if answered is not None else self._fan_out(firsts)
+
+    def _prompt(self, msg: Msg, job: Job, attempt: int, now: float, as_json: bool, fail,
+                call: Call | None) -> Ticket | Outcome:
+        """One prompt's (input's) Ticket, or the Outcome that answers it."""
+        lim = self.limits
         if job.task == "embed":
             return self._embed(msg, job, attempt, now, as_json, fail, call)
         messages = job.messages if call is None else call.messages
@@ -157,21 +186,25 @@ class Validator:
                       hashes=tuple(block_hashes(prompt, lim.block_size)), json=as_json,
                       openai=call)
 
-    def fan_out(self, t: Ticket) -> list[Ticket]:
-        """A Ticket, or for an OpenAI line with n choices one per choice: the same message
-        and prompt (its KV computed once), their own keys, choice i seeded seed + i."""
-        call = t.openai
-        if call is None or call.n == 1:
-            return [t]
+    def _fan_out(self, firsts: list[Ticket]) -> list[Ticket]:
+        """Each prompt's Ticket, and for an OpenAI line with n choices n of them: the same
+        message and prompt (its KV computed once), their own keys, choice j seeded seed + j
+        -- as that prompt alone on a line of its own with n choices would be."""
+        call = firsts[0].openai
+        if call is None or call.width == 1:
+            return firsts
         call.fanned, call.parts = True, {}
-        seed = t.job.sampling.seed
-        out = [t]
-        for part in range(1, call.n):
-            self._next_key += 1
-            sampling = t.job.sampling.model_copy(
-                update={"seed": None if seed is None else (seed + part) % (1 << 63)})
-            out.append(replace(t, job=t.job.model_copy(update={"sampling": sampling}),
-                               key=self._next_key, part=part))
+        out = []
+        for i, t in enumerate(firsts):
+            t.part = i * call.n
+            out.append(t)
+            seed = t.job.sampling.seed
+            for choice in range(1, call.n):
+                self._next_key += 1
+                sampling = t.job.sampling.model_copy(
+                    update={"seed": None if seed is None else (seed + choice) % (1 << 63)})
+                out.append(replace(t, job=t.job.model_copy(update={"sampling": sampling}),
+                                   key=self._next_key, part=t.part + choice))
         return out
 
     def _bad_ids(self, ids: list[int], what: str, fail) -> Outcome | None:

@@ -7,9 +7,12 @@ field. Chat messages are rendered by the validator with the checkpoint's templat
 included, as transformers passes them); this module only shapes them. Defaults are
 OpenAI's: temperature 1, top_p 1, no seed; without `max_tokens` the job may run to
 `max_seq_len` (the validator fills it in, and reserves that much KV: send `max_tokens`).
-`n` > 1 choices run as n jobs of one message (the validator's `fan_out`), the seed of choice
+`n` > 1 choices run as n jobs of one message (the validator fans them out), the seed of choice
 i being seed + i, and their Results join into one line (`response.join`) before it is
 published and the message acked; their shared prompt's KV is computed once (prefix cache).
+A list of several prompts (embedding inputs) runs the same way: the Job holds the first, the
+Call all of them, and each becomes its own n jobs (part = prompt index * n + choice), each
+exactly the job that prompt alone on its own line would be.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from pydantic import ValidationError
 from schemas import DecodeError, ErrorCode, Job, Sampling
 from schemas.codec import explain
 from schemas.models import ID_PATTERN, MAX_ID_CHARS, MAX_SEED, ResponseFormat, is_subject
-from schemas.openai import BODIES, BatchRequest, ChatBody, CompletionBody, EmbeddingBody
+from schemas.openai import (BODIES, MAX_CHOICES, BatchRequest, ChatBody, CompletionBody,
+                            EmbeddingBody)
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 _ID = re.compile(ID_PATTERN)
@@ -45,8 +49,19 @@ class Call:
     fill_max_tokens: bool = False  # no max_tokens: up to max_seq_len (the validator's)
     param: str | None = None  # refused: the body field at fault, for the error body
     n: int = 1  # choices asked for: the line runs as n jobs (parts) sharing the prompt
-    fanned: bool = False  # its n parts were made (by the validator): their Results join
+    items: list[str | list[int]] | None = None  # several prompts (inputs): n parts each
+    fanned: bool = False  # its parts were made (by the validator): their Results join
     parts: dict[int, dict[str, Any]] | None = None  # the joined parts' Results so far
+
+    @property
+    def width(self) -> int:
+        """How many jobs (parts) the line runs as: n for each of its prompts (inputs)."""
+        return self.n * (len(self.items) if self.items else 1)
+
+    @property
+    def field(self) -> str:
+        """The body field its prompts are in (named by an error about one of them)."""
+        return "input" if self.url == EMBEDDINGS else "prompt"
 
 
 class Refused(DecodeError):
@@ -81,7 +96,8 @@ def translate(payload: dict[str, Any], served: tuple[str, ...]) -> tuple[Job, Ca
     try:
         body = BODIES[line.url].model_validate(line.body)
     except ValidationError as e:
-        raise Refused(_body_code(e), explain(e, prefix="body"), call, reply) from None
+        raise Refused(_body_code(e), explain(e, prefix="body"), call, reply,
+                      _body_param(e)) from None
     call.model = body.model
     if body.model not in served:
         raise Refused(ErrorCode.INVALID_JOB, f"model {body.model!r} is not served here: this "
@@ -93,8 +109,8 @@ def translate(payload: dict[str, Any], served: tuple[str, ...]) -> tuple[Job, Ca
     base = {"id": line.custom_id, "reply_to": line.reply_to}
     if isinstance(body, EmbeddingBody):
         call.base64 = body.encoding_format == "base64"
-        prompt = _one(body.input, "input", refuse)
-        return _job(base, task="embed", prompt=prompt, dimensions=body.dimensions), call
+        inputs = _items(body.input, call, refuse)
+        return _job(base, task="embed", prompt=inputs[0], dimensions=body.dimensions), call
     _common_refusals(body, refuse)
     call.n = body.n or 1
     max_tokens = body.max_tokens
@@ -113,7 +129,10 @@ def translate(payload: dict[str, Any], served: tuple[str, ...]) -> tuple[Job, Ca
         logprobs = body.logprobs or 0
         call.top_logprobs = body.logprobs
         fmt = None
-        prompt = _one(body.prompt, "prompt", refuse)
+        prompt = _items(body.prompt, call, refuse)[0]
+        if call.width > MAX_CHOICES:
+            raise refuse("n", f"{len(call.items)} prompts x n {call.n} = {call.width} choices "
+                         f"are over the {MAX_CHOICES} one line may ask for")
     call.fill_max_tokens = max_tokens is None
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     sampling = Sampling(temperature=1.0 if body.temperature is None else float(body.temperature),
@@ -131,12 +150,20 @@ def _job(base: dict[str, Any], **fields: Any) -> Job:
 
 
 def _body_code(e: ValidationError) -> ErrorCode:
+    if any(err["type"] == "empty_prompt" for err in e.errors()):
+        return ErrorCode.EMPTY_PROMPT  # an empty list of prompts, or an empty one in it
     locs = [err["loc"][:1] for err in e.errors()]
     if locs and all(loc == ("messages",) for loc in locs):
         return ErrorCode.BAD_MESSAGES
     if locs and all(loc == ("response_format",) for loc in locs):
         return ErrorCode.BAD_SCHEMA
     return ErrorCode.INVALID_JOB
+
+
+def _body_param(e: ValidationError) -> str | None:
+    """The body field at fault, when every error is about the same one."""
+    fields = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
+    return fields.pop() if len(fields) == 1 else None
 
 
 def _common_refusals(body: ChatBody | CompletionBody, refuse) -> None:
@@ -147,16 +174,15 @@ def _common_refusals(body: ChatBody | CompletionBody, refuse) -> None:
             raise refuse(name, "penalties are not supported (only 0)")
 
 
-def _one(value: Any, name: str, refuse) -> str | list[int]:
-    """A single prompt/input: a string or token ids; a list of them holds exactly one."""
-    if isinstance(value, str) or (value and isinstance(value[0], int)):
-        if isinstance(value, str) and not value:
-            raise refuse(name, "is empty", ErrorCode.EMPTY_PROMPT)
-        return value
-    if len(value) != 1:
-        raise refuse(name, f"a list of {len(value)} {name}s is not served yet: send one per "
-                     "line, each with its own custom_id")
-    return _one(value[0], name, refuse)
+def _items(value: Any, call: Call, refuse) -> list[str | list[int]]:
+    """The prompts (inputs) of a body: one -- a string or token ids -- or a list of them (the
+    schema has held a list to one kind, its count bounded, none empty). Several are kept in
+    the Call, for the validator to make a job of each."""
+    if value == "":
+        raise refuse(call.field, "is empty", ErrorCode.EMPTY_PROMPT)
+    items = [value] if isinstance(value, str) or isinstance(value[0], int) else value
+    call.items = items if len(items) > 1 else None
+    return items
 
 
 def _chat_logprobs(body: ChatBody, call: Call, refuse) -> int:

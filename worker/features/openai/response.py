@@ -6,7 +6,10 @@ An ok Result's body is a `chat.completion`, `text_completion` or embedding `list
 a failed one is status 400 with an OpenAI error body whose `code` is the project's error
 code (`ERROR_TYPES` maps every one) and whose `param` names the field when one is at fault.
 Ids are derived from the custom id, so a job answered twice (a replay) writes the same ids.
-A line with n choices is answered once, when the Results of its n parts have joined.
+A line of several parts (n choices, several prompts or inputs) is answered once, when the
+Results of all its parts have joined: choice (or embedding) `index` is the part's, usage is
+summed over the prompts (each counted once however many choices share it), and one failed
+part makes the whole line its error, naming the prompt -- never a partial answer.
 """
 
 from __future__ import annotations
@@ -39,38 +42,45 @@ BAD_REQUEST = 400
 
 
 def join(call: Call, part: int, result: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The Results the line is built from: this one, or for a line fanned out into n choices,
-    all n in choice order once the last has come (None until then). The Call is the one
-    place the parts meet: every part's Ticket holds it."""
+    """The Results the line is built from: this one, or for a line fanned out into several
+    parts, all of them in part order once the last has come (None until then). The Call is
+    the one place the parts meet: every part's Ticket holds it."""
     if not call.fanned:
         return [result]
     call.parts[part] = result
-    if len(call.parts) < call.n:
+    if len(call.parts) < call.width:
         return None
-    return [call.parts[i] for i in range(call.n)]
+    return [call.parts[i] for i in range(call.width)]
 
 
 def output_line(call: Call, results: list[dict[str, Any]], tok: Tokenizer | None,
                 created: int | None = None) -> dict[str, Any]:
-    """The output line of `results` (Results as JSON-mode dicts, one per choice; a line
-    answered before it was fanned out has one, repeated for its n choices). One failed
-    choice makes the line its error."""
-    for result in results:
+    """The output line of `results` (Results as JSON-mode dicts, one per part in part order;
+    a line answered before it was fanned out has one, its usage the line's, repeated for
+    every choice). One failed part makes the line its error."""
+    whole = len(results) == call.width
+    for part, result in enumerate(results):
         err = result.get("error")
         if err is not None or not result["ok"]:
-            return _line(call, BAD_REQUEST, error_body(err["code"], err["message"], call.param))
+            message, param = err["message"], call.param
+            if call.items and whole:  # a part of a list: say which prompt (input) failed
+                message, param = f"body.{call.field}[{part // call.n}]: {message}", call.field
+            return _line(call, BAD_REQUEST, error_body(err["code"], message, param))
     if call.url == EMBEDDINGS:
-        return _line(call, 200, _embedding(call, results[0], results[0]["usage"]))
-    if len(results) < call.n:
-        results = results * call.n
+        return _line(call, 200, _embeddings(call, results))
+    if whole:
+        # Each prompt is counted once, as OpenAI counts it for n choices; its cached tokens
+        # are the fewest any of its choices found: a cold prompt was computed (once), so 0.
+        groups = [results[i:i + call.n] for i in range(0, len(results), call.n)]
+        prompt = sum(g[0]["usage"]["prompt_tokens"] for g in groups)
+        cached = sum(min(r["usage"]["cached_tokens"] for r in g) for g in groups)
+    else:
+        prompt, cached = results[0]["usage"]["prompt_tokens"], results[0]["usage"]["cached_tokens"]
+        results = results * call.width
     created = int(time.time()) if created is None else created
     chat = call.url == CHAT
     choose = _chat_choice if chat else _text_choice
-    prompt = results[0]["usage"]["prompt_tokens"]
     completion = sum(len(r["tokens"]) for r in results)
-    # The prompt is counted once, as OpenAI counts it for n choices; its cached tokens are
-    # the fewest any choice found: a cold prompt was computed (once), so 0.
-    cached = min(r["usage"]["cached_tokens"] for r in results)
     body = {"id": ("chatcmpl-" if chat else "cmpl-") + _digest(call.custom_id)[:24],
             "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": call.model,
@@ -152,11 +162,14 @@ def _text_choice(call: Call, result: dict[str, Any], tok: Tokenizer | None,
             "finish_reason": _finish(result)}
 
 
-def _embedding(call: Call, result: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
-    values = result["embedding"]
-    vector: Any = (base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
-                   if call.base64 else values)
-    return {"object": "list", "model": call.model,
-            "data": [{"object": "embedding", "index": 0, "embedding": vector}],
-            "usage": {"prompt_tokens": usage["prompt_tokens"],
-                      "total_tokens": usage["prompt_tokens"]}}
+def _embeddings(call: Call, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One embedding object per input, `index` its place in the list; tokens summed."""
+    data = []
+    for index, result in enumerate(results):
+        values = result["embedding"]
+        vector: Any = (base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
+                       if call.base64 else values)
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    tokens = sum(r["usage"]["prompt_tokens"] for r in results)
+    return {"object": "list", "model": call.model, "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

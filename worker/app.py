@@ -156,7 +156,8 @@ class Worker:
         partitions = sum(q.partition is not None for q in verified.queues)
         if verified.members and partitions:
             self.members = Membership(self.nc, js, self.topo, wid, partitions,
-                                      on_change=self.ingress.set_owned)
+                                      on_change=self.ingress.set_owned,
+                                      work=self.ingress.work_by_partition)
         room_changed = self.ingress.room_changed.set
         self.stops = Stops(loaded.tokenizer, end=ex.end)
         self.answers = Answers(intake, self.publisher, stats, wid, self.topo.dlq_subject,

@@ -193,27 +193,56 @@ def test_session_jobs_go_to_the_owner_and_spill_only_past_the_bound(nats_url: st
 def test_members_split_the_partitions_and_take_over_from_one_that_leaves(nats_url: str) -> None:
     async def main() -> None:
         async with Broker(nats_url, partitions=16, member_ttl_s=1.5) as b:
-            owned: dict[str, frozenset[int]] = {}
+            pulls: dict[str, frozenset[int]] = {}
             ms = {w: Membership(b.nc, b.js, b.topo, w, 16,
-                                on_change=lambda o, w=w: owned.__setitem__(w, o))
+                                on_change=lambda o, w=w: pulls.__setitem__(w, o))
                   for w in ("alpha", "beta", "gamma")}
             for m in ms.values():
-                await m.join()
+                assert await m.join()
             for m in ms.values():
                 await m.refresh()  # the first to join saw itself alone
-            parts = [owned[w] for w in ms]
-            assert sorted(k for p in parts for k in p) == list(range(16))  # each once
-            assert all(p for p in parts)
+            owned = {w: m.owned for w, m in ms.items()}
+            assert sorted(k for p in owned.values() for k in p) == list(range(16))  # each once
+            assert all(owned.values())
+            # What a worker pulls freely is what it owns and, for one refresh, what it owned.
+            assert pulls["alpha"] == frozenset(range(16))  # alone at first
+            await ms["alpha"].refresh()
+            assert pulls["alpha"] == ms["alpha"].owned
             # beta leaves cleanly: the others take its partitions and keep their own.
-            before = dict(owned)
             await ms["beta"].leave()
             for w in ("alpha", "gamma"):
                 await ms[w].refresh()
-            assert owned["alpha"] | owned["gamma"] == frozenset(range(16))
-            assert before["alpha"] <= owned["alpha"] and before["gamma"] <= owned["gamma"]
+            assert ms["alpha"].owned | ms["gamma"].owned == frozenset(range(16))
+            assert owned["alpha"] <= ms["alpha"].owned and owned["gamma"] <= ms["gamma"].owned
             # gamma stops being heard from (killed): after the TTL alpha owns everything.
             await asyncio.sleep(2.5)
             await ms["alpha"].refresh()
-            assert owned["alpha"] == frozenset(range(16))
+            assert ms["alpha"].owned == frozenset(range(16))
             assert ms["alpha"].members == ("alpha",)
+    asyncio.run(main())
+
+
+def test_owners_follow_the_fleet_s_loads(nats_url: str) -> None:
+    """Work reported by one member moves partitions between the others' views alike."""
+    async def main() -> None:
+        async with Broker(nats_url, partitions=8) as b:
+            work = {"a": {}, "b": {}}
+            ms = {w: Membership(b.nc, b.js, b.topo, w, 8, on_change=lambda o: None,
+                                work=lambda w=w: work[w]) for w in work}
+            for m in ms.values():
+                assert await m.join()
+            for m in ms.values():
+                await m.refresh()
+            plain = {w: m.owned for w, m in ms.items()}
+            heavy = sorted(plain["a"])  # a's partitions get all the traffic, a lot of it
+            for step in range(1, 4):
+                work["a"] = {k: 1000.0 * step for k in heavy}
+                await asyncio.sleep(0.2)
+                for m in ms.values():
+                    await m.refresh()
+            assert ms["a"].loads == ms["b"].loads and ms["a"].loads
+            assert ms["a"].owned | ms["b"].owned == frozenset(range(8))
+            assert not ms["a"].owned & ms["b"].owned  # the same view: one owner each
+            moved = ms["b"].owned & set(heavy)
+            assert moved and len(heavy) > 1  # b took some of the busy ones
     asyncio.run(main())

@@ -13,7 +13,7 @@ heard from) hands over only its own.
 Loads: sessions hash to partitions unevenly (32 sessions over two workers split 13/19 as
 often as not), and an owner keeps its sessions' turns in its own queue, where an idle
 worker cannot take them. So each entry also carries the worker's recent work per
-partition (decode rows of the jobs it pulled from it, a rate with a 10 s half-life), and
+partition (decode rows of the jobs it pulled from it, a rate with a 4 s half-life), and
 owners are assigned as consistent hashing with bounded loads does (Mirrokni, Thorup,
 Zadimoghaddam 2018): the busiest partitions first, each to the first worker in its
 rendezvous order that stays under `1 + LOAD_SLACK` times the mean load. A partition with
@@ -46,7 +46,7 @@ log = structlog.get_logger("members")
 
 
 LOAD_SLACK = 0.25  # a worker may carry 1.25x the mean load before a partition moves off it
-LOAD_HALF_LIFE_S = 10.0
+LOAD_HALF_LIFE_S = 4.0
 
 
 def ranked(partition: int, members: Sequence[str]) -> list[str]:

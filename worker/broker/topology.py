@@ -143,7 +143,8 @@ class Queue:
 
 
 async def provision(js: JetStreamContext, topo: Topology) -> list[str]:
-    """Create or update every stream and the consumer; returns what was done, one line each."""
+    """Create or update every stream, every consumer and the members bucket; returns what
+    was done, one line each."""
     done: list[str] = []
     for sc in topo.stream_configs():
         try:

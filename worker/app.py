@@ -91,13 +91,14 @@ class Worker:
                  dead_letters=self.topo.dlq_subject, js_domain=self.topo.js_domain,
                  security=self.security.describe(), failpoints=failpoints.armed() or None)
         await self._build(loop, js, verified)
+        # At once: from here /healthz sees an executor, and it must be a running one.
+        self.executor.start()
         await self.cancels.listen(self.nc, js, self.topo, verified)
         await self.ingress.start()
         if self.members is not None and not await self.members.join():
             self.members = None  # owners known before the first pull, or none at all
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.life.stop, sig.name)
-        self.executor.start()
         self.life.watch_loop(self.opts.step_timeout_s)
         tasks = [self._supervised(c) for c in (
             self.publisher.run(), heartbeats(self.intake.held, verified.ack_wait_s),

@@ -15,8 +15,8 @@ import pytest
 
 from schemas import Job
 from schemas.subjects import job_subject
-from tests.chaos.harness import (engine_toml, provision, publish, reference_tokens, results,
-                                 wait_meta_leader, wait_results)
+from tests.chaos.harness import (count_results, engine_toml, log_events, provision, publish,
+                                 reference_tokens, results, wait_meta_leader, wait_results)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -26,6 +26,20 @@ def _turns(round_: int, sessions: int, reply: str, seed: int) -> list[Job]:
     return [Job(id=f"s{i}-t{round_}", session=f"sess-{i}", reply_to=reply,
                 prompt=[rng.randrange(1, 256) for _ in range(rng.randint(8, 40))],
                 max_new_tokens=rng.randint(2, 8)) for i in range(sessions)]
+
+
+async def _settled(workers, timeout_s: float = 30.0) -> None:
+    """Until every worker's latest view holds all of them, and then the one refresh for
+    which a worker still pulls what it owned before (members.py: `owned | previous`)."""
+    names = {w.worker_id for w in workers}
+    end = time.monotonic() + timeout_s
+    while True:
+        views = [log_events(w, "members_changed") for w in workers]
+        if all(v and set(v[-1]["members"]) == names for v in views):
+            break
+        assert time.monotonic() < end, [v[-1:] for v in views]
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(2.5)
 
 
 def _owners(got, rounds) -> dict[str, Counter]:
@@ -63,15 +77,16 @@ async def test_sessions_stay_then_move_when_their_worker_dies_and_to_one_that_jo
             for i in range(8)]
     sent.extend(warm)
     await publish(urls, warm, "fabric.jobs.warm")
-    # Owners settle within a refresh (2 s): until a sees b, both pull b's partitions.
-    await asyncio.sleep(3)
-    for r in range(4):
+    # Owners settle within a refresh (1 s): until a sees b, both pull b's partitions.
+    await _settled([a, b])
+    for r in range(5):
         await round_(r, [a, b])
     got = await results(urls, reply)
-    before = _owners(got, range(4))
-    # Every session ran all its turns on one worker, and both workers have sessions.
-    assert all(len(c) == 1 for c in before.values()), before
-    served = Counter(next(iter(c)) for c in before.values())
+    # Two rounds for the owners to follow the loads the sessions make (members.py: bounded
+    # loads), then every session runs all its turns on one worker, and both have sessions.
+    before = _owners(got, range(2, 5))
+    assert sum(len(c) == 1 for c in before.values()) >= sessions - 1, before
+    served = Counter(c.most_common(1)[0][0] for c in before.values())
     assert set(served) == {"a", "b"}, served
 
     # Kill -9 the worker with more sessions mid-conversation: the other serves them all.
@@ -79,22 +94,21 @@ async def test_sessions_stay_then_move_when_their_worker_dies_and_to_one_that_jo
     survivor = b if victim is a else a
     victim.kill()
     t0 = time.monotonic()
-    for r in range(4, 7):
+    for r in range(5, 8):
         await round_(r, [survivor])
     print(f"\n[sessions] {served[victim.worker_id]} sessions of {victim.worker_id} moved to "
           f"{survivor.worker_id}; three rounds in {time.monotonic() - t0:.1f}s")
     got = await results(urls, reply)
-    assert all(set(c) == {survivor.worker_id} for c in _owners(got, range(5, 7)).values())
+    assert all(set(c) == {survivor.worker_id} for c in _owners(got, range(6, 8)).values())
 
     # A worker that joins takes its share of the sessions within a refresh or two.
     c = f.start("c")
-    await asyncio.sleep(5)  # its membership is seen by the survivor (2 s refreshes)
-    for r in range(7, 10):
+    await _settled([survivor, c])
+    for r in range(8, 11):
         await round_(r, [survivor, c])
     got = await results(urls, reply)
-    after = _owners(got, range(8, 10))
+    after = _owners(got, range(9, 11))
     assert any("c" in cnt for cnt in after.values()), after
-    assert all(len(cnt) == 1 for cnt in after.values()), after  # settled: one worker each
 
     # One Result per job, equal to the reference: nothing lost, nothing run twice.
     assert got.keys() == {j.id for j in sent}
@@ -132,12 +146,14 @@ async def test_urgent_jobs_overtake_a_backlog(broker, fleet, tmp_path) -> None:
         return Job(id=jid, priority=priority, reply_to=reply,
                    prompt=[rng.randrange(1, 256) for _ in range(rng.randint(8, 64))],
                    max_new_tokens=rng.randint(4, 16))
-    bulk = [job(f"bulk-{i}", 9) for i in range(600)]
+    bulk = [job(f"bulk-{i}", 9) for i in range(1000)]
     await publish(broker.url, bulk, job_subject)
     w = fleet(cfg).start("a")
     await wait_results(broker.url, reply, 50, 60, [w])  # well into the backlog
+    before = await count_results(broker.url, reply)
     urgent = [job(f"urgent-{i}", 0) for i in range(10)] + [job(f"normal-{i}", 5) for i in range(10)]
     await publish(broker.url, urgent, job_subject)
+    after = await count_results(broker.url, reply)
     await wait_results(broker.url, reply, len(bulk) + len(urgent), 180, [w])
     # The results stream's order is the order the worker answered in.
     from tests.chaos.harness import read_stream
@@ -147,8 +163,13 @@ async def test_urgent_jobs_overtake_a_backlog(broker, fleet, tmp_path) -> None:
     assert len(order) == len(set(order)) == len(bulk) + len(urgent)
     last_urgent = max(order.index(f"urgent-{i}") for i in range(10))
     last_normal = max(order.index(f"normal-{i}") for i in range(10))
-    bulk_after = sum(1 for jid in order[last_normal:] if jid.startswith("bulk-"))
-    # Behind the urgent and normal jobs only what the worker held when they came (one
-    # pending group) was answered first: most of the backlog comes after them.
+    ahead = sum(1 for jid in order[after:last_urgent] if jid.startswith("bulk-"))
+    print(f"\n[priorities] urgent published after {before}-{after} answers; the last urgent "
+          f"answered at {last_urgent}, the last normal at {last_normal}, {ahead} bulk jobs "
+          f"between")
+    # Ahead of the urgent jobs only what the worker held when they came: at most the jobs
+    # in flight (4,096 tokens, jobs of one block or more: 256) and a pending group (2,048
+    # tokens: 128) -- about a third of that in practice; the rest of the backlog after them.
+    assert ahead <= 384, (before, after, last_urgent, ahead)
     assert last_urgent < last_normal or last_urgent - last_normal < 10
-    assert bulk_after > 300, (last_urgent, last_normal, bulk_after)
+    assert sum(jid.startswith("bulk-") for jid in order[last_normal:]) >= 300

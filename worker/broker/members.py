@@ -2,7 +2,7 @@
 bounded loads.
 
 Every worker puts its id in the members KV bucket (`Topology.members_bucket`, whose entries
-expire after `member_ttl_s`) every third of that TTL, and reads the bucket's keys back (one
+expire after `member_ttl_s`) every sixth of that TTL, and reads the bucket's keys back (one
 stream-info request, not a watch: an entry that expires leaves no marker to watch). A
 partition's owner is the member with the highest hash of (member, partition) -- rendezvous
 hashing, as Kafka's sticky assignor and the cache-aware routers aim for: every worker
@@ -114,7 +114,9 @@ class Membership:
         self.rates: dict[int, float] = {}  # our work per partition per second, smoothed
         self._mine: dict[int, float] = {}  # the rates as our entry says them
         self.loads: dict[int, float] = {}  # the fleet's, summed from every entry
-        self.refresh_s = topo.member_ttl_s / 3
+        # Six refreshes per TTL: a joiner is seen within a second, a dead worker after six
+        # missed ones.
+        self.refresh_s = topo.member_ttl_s / 6
         self._kv = None
         self.errors = 0
 

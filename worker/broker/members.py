@@ -160,6 +160,9 @@ class Membership:
         mine = owned(self.me, members, self.partitions, self.loads)
         if members != self.members:
             log.info("members_changed", members=list(members), owned=sorted(mine))
+        elif mine != self.owned:  # the loads moved partitions: rare, unless they flap
+            log.info("owners_changed", owned=sorted(mine),
+                     gained=sorted(mine - self.owned), lost=sorted(self.owned - mine))
         self.members = members
         pulls = mine | self.owned
         self.owned = mine

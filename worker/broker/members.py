@@ -13,7 +13,8 @@ heard from) hands over only its own.
 Loads: sessions hash to partitions unevenly (32 sessions over two workers split 13/19 as
 often as not), and an owner keeps its sessions' turns in its own queue, where an idle
 worker cannot take them. So each entry also carries the worker's recent work per
-partition (decode rows of the jobs it pulled from it, a rate with a 4 s half-life), and
+partition (decode rows of the jobs it pulled from it, a rate with a 4 s half-life; read
+with one get per member each refresh), and
 owners are assigned as consistent hashing with bounded loads does (Mirrokni, Thorup,
 Zadimoghaddam 2018): the busiest partitions first, each to the first worker in its
 rendezvous order that stays under `1 + LOAD_SLACK` times the mean load. A partition with
@@ -21,7 +22,7 @@ no recent work goes to its rendezvous owner, so a quiet fleet keeps plain rendez
 hashing. The loads are the traffic's, not the owners', so an assignment does not feed
 back into the next one.
 
-Views can disagree for one refresh (a second or two): a partition then has two owners
+Views can disagree for one refresh (about a second): a partition then has two owners
 (both pull it freely) or none. A worker keeps pulling freely a partition it owned at the
 last refresh for one more (`owned | previous`), so a partition that moves has two owners
 for a moment rather than none. Either costs some cache hits and loses nothing: which

@@ -157,8 +157,7 @@ class Worker:
         partitions = sum(q.partition is not None for q in verified.queues)
         if verified.members and partitions:
             self.members = Membership(self.nc, js, self.topo, wid, partitions,
-                                      on_change=self.ingress.set_owned,
-                                      work=self.ingress.work_by_partition)
+                                      on_change=self.ingress.set_owned)
         room_changed = self.ingress.room_changed.set
         self.stops = Stops(loaded.tokenizer, end=ex.end)
         self.answers = Answers(intake, self.publisher, stats, wid, self.topo.dlq_subject,

@@ -220,29 +220,3 @@ def test_members_split_the_partitions_and_take_over_from_one_that_leaves(nats_ur
             assert ms["alpha"].owned == frozenset(range(16))
             assert ms["alpha"].members == ("alpha",)
     asyncio.run(main())
-
-
-def test_owners_follow_the_fleet_s_loads(nats_url: str) -> None:
-    """Work reported by one member moves partitions between the others' views alike."""
-    async def main() -> None:
-        async with Broker(nats_url, partitions=8) as b:
-            work = {"a": {}, "b": {}}
-            ms = {w: Membership(b.nc, b.js, b.topo, w, 8, on_change=lambda o: None,
-                                work=lambda w=w: work[w]) for w in work}
-            for m in ms.values():
-                assert await m.join()
-            for m in ms.values():
-                await m.refresh()
-            plain = {w: m.owned for w, m in ms.items()}
-            heavy = sorted(plain["a"])  # a's partitions get all the traffic, a lot of it
-            for step in range(1, 4):
-                work["a"] = {k: 1000.0 * step for k in heavy}
-                await asyncio.sleep(0.2)
-                for m in ms.values():
-                    await m.refresh()
-            assert ms["a"].loads == ms["b"].loads and ms["a"].loads
-            assert ms["a"].owned | ms["b"].owned == frozenset(range(8))
-            assert not ms["a"].owned & ms["b"].owned  # the same view: one owner each
-            moved = ms["b"].owned & set(heavy)
-            assert moved and len(heavy) > 1  # b took some of the busy ones
-    asyncio.run(main())

@@ -73,7 +73,6 @@ class Source:
     short: bool = False  # the last pull ended before its batch: nothing more there
     retry_at: float = 0.0  # refused (409...): not asked again before this monotonic time
     fetched: int = 0
-    work: float = 0.0  # decode rows of the jobs it delivered (a session partition's load)
 
     @property
     def open(self) -> bool:
@@ -159,11 +158,6 @@ class Ingress:
             label = "session" if q.partition is not None else f"p{q.priority}"
             out[label] = out.get(label, 0) + s.fetched
         return out
-
-    def work_by_partition(self) -> dict[int, float]:
-        """Decode rows pulled from each session partition so far (`worker.broker.members`
-        turns them into the loads that owners are balanced by)."""
-        return {s.queue.partition: s.work for s in self.sources if s.queue.partition is not None}
 
     def _credit(self) -> int:
         return sum(s.credit for s in self.sources if s.pulling)
@@ -279,8 +273,6 @@ class Ingress:
             if isinstance(item, Outcome):
                 self.on_outcome(item)
             else:
-                if s.queue.partition is not None:
-                    s.work += sum((t.job.max_new_tokens or 0) + 1 for t in item)
                 for part in item:  # several: the choices and prompts of an OpenAI line
                     self.on_ticket(part)
         except Exception as e:  # noqa: BLE001 - a bug here must stop the worker, not vanish

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from worker.broker.topology import Topology
+from worker.broker.topology import Topology, api_call
 
 log = structlog.get_logger("members")
 
@@ -51,7 +51,8 @@ def owned(me: str, members: Sequence[str], partitions: int) -> frozenset[int]:
 
 
 def member_key(worker_id: str) -> str:
-    """A KV key for a worker id (keys take letters, digits and -_=.)."""
+    """A KV key for a worker id: letters, digits and -_= kept, anything else `_` (a dot
+    would make the key two subject tokens)."""
     return re.sub(r"[^-_=A-Za-z0-9]", "_", worker_id)
 
 
@@ -117,10 +118,9 @@ class Membership:
 
     async def read(self) -> tuple[str, ...]:
         prefix = f"$KV.{self.topo.members_bucket}."
-        resp = await self.nc.request(f"{self.topo.api_prefix}.STREAM.INFO.{self._stream}",
-                                     json.dumps({"subjects_filter": prefix + ">"}).encode(),
-                                     timeout=5)
-        subjects = (json.loads(resp.data).get("state") or {}).get("subjects") or {}
+        resp = await api_call(self.nc, f"{self.topo.api_prefix}.STREAM.INFO.{self._stream}",
+                              {"subjects_filter": prefix + ">"})
+        subjects = (resp.get("state") or {}).get("subjects") or {}
         return tuple(sorted(s[len(prefix):] for s in subjects))
 
     async def leave(self, timeout_s: float = 0.5) -> None:

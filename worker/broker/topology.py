@@ -7,7 +7,8 @@ The jobs stream has one durable pull consumer per queue the fleet serves (`Queue
 - each session partition k: the stream maps `fabric.session.<token>` to
   `fabric.session.<k>.<token>` (`partition()`, a hash of the token), on `<consumer>-s<k>`,
   a consumer with the `overflow` priority group so that a worker other than the
-  partition's owner pulls from it only past a backlog (`worker.broker.sources`).
+  partition's owner pulls from it only past a backlog (`worker.broker.ingress`,
+  `worker.broker.members`).
 The filters do not overlap, so each job is delivered by exactly one consumer.
 
 `provision` creates or updates them idempotently (an operator runs it once per
@@ -28,14 +29,16 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig, SubjectTransform
 
+from schemas.models import DEFAULT_PRIORITY
+from schemas.subjects import JOBS_PREFIX, PRIO_PREFIX, SESSION_PREFIX
+
 log = structlog.get_logger("topology")
 
 RESULTS_STREAM = "FABRIC_RESULTS"
 DLQ_STREAM = "FABRIC_DLQ"
 CANCELS_STREAM = "FABRIC_CANCELS"
 MEMBERS_BUCKET = "FABRIC_WORKERS"
-PRIORITIES = range(10)  # 0 first, 9 last
-DEFAULT_PRIORITY = 5
+PRIORITIES = range(10)  # 0 first, 9 last (the default: schemas.models.DEFAULT_PRIORITY)
 GROUP = "fabric"  # the priority group of the session partitions' consumers (ADR-42)
 
 
@@ -47,7 +50,7 @@ class TopologyError(RuntimeError):
 class Topology:
     jobs_stream: str
     consumer: str
-    jobs_subjects: str = "fabric.jobs.>"
+    jobs_subjects: str = JOBS_PREFIX + ">"
     results_stream: str = RESULTS_STREAM
     results_prefix: str = "fabric.results."  # a job's reply_to must start with this
     dlq_stream: str = DLQ_STREAM
@@ -67,10 +70,10 @@ class Topology:
     # connect to answers for (a leaf node with its own JetStream, a hub's domain): every
     # API call and the pull requests go to `$JS.<domain>.API`. None: the local JetStream.
     js_domain: str | None = None
-    prio_prefix: str = "fabric.prio."  # fabric.prio.<p>.<anything>: priority p
-    session_prefix: str = "fabric.session."  # fabric.session.<token>: a session's jobs
+    prio_prefix: str = PRIO_PREFIX  # fabric.prio.<p>.<anything>: priority p
+    session_prefix: str = SESSION_PREFIX  # fabric.session.<token>: a session's jobs
     # Session partitions: each a consumer, each owned by one live worker. More partitions
-    # than workers, or a fleet cannot split them evenly (rendezvous hashing; see sources).
+    # than workers, or a fleet cannot split them evenly (rendezvous hashing; members.py).
     partitions: int = 16
     members_bucket: str = MEMBERS_BUCKET  # a KV bucket: who is alive, for partition owners
     member_ttl_s: float = 6.0  # a worker not heard from for this long owns nothing
@@ -170,13 +173,20 @@ async def provision(js: JetStreamContext, topo: Topology) -> list[str]:
     return done
 
 
+async def api_call(nc, subject: str, body: dict | None = None) -> dict:
+    """One JetStream API request, raw (what nats-py's models do not carry: priority
+    groups, a stream's subjects by count); the answer decoded, an "error" key included."""
+    data = json.dumps(body).encode() if body is not None else b""
+    return json.loads((await nc.request(subject, data, timeout=5)).data)
+
+
 async def _create_consumer(js: JetStreamContext, topo: Topology, q: Queue) -> None:
     """Create or update one consumer through the raw API: a consumer made before
     priorities existed (no filter) is updated to its filter, so it stops delivering what
     the new consumers deliver."""
-    subject = f"{topo.api_prefix}.CONSUMER.CREATE.{topo.jobs_stream}.{q.consumer}"
-    body = {"stream_name": topo.jobs_stream, "config": topo.consumer_config(q)}
-    resp = json.loads((await js._nc.request(subject, json.dumps(body).encode(), timeout=5)).data)
+    resp = await api_call(js._nc, f"{topo.api_prefix}.CONSUMER.CREATE.{topo.jobs_stream}."
+                          f"{q.consumer}", {"stream_name": topo.jobs_stream,
+                                            "config": topo.consumer_config(q)})
     if "error" in resp:
         raise TopologyError(f"consumer {q.consumer!r}: {resp['error'].get('description')}")
 
@@ -288,8 +298,7 @@ async def _consumer_infos(js: JetStreamContext, topo: Topology) -> dict[str, dic
     names = {q.consumer for q in topo.queues()}
     out: dict[str, dict] = {}
     for name in names:
-        subject = f"{topo.api_prefix}.CONSUMER.INFO.{topo.jobs_stream}.{name}"
-        resp = json.loads((await js._nc.request(subject, b"", timeout=5)).data)
+        resp = await api_call(js._nc, f"{topo.api_prefix}.CONSUMER.INFO.{topo.jobs_stream}.{name}")
         if "error" not in resp:
             out[name] = resp["config"]
     return out

@@ -124,15 +124,19 @@ async def test_a_burst_on_one_session_spills_to_the_other_worker(broker, fleet, 
     workers = [f.start("a"), f.start("b")]
     reply = "fabric.results.burst"
     rng = random.Random(3)
+    # Long enough that one worker cannot drain it within the other's poll (a second, one
+    # message at a time right after a start): 400 jobs of 4-16 tokens were once all
+    # served by the owner before the other worker's first pull, and that is not a backlog.
     jobs = [Job(id=f"burst-{i}", session="one-hot-session", reply_to=reply,
                 prompt=[rng.randrange(1, 256) for _ in range(rng.randint(8, 64))],
-                max_new_tokens=rng.randint(4, 16)) for i in range(400)]
+                max_new_tokens=rng.randint(48, 96)) for i in range(400)]
     await publish(broker.url, jobs, job_subject)
     await wait_results(broker.url, reply, len(jobs), 180, workers)
     got = await results(broker.url, reply)
     by_worker = Counter(v[0].worker for v in got.values())
     print(f"\n[sessions] a burst of 400 turns of one session: {dict(by_worker)}")
-    assert set(by_worker) == {"a", "b"}, by_worker  # the owner did not keep it all waiting
+    # The owner did not keep it all waiting: the other worker took a real share.
+    assert set(by_worker) == {"a", "b"} and min(by_worker.values()) >= 20, by_worker
     assert got.keys() == {j.id for j in jobs} and all(len(v) == 1 for v in got.values())
 
 

@@ -275,8 +275,8 @@ class Job(_Wire):
         "`job_subject` computes it); a worker admits what it has pulled by this field.")
     session: Annotated[StrictStr, Field(min_length=1, max_length=MAX_SESSION_CHARS)] | None = (
         Field(None, description="A conversation whose turns share their history: published to "
-              "`fabric.session.<token>` (`job_subject`), its jobs go to the worker that holds "
-              "its KV while that worker lives and keeps up.", exclude_if=_absent))
+              "`fabric.session.<priority>.<token>` (`job_subject`), its jobs go to the worker "
+              "that holds its KV while that worker lives and keeps up.", exclude_if=_absent))
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> Job:

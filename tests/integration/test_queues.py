@@ -86,7 +86,12 @@ def test_provision_makes_one_consumer_per_queue_and_verify_finds_them(nats_url: 
             names = [q.consumer for q in b.verified.queues]
             assert names[0] == "w"  # the default queue first: priority 5
             assert sorted(names[1:10]) == sorted(f"w-p{p}" for p in range(10) if p != 5)
-            assert names[10:] == ["w-s0", "w-s1", "w-s2"]
+            # Each partition: a queue per class of priorities (0-4, 5, 6-9).
+            assert names[10:] == ["w-s0p0", "w-s1p0", "w-s2p0", "w-s0", "w-s1", "w-s2",
+                                  "w-s0p6", "w-s1p6", "w-s2p6"]
+            parts = {q.consumer: (q.priority, q.partition) for q in b.verified.queues}
+            assert parts["w-s1p0"] == (0, 1) and parts["w-s2"] == (5, 2)
+            assert parts["w-s0p6"] == (6, 0)
             assert b.verified.members
             # Provisioning again changes nothing and fails on nothing.
             await provision(b.js, b.topo)
@@ -113,6 +118,46 @@ def test_higher_priorities_are_pulled_first_and_fifo_within_one(nats_url: str) -
                 await _until(lambda: len(tickets) == min(cap[0], 65))
             ids = [int(tk.job.id) for tk in tickets]
             assert ids == list(range(5)) + list(range(500, 530)) + list(range(900, 930))
+            await _stop((ing, task))
+    asyncio.run(main())
+
+
+def test_session_jobs_are_ordered_by_their_class_among_the_priorities(nats_url: str) -> None:
+    """A bulk session's turns wait behind default work, an urgent session's go before it,
+    and each keeps its session's partition (one partition, whatever the priority)."""
+    async def main() -> None:
+        async with Broker(nats_url, partitions=2) as b:
+            t = b.topo
+            await b.publish(t.session_prefix + "9.s-bulk", range(900, 910), priority=9,
+                            session="s-bulk")
+            await b.publish(t.jobs_subjects[:-1] + "me", range(500, 510))  # priority 5
+            await b.publish(t.session_prefix + "5.s-mid", range(520, 525), session="s-mid")
+            await b.publish(t.session_prefix + "1.s-hot", range(100, 105), priority=1,
+                            session="s-hot")
+            await b.publish(t.prio_prefix + "0.urgent", range(0, 5))
+            await b.publish(t.session_prefix + "5.s-hot", range(530, 533), session="s-hot")
+            tickets: list[Ticket] = []
+            cap = [5]
+            ing = b.ingress(tickets, lambda: cap[0] - len(tickets))
+            await ing.start()
+            ing.set_owned(None)  # owns every partition: order alone is under test
+            task = asyncio.create_task(ing.run())
+            await _until(lambda: len(tickets) == 5)
+            for _ in range(8):
+                cap[0] += 5
+                ing.room_changed.set()
+                await _until(lambda: len(tickets) == min(cap[0], 38))
+            ids = [int(tk.job.id) for tk in tickets]
+            # Urgent first: the urgent sessions' class ranks as priority 0, and within a
+            # priority a partition this worker owns goes before the priority's queue; then
+            # priority 5 (sessions and default), bulk sessions last.
+            assert ids[:10] == list(range(100, 105)) + list(range(0, 5)), ids
+            assert sorted(ids[10:28]) == list(range(500, 510)) + list(range(520, 525)) + [
+                530, 531, 532], ids
+            assert ids[28:] == list(range(900, 910)), ids
+            # One partition per session, whatever the priority of its turns.
+            hot = {tk.msg.subject.split(".")[-2] for tk in tickets if tk.job.session == "s-hot"}
+            assert len(hot) == 1, hot
             await _stop((ing, task))
     asyncio.run(main())
 
@@ -156,7 +201,7 @@ def test_session_jobs_go_to_the_owner_and_spill_only_past_the_bound(nats_url: st
             bb.set_owned(frozenset())
             tasks = [asyncio.create_task(i.run()) for i in (a, bb)]
             await asyncio.sleep(0.3)  # both idle: watches open everywhere
-            await b.publish(t.session_prefix + "sess-1", range(6), session="sess-1")
+            await b.publish(t.session_prefix + "5.sess-1", range(6), session="sess-1")
             await _until(lambda: len(got_a) == 6)
             await asyncio.sleep(0.3)
             assert got_b == []  # the owner keeps up: all of it went there
@@ -165,7 +210,7 @@ def test_session_jobs_go_to_the_owner_and_spill_only_past_the_bound(nats_url: st
             assert got_a[0].msg.subject.startswith(t.session_prefix)
             assert got_a[0].job.session == "sess-1"
             room_a[0] = len(got_a)  # the owner is full: its jobs queue in the broker
-            await b.publish(t.session_prefix + "sess-1", range(6, 16), session="sess-1")
+            await b.publish(t.session_prefix + "5.sess-1", range(6, 16), session="sess-1")
             # The other worker takes them while 3 or more wait and leaves 2 to the owner;
             # the owner's open watch (one message, past its room) may have caught the first.
             part = got_a[0].msg.subject.split(".")[-2]

@@ -467,9 +467,10 @@ async def test_live_nats_server_enforces_the_permissions(tmp_path: Path):
             # Priorities and sessions: the producer may publish to their subjects, the
             # worker pull from their consumers and keep its entry in the members bucket.
             await producer.jetstream().publish("fabric.prio.0.run1", b"urgent")
-            await producer.jetstream().publish("fabric.session.chat-1", b"turn")
+            await producer.jetstream().publish("fabric.session.5.chat-1", b"turn")
             verified = await verify(js, topo)
-            assert len(verified.queues) == 10 + topo.partitions and verified.members
+            # Ten priorities, and three classes of priorities per session partition.
+            assert len(verified.queues) == 10 + 3 * topo.partitions and verified.members
             m = Membership(worker, js, topo, "w-1", topo.partitions, on_change=lambda o: None)
             await m.join()
             assert m.members == ("w-1",) and m.owned == frozenset(range(topo.partitions))

@@ -21,8 +21,12 @@ def test_the_subject_follows_session_then_priority() -> None:
     assert job_subject(_job(priority=5), "me") == "fabric.jobs.me"
     assert job_subject(_job(priority=0), "me") == "fabric.prio.0.me"
     assert job_subject(_job(priority=9)) == "fabric.prio.9.default"
-    # A session's subject carries no priority: its partition is one queue.
-    assert job_subject(_job(session="chat-42", priority=0)) == "fabric.session.chat-42"
+    # A session's subject carries its priority before its token; the broker partitions
+    # by the token alone, so every turn of a session shares a partition.
+    assert job_subject(_job(session="chat-42")) == "fabric.session.5.chat-42"
+    assert job_subject(_job(session="chat-42", priority=0)) == "fabric.session.0.chat-42"
+    assert job_subject(_job(session="a b", priority=9)) == (
+        "fabric.session.9." + hashlib.blake2b(b"a b", digest_size=16).hexdigest())
 
 
 def test_a_session_token_is_the_session_or_its_digest() -> None:

@@ -4,10 +4,14 @@ The jobs stream has one durable pull consumer per queue the fleet serves (`Queue
 - priority 5, the default: `fabric.jobs.>` (every producer's subject before priorities
   existed) and `fabric.prio.5.>`, on the consumer named in the config;
 - each other priority p: `fabric.prio.<p>.>`, on `<consumer>-p<p>`;
-- each session partition k: the stream maps `fabric.session.<token>` to
-  `fabric.session.<k>.<token>` (`partition()`, a hash of the token), on `<consumer>-s<k>`,
-  a consumer with the `overflow` priority group so that a worker other than the
-  partition's owner pulls from it only past a backlog (`worker.broker.ingress`,
+- each session partition k: the stream maps `fabric.session.<p>.<token>` to
+  `fabric.session.<p>.<k>.<token>` (`partition()`, a hash of the token alone, so a
+  session's turns share a partition whatever their priorities). Each partition has a
+  consumer per priority class (`SESSION_CLASSES`): `<consumer>-s<k>` for priority 5,
+  `<consumer>-s<k>p0` for 0-4, `<consumer>-s<k>p6` for 6-9, so the broker orders session
+  jobs by class as it orders the others by priority (and the worker by the exact priority
+  once pulled). They have the `overflow` priority group so that a worker other than the
+  partition's owner pulls from them only past a backlog (`worker.broker.ingress`,
   `worker.broker.members`).
 The filters do not overlap, so each job is delivered by exactly one consumer.
 
@@ -40,6 +44,10 @@ CANCELS_STREAM = "FABRIC_CANCELS"
 MEMBERS_BUCKET = "FABRIC_WORKERS"
 PRIORITIES = range(10)  # 0 first, 9 last (the default: schemas.models.DEFAULT_PRIORITY)
 GROUP = "fabric"  # the priority group of the session partitions' consumers (ADR-42)
+# A session partition's queues: one per class, not per priority (10 x 16 consumers, each
+# watched by every worker, would cost more than it orders). A class's queue ranks as its
+# first priority among the priority queues.
+SESSION_CLASSES: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3, 4), (DEFAULT_PRIORITY,), (6, 7, 8, 9))
 
 
 class TopologyError(RuntimeError):
@@ -71,7 +79,7 @@ class Topology:
     # API call and the pull requests go to `$JS.<domain>.API`. None: the local JetStream.
     js_domain: str | None = None
     prio_prefix: str = PRIO_PREFIX  # fabric.prio.<p>.<anything>: priority p
-    session_prefix: str = SESSION_PREFIX  # fabric.session.<token>: a session's jobs
+    session_prefix: str = SESSION_PREFIX  # fabric.session.<priority>.<token>: a session's jobs
     # Session partitions: each a consumer, each owned by one live worker. More partitions
     # than workers, or a fleet cannot split them evenly (rendezvous hashing; members.py).
     partitions: int = 16
@@ -99,11 +107,12 @@ class Topology:
         # gets the workers' replies (who held what), not the stream's.
         cancels.no_ack = True
         jobs = cfg(self.jobs_stream, self.jobs_subjects)
-        jobs.subjects = [self.jobs_subjects, f"{self.prio_prefix}*.>", f"{self.session_prefix}*"]
+        jobs.subjects = [self.jobs_subjects, f"{self.prio_prefix}*.>", f"{self.session_prefix}*.*"]
         # The broker, not the producer, picks a session's partition: a hash of its token.
         jobs.subject_transform = SubjectTransform(
-            src=f"{self.session_prefix}*",
-            dest=f"{self.session_prefix}{{{{partition({self.partitions},1)}}}}.{{{{wildcard(1)}}}}")
+            src=f"{self.session_prefix}*.*",
+            dest=f"{self.session_prefix}{{{{wildcard(1)}}}}.{{{{partition({self.partitions},2)}}}}"
+                 f".{{{{wildcard(2)}}}}")
         return [jobs, cfg(self.results_stream, self.results_prefix + ">"),
                 cfg(self.dlq_stream, self.dlq_prefix + ">"), cancels]
 
@@ -113,8 +122,11 @@ class Topology:
                      (self.jobs_subjects, f"{self.prio_prefix}{DEFAULT_PRIORITY}.>"))]
         out += [Queue(f"{self.consumer}-p{p}", p, None, (f"{self.prio_prefix}{p}.>",))
                 for p in PRIORITIES if p != DEFAULT_PRIORITY]
-        out += [Queue(f"{self.consumer}-s{k}", DEFAULT_PRIORITY, k, (f"{self.session_prefix}{k}.*",))
-                for k in range(self.partitions)]
+        for cls in SESSION_CLASSES:
+            suffix = "" if DEFAULT_PRIORITY in cls else f"p{cls[0]}"
+            out += [Queue(f"{self.consumer}-s{k}{suffix}", cls[0], k,
+                          tuple(f"{self.session_prefix}{p}.{k}.*" for p in cls))
+                    for k in range(self.partitions)]
         return out
 
     def consumer_config(self, q: Queue) -> dict:
@@ -132,8 +144,8 @@ class Topology:
 @dataclass(frozen=True, slots=True)
 class Queue:
     """One consumer of the jobs stream: the jobs of one priority, or of one session
-    partition (priority 5 as far as the broker knows; the worker orders them by their own
-    `priority` once pulled)."""
+    partition and priority class (`priority`: the class's first; the worker orders them
+    by their own `priority` once pulled)."""
 
     consumer: str
     priority: int
@@ -161,7 +173,8 @@ async def provision(js: JetStreamContext, topo: Topology) -> list[str]:
         await _create_consumer(js, topo, q)
     done.append(f"consumers {topo.jobs_stream}/{topo.consumer} (priority 5), "
                 f"-p0..-p9 (the other priorities), -s0..-s{topo.partitions - 1} "
-                f"(session partitions): ready")
+                f"(session partitions; -s<k>p0 and -s<k>p6 their urgent and bulk "
+                f"classes): ready")
     try:
         await js.key_value(topo.members_bucket)
         done.append(f"bucket {topo.members_bucket}: exists")

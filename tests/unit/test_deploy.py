@@ -256,7 +256,8 @@ def test_custom_resources_match_their_schema():
     custom = _manifests(custom=True)
     assert {(d["apiVersion"], d["kind"]) for d in map(_load, custom)} == {
         ("keda.sh/v1alpha1", "ScaledObject"), ("jetstream.nats.io/v1beta2", "Account"),
-        ("jetstream.nats.io/v1beta2", "Stream"), ("jetstream.nats.io/v1beta2", "Consumer")}
+        ("jetstream.nats.io/v1beta2", "Stream"), ("jetstream.nats.io/v1beta2", "Consumer"),
+        ("jetstream.nats.io/v1beta2", "KeyValue")}
     out = _run(_tool("check-jsonschema"), "--schemafile", str(CRD_SCHEMA), *map(str, custom))
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -273,7 +274,11 @@ def test_custom_resource_schema_rejects_a_typo():
 def test_kustomizations_cover_every_manifest_once():
     listed = [(kfile.parent / rel).resolve()
               for kfile in K8S.rglob("kustomization.yaml") for rel in _load(kfile)["resources"]]
-    assert sorted(listed) == sorted(p.resolve() for p in _manifests())
+    # A listed folder is a kustomization of its own (its files are listed there).
+    folders = [p for p in listed if p.is_dir()]
+    assert all((p / "kustomization.yaml").exists() for p in folders)
+    files = [p for p in listed if not p.is_dir()]
+    assert sorted(files) == sorted(p.resolve() for p in _manifests())
 
 
 def test_k8s_resources_live_in_one_namespace():
@@ -572,17 +577,56 @@ def test_nack_resources_describe_the_workers_topology():
     assert _duration_s(consumer["ackWait"]) == topo.ack_wait_s
     assert consumer["maxDeliver"] == topo.max_deliver
     streams = {d["spec"]["name"]: d["spec"] for d in map(_doc, (
-        "nack/stream-jobs.yaml", "nack/stream-results.yaml", "nack/stream-dlq.yaml"))}
+        "nack/stream-jobs.yaml", "nack/stream-results.yaml", "nack/stream-dlq.yaml",
+        "nack/stream-cancels.yaml"))}
+    # The subjects and the session partitions' transform are what `provision` makes.
+    made = {sc.name: sc for sc in topo.stream_configs()}
     assert {name: s["subjects"] for name, s in streams.items()} == {
-        topo.jobs_stream: [topo.jobs_subjects],
-        topo.results_stream: [topo.results_prefix + ">"],
-        topo.dlq_stream: [topo.dlq_prefix + ">"]}
+        name: list(sc.subjects) for name, sc in made.items()}
+    tr = made[topo.jobs_stream].subject_transform
+    assert streams[topo.jobs_stream]["subjectTransform"] == {"source": tr.src, "dest": tr.dest}
+    cancels = streams[topo.cancels_stream]
+    assert cancels["noAck"] and _duration_s(cancels["maxAge"]) == topo.duplicate_window_s
+    assert consumer["filterSubjects"] == list(topo.queues()[0].subjects)
     for spec in [*streams.values(), consumer]:
         assert spec["replicas"] == 3 and spec["account"] == "fabric" and spec["preventDelete"]
     assert all(s["retention"] == "limits" and s["storage"] == "file" for s in streams.values())
     # Every server holds a replica of every R3 stream: together they must fit its store.
     store = re.search(r"max_file_store:\s*(\d+)GB", (NATS_DIR / "nats-cluster.conf").read_text())
     assert sum(s["maxBytes"] for s in streams.values()) <= int(store.group(1)) * 10**9
+
+
+def test_nack_makes_every_queue_and_the_members_bucket():
+    """The generated NACK resources are current and are the queues `provision` makes: the
+    same consumers, filters and priority groups, and the same members bucket."""
+    from worker.broker import nack
+    assert nack.stale_files() == [], "regenerate with `python -m worker.broker.nack`"
+    assert nack.main(["--check"]) == 0
+    topo = _topology()
+    assert (nack.DEPLOYED.jobs_stream, nack.DEPLOYED.consumer) == (topo.jobs_stream,
+                                                                  topo.consumer)
+    kust = _doc("nack/kustomization.yaml")["resources"]
+    assert all((K8S / "nack" / r).exists() for r in kust)
+    assert {nack.QUEUES_DIR, nack.MEMBERS_FILE} <= set(kust)
+    listed = _doc(f"nack/{nack.QUEUES_DIR}/kustomization.yaml")["resources"]
+    specs = {d["spec"]["durableName"]: d["spec"]
+             for d in (_doc(f"nack/{nack.QUEUES_DIR}/{r}") for r in listed)}
+    queues = topo.queues()[1:]
+    assert list(specs) == [q.consumer for q in queues]
+    default = _doc("nack/consumer-workers.yaml")["spec"]
+    for q in queues:
+        spec = specs[q.consumer]
+        assert spec["filterSubjects"] == list(q.subjects)
+        assert (spec.get("priorityGroups"), spec.get("priorityPolicy")) == (
+            ([q.group], "overflow") if q.group else (None, None))
+        want = topo.consumer_config(q)
+        assert (_duration_s(spec["ackWait"]), spec["maxDeliver"]) == (
+            want["ack_wait"] / 1e9, want["max_deliver"])
+        for key in ("ackPolicy", "maxAckPending", "replicas", "account", "streamName"):
+            assert spec[key] == default[key], key
+    kv = _doc("nack/keyvalue-members.yaml")["spec"]
+    assert (kv["bucket"], _duration_s(kv["ttl"]), kv["history"]) == (
+        topo.members_bucket, topo.member_ttl_s, 1)
 
 
 def test_fleet_fits_under_max_ack_pending():

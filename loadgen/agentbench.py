@@ -44,14 +44,20 @@ def run_agent(cfg: BenchConfig, broker: EmbeddedNats, work: Path, log,
             if cfg.agent_host_tier else
             (("cache", ("",), pool, spec), ("no_cache", ("",), (*pool, "--no-prefix-cache"), spec),
              ("one_core", ("0",), None, spec), ("two_workers", ("0", "1"), pool, spec),
-             ("two_workers_anonymous", ("0", "1"), pool, dataclasses.replace(spec, named=False))))
+             ("two_workers_anonymous", ("0", "1"), pool, dataclasses.replace(spec, named=False)),
+             ("two_workers_kill9", ("0", "1"), pool, spec)))
     for label, cpus, args, sp in runs:
         if args is None:  # one worker on one core, with the pool two workers have together
             args = ("--kv-pool-blocks", str(2 * out["cache"]["kv_blocks"]))
+        kill = {}
+        if label == "two_workers_kill9":
+            # The second worker killed with SIGKILL halfway through the named-session run
+            # (its jobs come back after a 5 s ack wait): nothing may be lost.
+            kill = {"kill_after_s": out["two_workers"]["wall_s"] / 2, "ack_wait_s": 5.0}
         log(f"agent traffic, {label.replace('_', ' ')}: {spec.sessions} sessions x "
             f"{spec.turns} turns ...")
         r = run_rung(cfg, broker, work, f"agent{label.replace('_', '')}", "continuous", [],
-                     cpus=cpus, sessions=sp, worker_args=args)
+                     cpus=cpus, sessions=sp, worker_args=args, **kill)
         r.pop("completions")
         r["unbounded_hit_fraction"] = unbounded_hit_fraction(r.pop("token_log"), r["block_size"])
         out[label] = r
@@ -112,7 +118,7 @@ def markdown(a: dict[str, Any]) -> list[str]:
              "KV pool blocks (budget) | RSS MiB | p50 / p99 latency ms |",
              "|---|---|---|---|---|---|---|---|"]
     labels = [k for k in ("cache", "no_tier", "no_cache", "one_core", "two_workers",
-                          "two_workers_anonymous") if k in a]
+                          "two_workers_anonymous", "two_workers_kill9") if k in a]
     for label in labels:
         r = a[label]
         lat = r["latency_ms"]
@@ -139,6 +145,13 @@ def markdown(a: dict[str, Any]) -> list[str]:
                      f"{100 * a['fleet_hit_ratio']:.0f}% of its prompt tokens from cache "
                      f"(anonymous sessions: {100 * a['two_workers_anonymous']['cache_hit_fraction']:.1f}%"
                      f" from cache).")
+    if "two_workers_kill9" in a:
+        k = a["two_workers_kill9"]
+        lines.append(f"Two workers, one killed with SIGKILL after {k['killed_after_s']:.1f} s: "
+                     f"{k['jobs_ok']} of {k['jobs']} jobs answered ok, "
+                     f"{k['results_stored']} Results kept by the results stream "
+                     f"({k['duplicates_on_reply_subject']} seen twice on the reply subject, "
+                     f"dropped there by the duplicate window).")
     if "ragged_ratio" in a:
         lines.append(f"Ragged traffic (nothing shared), cache on over off: "
                      f"{a['ragged_cache']['useful_tokens_per_s']:,.0f} / "

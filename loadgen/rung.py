@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,24 +121,31 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
              jobs: list[JobSpec], model: str | None = None,
              cpus: tuple[str, ...] = ("",), runner: str = "auto", arrival: Arrival = Burst(),
              duration_s: float = 0.0, sessions: SessionSpec | None = None,
-             worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
+             worker_args: tuple[str, ...] = (), kill_after_s: float = 0.0,
+             ack_wait_s: float | None = None) -> dict[str, Any]:
     """One worker per entry of `cpus` ("" = unpinned) on one consumer, the workload at once
     (or as `arrival` says). With `duration_s` the run stops then, whatever is left, and its
     `sustained` rate is read over the last three quarters of it (`window_rate`). With
-    `sessions`, agent traffic instead of `jobs` (`loadgen.sessions`)."""
+    `sessions`, agent traffic instead of `jobs` (`loadgen.sessions`). With `kill_after_s`,
+    the last worker is killed with SIGKILL that long after the traffic starts (its unacked
+    jobs come back to the others after the consumer's ack wait, `ack_wait_s`), and the
+    results stream is counted: `results_stored` holds how many Results it kept per job."""
     stream = f"BENCH_{name.upper()}"
     asyncio.run(delete_streams(broker.url, stream))
     conf = write_engine_toml(work / f"{name}.toml", cfg.engine_fields(broker.url, stream, model))
-    provision(conf)
+    provision(conf, extra_args=("--ack-wait-s", f"{ack_wait_s:g}") if ack_wait_s else ())
     workers = [WorkerProcess(conf, worker_id=f"{name}-{i}", log_path=work / f"{name}-{i}.log",
                              extra_args=("--policy", policy, "--runner", runner, *worker_args)
                              + (("--cpus", c) if c else ()))
                for i, c in enumerate(cpus)]
+    killer = threading.Timer(kill_after_s, workers[-1].kill) if kill_after_s else None
     try:
         for w in workers:
             w.start()
         for w in workers:
             w.wait_ready(300)
+        if killer is not None:
+            killer.start()
         with BusySampler(cfg.device) as busy:
             if sessions is not None:
                 stats = asyncio.run(run_sessions(broker.url, dataclasses.replace(
@@ -147,7 +155,11 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
                                              timeout_s=duration_s or cfg.timeout_s,
                                              arrival=arrival))
         rss_mib = peak_rss_mib(workers[0].pid)
+        stored = (asyncio.run(results_stored(broker.url, reply_subject(stats.run_id)))
+                  if killer is not None else None)
     finally:
+        if killer is not None:
+            killer.cancel()
         for w in workers:
             w.terminate(grace_s=30)
     asyncio.run(delete_streams(broker.url, stream))
@@ -183,8 +195,24 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
         "kv_blocks": engine.get("kv_blocks"), "kv_budget_blocks": engine.get("kv_budget_blocks"),
         "block_size": engine.get("block_size"), "rss_mib": rss_mib,
         "kv": s.get("kv"),  # the first worker's KV counters: hits and copies by tier
+        # With a kill: the Results the results stream kept (one per job: the duplicates a
+        # replay publishes again are dropped by the stream's duplicate window), and the
+        # Results seen twice on the reply subject itself (core delivery, before that).
+        "killed_after_s": kill_after_s or None, "results_stored": stored,
+        "duplicates_on_reply_subject": rep.get("duplicates"),
         **({"token_log": stats.token_log} if sessions is not None else {}),
     }
+
+
+async def results_stored(url: str, subject: str) -> int:
+    """How many messages the results stream holds on `subject`."""
+    import nats
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(RESULTS_STREAM, subjects_filter=subject)
+        return sum((info.state.subjects or {}).values())
+    finally:
+        await nc.close()
 
 
 def peak_rss_mib(pid: int | None) -> float | None:

@@ -418,3 +418,25 @@ def test_the_agent_table_with_the_host_tier_reports_hits_by_tier_and_copies_by_w
     md = "\n".join(markdown(a))
     assert "Host tier on over off: 1.25x" in md and "Prefix caching" not in md
     assert "| cache | 900 | 300 | 390 | 3 | 400 | 8192 |" in md and "| no tier |" in md
+
+
+def test_the_agent_table_reports_the_fleet_and_the_kill() -> None:
+    from loadgen.agentbench import markdown
+
+    def run(tps: float, hit: float = 0.9, **kw) -> dict:
+        return {"useful_tokens_per_s": tps, "jobs_per_s": 1.0, "cache_hit_fraction": hit,
+                "unbounded_hit_fraction": 0.95, "kv_blocks": 768, "kv_budget_blocks": 512,
+                "rss_mib": 900, "latency_ms": {"p50": 10, "p99": 20}, **kw}
+
+    a = {"spec": {"sessions": 32, "turns": 12, "system_prompts": 2, "system_tokens": [100, 200]},
+         "cache": run(2000.0), "no_cache": run(1000.0, 0.0), "ratio": 2.0,
+         "one_core": run(1000.0), "two_workers": run(1700.0, 0.88),
+         "two_workers_anonymous": run(1500.0, 0.8),
+         "two_workers_kill9": run(1200.0, jobs=384, jobs_ok=384, killed_after_s=6.04,
+                                  results_stored=384, duplicates_on_reply_subject=3),
+         "fleet_ratio": 1.7, "fleet_hit_ratio": 0.88 / 0.9}
+    md = "\n".join(markdown(a))
+    assert "| two workers kill9 | 1,200 |" in md
+    assert "over one one-core worker with their pools together: 1.70x" in md
+    assert ("one killed with SIGKILL after 6.0 s: 384 of 384 jobs answered ok, 384 Results "
+            "kept by the results stream (3 seen twice") in md

@@ -149,9 +149,10 @@ def markdown(a: dict[str, Any]) -> list[str]:
         k = a["two_workers_kill9"]
         lines.append(f"Two workers, one killed with SIGKILL after {k['killed_after_s']:.1f} s: "
                      f"{k['jobs_ok']} of {k['jobs']} jobs answered ok, "
-                     f"{k['results_stored']} Results kept by the results stream "
-                     f"({k['duplicates_on_reply_subject']} seen twice on the reply subject, "
-                     f"dropped there by the duplicate window).")
+                     f"{k['results_stored']} Results kept by the results stream, "
+                     f"{k.get('redelivered')} jobs redelivered to the survivor "
+                     f"({k['duplicates_on_reply_subject']} answered twice on the reply subject; "
+                     f"the stream's duplicate window keeps one).")
     if "ragged_ratio" in a:
         lines.append(f"Ragged traffic (nothing shared), cache on over off: "
                      f"{a['ragged_cache']['useful_tokens_per_s']:,.0f} / "

@@ -199,6 +199,7 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
         # replay publishes again are dropped by the stream's duplicate window), and the
         # Results seen twice on the reply subject itself (core delivery, before that).
         "killed_after_s": kill_after_s or None, "results_stored": stored,
+        "redelivered": s.get("redelivered"),  # the first worker's: jobs that came back to it
         "duplicates_on_reply_subject": rep.get("duplicates"),
         **({"token_log": stats.token_log} if sessions is not None else {}),
     }

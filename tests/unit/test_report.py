@@ -433,10 +433,12 @@ def test_the_agent_table_reports_the_fleet_and_the_kill() -> None:
          "one_core": run(1000.0), "two_workers": run(1700.0, 0.88),
          "two_workers_anonymous": run(1500.0, 0.8),
          "two_workers_kill9": run(1200.0, jobs=384, jobs_ok=384, killed_after_s=6.04,
-                                  results_stored=384, duplicates_on_reply_subject=3),
+                                  results_stored=384, duplicates_on_reply_subject=3,
+                                  redelivered=11),
          "fleet_ratio": 1.7, "fleet_hit_ratio": 0.88 / 0.9}
     md = "\n".join(markdown(a))
     assert "| two workers kill9 | 1,200 |" in md
     assert "over one one-core worker with their pools together: 1.70x" in md
     assert ("one killed with SIGKILL after 6.0 s: 384 of 384 jobs answered ok, 384 Results "
-            "kept by the results stream (3 seen twice") in md
+            "kept by the results stream, 11 jobs redelivered to the survivor (3 answered twice")\
+        in md

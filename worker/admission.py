@@ -123,13 +123,6 @@ class Intake:
         return max(0, min(1 if self.cautious else self.fetch_batch, by_tokens,
                           self.held_cap - len(self.held)))
 
-    def idle(self) -> bool:
-        """Nothing waits here and admission would take a job at once: what a worker
-        checks before it takes session jobs waiting on another worker's partitions
-        (`worker.broker.ingress`)."""
-        return (not self.draining and not self.solo_inflight and not self.pending
-                and self.in_flight_tokens <= self.admission.low_water_tokens)
-
     def hold(self, msg: Msg, attempt: int, last_fetch_len: int) -> None:
         """A delivery arrived (valid or not): hold it until it is settled."""
         self.held[id(msg)] = msg

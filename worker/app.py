@@ -153,8 +153,7 @@ class Worker:
                                verified.queues or self.topo.consumer,
                                Validator(limits, loaded.tokenizer, loaded.chat, self.opts.served),
                                intake.room, self._on_ticket, self._on_outcome,
-                               fetch_timeout_s=FETCH_TIMEOUT_S, api_prefix=self.topo.api_prefix,
-                               idle=intake.idle)
+                               fetch_timeout_s=FETCH_TIMEOUT_S, api_prefix=self.topo.api_prefix)
         # (each partition has a queue per class of priorities: count partitions, not queues)
         partitions = len({q.partition for q in verified.queues if q.partition is not None})
         if verified.members and partitions:

@@ -235,38 +235,6 @@ def test_session_jobs_go_to_the_owner_and_spill_only_past_the_bound(nats_url: st
     asyncio.run(main())
 
 
-def test_an_idle_worker_takes_a_job_its_busy_owner_left_waiting(nats_url: str) -> None:
-    """Below the spill bound, a job left undelivered (its owner has no room) goes to a
-    worker with nothing to do -- and not to one that is busy."""
-    async def main() -> None:
-        async with Broker(nats_url, partitions=2) as b:
-            t = b.topo
-            got_a: list[Ticket] = []
-            got_b: list[Ticket] = []
-            idle_b = [False]
-            # Five jobs of one session wait; the owner has room for two of them.
-            await b.publish(t.session_prefix + "5.sess-1", range(5), session="sess-1")
-            a = b.ingress(got_a, lambda: 2 - len(got_a), spill_after=4)
-            await a.start()
-            a.set_owned(frozenset({0, 1}))
-            tasks = [asyncio.create_task(a.run())]
-            await _until(lambda: len(got_a) == 2)
-            bb = b.ingress(got_b, lambda: 100 - len(got_b), spill_after=4,
-                           idle=lambda: idle_b[0], spill_poll_s=0.1)
-            await bb.start()
-            bb.set_owned(frozenset())
-            tasks.append(asyncio.create_task(bb.run()))
-            await asyncio.sleep(1.2)  # b busy: it asks for 4 waiting, and 3 wait
-            assert got_b == [] and len(got_a) == 2
-            idle_b[0] = True  # b has nothing to do now: it takes what waits, within a poll
-            bb.room_changed.set()
-            await _until(lambda: len(got_b) == 3, timeout_s=3.0)
-            assert bb.spilled == 3 and len(got_a) == 2
-            assert sorted(int(tk.job.id) for tk in got_a + got_b) == list(range(5))
-            await _stop((a, tasks[0]), (bb, tasks[1]))
-    asyncio.run(main())
-
-
 def test_members_split_the_partitions_and_take_over_from_one_that_leaves(nats_url: str) -> None:
     async def main() -> None:
         async with Broker(nats_url, partitions=16, member_ttl_s=1.5) as b:

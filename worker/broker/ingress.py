@@ -21,13 +21,7 @@ hold work goes first in the next pass: a low priority is never starved for longe
 A session partition this worker does not own is pulled with `min_pending` (the `overflow`
 priority group of ADR-42): the server delivers from it only while `spill_after` or more of
 its jobs wait undelivered -- its owner is not keeping up -- so a session's jobs go to the
-worker holding its KV unless that would leave them queued. An owner pulls whatever its
-room takes, so a job left undelivered is one its owner has no room for; a worker that is
-*idle* (`idle()`: nothing pending, in flight below low water) takes such jobs from one
-waiting (`min_pending` 1), asking every `spill_poll_s` instead of watching: with closed-loop
-sessions (each has one turn out at a time) a busy owner's backlog is spread one or two
-jobs per partition and never reaches `spill_after` in any one, while an unlucky split of
-partitions leaves the other worker half idle (measured: 98 against 286 jobs).
+worker holding its KV unless that would leave them queued.
 
 Stopping is the subtle part. A pull request outlives the moment we stop asking (until its
 `expires`), and the server may deliver to it meanwhile. Those deliveries still reach our
@@ -59,7 +53,6 @@ log = structlog.get_logger("ingress")
 _MAX_BATCH = re.compile(r"MaxRequestBatch of (\d+)")
 
 SPILL_AFTER = 4  # a partition's jobs waiting undelivered before a non-owner takes them
-SPILL_POLL_S = 0.25  # an idle worker asks the partitions it does not own this often
 STARVE_AFTER_S = 5.0
 
 
@@ -90,15 +83,13 @@ class Source:
         within = 1 if q.partition is None else (2 if self.min_pending else 0)
         return q.priority, within
 
-    def request(self, batch: int, expires_ns: int, *, no_wait: bool,
-                min_pending: int | None = None) -> bytes:
+    def request(self, batch: int, expires_ns: int, *, no_wait: bool) -> bytes:
         parts = [b'"batch":%d' % batch]
         parts.append(b'"no_wait":true' if no_wait else b'"expires":%d' % expires_ns)
         if self.queue.group:
             parts.append(b'"group":"%s"' % self.queue.group.encode())
-            mp = self.min_pending if min_pending is None else min_pending
-            if mp:
-                parts.append(b'"min_pending":%d' % mp)
+            if self.min_pending:
+                parts.append(b'"min_pending":%d' % self.min_pending)
         return b"{" + b",".join(parts) + b"}"
 
 
@@ -116,8 +107,7 @@ class Ingress:
                  room: Callable[[], int], on_ticket: Callable[[Ticket], None],
                  on_outcome: Callable[[Outcome], None], fetch_timeout_s: float = 1.0,
                  api_prefix: str = "$JS.API", starve_after_s: float = STARVE_AFTER_S,
-                 spill_after: int = SPILL_AFTER, idle: Callable[[], bool] = lambda: False,
-                 spill_poll_s: float = SPILL_POLL_S):
+                 spill_after: int = SPILL_AFTER):
         if isinstance(queues, str):  # one consumer by name: the default queue alone
             queues = [Queue(queues, DEFAULT_PRIORITY, None, ())]
         self.nc = nc
@@ -130,8 +120,6 @@ class Ingress:
         self.fetch_timeout_s = fetch_timeout_s
         self.starve_after_s = starve_after_s
         self.spill_after = spill_after
-        self.idle = idle  # nothing pending and room in flight: take others' waiting jobs
-        self.spill_poll_s = spill_poll_s
         self.room_changed = asyncio.Event()
         self._failure: BaseException | None = None  # raised from a delivery's hand-on
         self.max_batch = 1 << 30  # lowered if the consumer says it caps a pull's batch
@@ -174,19 +162,10 @@ class Ingress:
     def _credit(self) -> int:
         return sum(s.credit for s in self.sources if s.pulling)
 
-    def _order(self, now: float, idle: bool) -> list[Source]:
+    def _order(self, now: float) -> list[Source]:
         starved = now - self.starve_after_s
-        polled = now - self.spill_poll_s  # (an idle worker asks others' partitions this often)
-        return sorted((s for s in self.sources if not s.open and s.retry_at <= now
-                       and not (idle and s.min_pending and s.last_pull > polled)),
+        return sorted((s for s in self.sources if not s.open and s.retry_at <= now),
                       key=lambda s: (not (s.last_pull < starved and not s.short), s.rank()))
-
-    def _watches(self, s: Source) -> bool:
-        """Whether an empty `s` gets a watch: not while room is 1 (caution: nothing extra
-        held), nor a partition another worker owns while this one is idle (it is asked
-        every `spill_poll_s` instead, for any job waiting)."""
-        return (not self.stopping and self.room() > 1
-                and not (s.min_pending and self.idle()))
 
     async def run(self) -> None:
         while not self.stopping:
@@ -198,43 +177,36 @@ class Ingress:
                 await self.room_changed.wait()
                 continue
             self.room_changed.clear()
-            idle = self.idle()
-            for s in self._order(time.monotonic(), idle):
+            for s in self._order(time.monotonic()):
                 # Until it is empty or the room is full (a batch can be capped by max_batch).
                 while (n := min(self.room() - self._credit(), self.max_batch)) > 0:
                     if self.stopping or self._failure is not None:
                         break
-                    await self._pull(s, n, 1 if idle and s.min_pending else None)
+                    await self._pull(s, n)
                     if s.short or s.retry_at:
                         break
-                if s.short and self._watches(s):
-                    await self._watch(s)
+                if s.short and not self.stopping and self.room() > 1:
+                    await self._watch(s)  # (a room of 1 is caution: nothing extra held)
                 if n <= 0 or self.stopping:
                     break
             if not self.room_changed.is_set():
                 # Room left and every source asked: wait for a watch, room, or a tick
                 # (a source that filled its batch is asked again then).
-                tick = self.fetch_timeout_s
-                if idle and any(s.min_pending for s in self.sources):
-                    tick = min(tick, self.spill_poll_s)
                 try:
-                    await asyncio.wait_for(self.room_changed.wait(), tick)
+                    await asyncio.wait_for(self.room_changed.wait(), self.fetch_timeout_s)
                 except asyncio.TimeoutError:
                     pass
             failpoints.hit("ingress.fetch")
 
-    async def _pull(self, s: Source, n: int, min_pending: int | None = None) -> None:
-        """Ask `s` for up to `n` messages, now (no_wait), and wait for the answer
-        (`min_pending`: instead of the source's own)."""
+    async def _pull(self, s: Source, n: int) -> None:
+        """Ask `s` for up to `n` messages, now (no_wait), and wait for the answer."""
         s.credit = s.batch = n
         s.pulling, s.short, s.retry_at = True, False, 0.0
         s.over.clear()
         s.last_pull = now = time.monotonic()
         self.requests_expire_at = max(self.requests_expire_at, now + 0.5)
         try:
-            await self.nc.publish(s.next_subject, s.request(n, 0, no_wait=True,
-                                                            min_pending=min_pending),
-                                  reply=s.reply)
+            await self.nc.publish(s.next_subject, s.request(n, 0, no_wait=True), reply=s.reply)
             # A status lost with a broken connection must not wedge us: move on after.
             await asyncio.wait_for(s.over.wait(), self.fetch_timeout_s + 0.5)
         except asyncio.TimeoutError:
@@ -284,14 +256,9 @@ class Ingress:
                 # Asked again at once it would be refused again: a tight loop.
                 s.retry_at = time.monotonic() + 0.5
             self._ended(s, short=status in ("404", "408"))
-            if status == "408":
-                if self._watches(s):
-                    # A watch that saw nothing: the source is still empty; watch it again.
-                    await self._watch(s)
-                elif s.min_pending and not self.stopping and self.idle():
-                    # Another's partition, and this worker is idle: poll it now instead
-                    # (the loop may be waiting for a watch that is no longer there).
-                    self.room_changed.set()
+            if status == "408" and not self.stopping and self.room() > 1:
+                # A watch that saw nothing: the source is still empty; watch it again.
+                await self._watch(s)
             return
         s.credit -= 1
         s.fetched += 1

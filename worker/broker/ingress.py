@@ -8,8 +8,9 @@ delivery is validated (`worker.broker.validate`) into its `Ticket`s or an `Outco
 handed to the worker's callbacks.
 
 Several consumers, one room (`Source`, one per `worker.broker.topology.Queue`): a pass
-asks each source in order -- priority 0 first; within priority 5 the session partitions
-this worker owns, then the default queue, then the partitions others own -- for what room
+asks each source in order -- priority 0 first; within a priority the session partitions
+this worker owns (a partition's queue of a class ranks as the class's first priority),
+then the priority's own queue, then the partitions others own -- for what room
 is left, with `no_wait` (the answer is at once: what there is, then a 404), so a lower
 queue is asked only for what the higher ones could not fill. A source found empty gets a
 *watch*: a one-message long-poll, so an arrival wakes the loop instead of being polled

@@ -124,12 +124,9 @@ class Worker:
         for t in tasks:
             t.cancel()
         # The KV pool's counters (hits and copies by tier) beside the stats: the bench reads them.
-        # And what came from which queue: session jobs taken from others' partitions included.
-        queues = ({"fetched_by_queue": self.ingress.fetched_by_queue(),
-                   "session_spilled": self.ingress.spilled} if self.ingress else {})
         log.info("worker_summary", worker=self.opts.worker_id, exit_reason=reason, exit_code=code,
                  **self.stats.summary(), kv=dataclasses.asdict(KvLevels.of(self.intake.pool)),
-                 **queues)
+                 **(self.ingress.summary() if self.ingress else {}))
         return code
 
     async def _build(self, loop: asyncio.AbstractEventLoop, js, verified: Verified) -> None:

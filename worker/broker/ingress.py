@@ -160,6 +160,11 @@ class Ingress:
             out[label] = out.get(label, 0) + s.fetched
         return out
 
+    def summary(self) -> dict:
+        """For the worker's summary: what came from which queue, and the session jobs
+        taken from partitions another worker owns."""
+        return {"fetched_by_queue": self.fetched_by_queue(), "session_spilled": self.spilled}
+
     def _credit(self) -> int:
         return sum(s.credit for s in self.sources if s.pulling)
 

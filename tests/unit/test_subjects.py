@@ -8,7 +8,7 @@ from collections import Counter
 
 from schemas import Job
 from schemas.subjects import job_subject, session_token
-from worker.broker.members import member_key, owned, owner, owners, preferred
+from worker.broker.members import member_key, owned, owners, preferred
 
 
 def _job(**kw) -> Job:
@@ -43,7 +43,7 @@ def test_owners_cover_every_partition_once_evenly_and_move_little() -> None:
     parts = [owned(w, workers, 64) for w in workers]
     assert sorted(k for p in parts for k in p) == list(range(64))
     assert [len(p) for p in parts] == [16] * 4  # the cap: an even share each
-    assert owner(3, [], 8) is None and owned("x", ["x"], 5) == frozenset(range(5))
+    assert owners([], 8)[3] is None and owned("x", ["x"], 5) == frozenset(range(5))
     # Two workers, 16 partitions (the default): 8 each for any pair of names, where plain
     # rendezvous gave 5 and 11 to some.
     plain = []
@@ -54,14 +54,14 @@ def test_owners_cover_every_partition_once_evenly_and_move_little() -> None:
     assert min(plain) <= 5 or max(plain) >= 11  # what the cap is for
     # A fifth worker takes its share; a few others move to make room, not many.
     five = workers + ["host-4"]
-    moved = [k for k in range(64) if owner(k, five, 64) != owner(k, workers, 64)]
-    took = [k for k in moved if owner(k, five, 64) == "host-4"]
+    by4, by5, by3 = owners(workers, 64), owners(five, 64), owners(workers[1:], 64)
+    moved = [k for k in range(64) if by5[k] != by4[k]]
+    took = [k for k in moved if by5[k] == "host-4"]
     assert 12 <= len(took) <= 13 and len(moved) - len(took) <= 6, (len(moved), len(took))
     # One that leaves hands over its own, and a few more move to even the shares.
-    three = workers[1:]
-    moved = [k for k in range(64) if owner(k, three, 64) != owner(k, workers, 64)]
-    assert sum(owner(k, workers, 64) == "host-0" for k in moved) == 16 and len(moved) <= 22
-    spread = Counter(owner(k, five, 64) for k in range(64))
+    moved = [k for k in range(64) if by3[k] != by4[k]]
+    assert sum(by4[k] == "host-0" for k in moved) == 16 and len(moved) <= 22
+    spread = Counter(by5)
     assert sorted(spread.values()) == [12, 13, 13, 13, 13]
     # Three workers, 16 partitions: at most 6 each, every partition owned.
     assert sorted(Counter(owners(["a", "b", "c"], 16)).values()) in ([5, 5, 6], [4, 6, 6])

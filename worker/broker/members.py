@@ -78,10 +78,6 @@ def owners(members: Sequence[str], partitions: int) -> list[str | None]:
     return out
 
 
-def owner(partition: int, members: Sequence[str], partitions: int) -> str | None:
-    return owners(members, partitions)[partition]
-
-
 def owned(me: str, members: Sequence[str], partitions: int) -> frozenset[int]:
     return frozenset(k for k, m in enumerate(owners(members, partitions)) if m == me)
 

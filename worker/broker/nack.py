@@ -51,11 +51,11 @@ def consumer_yaml(topo: Topology, q: Queue) -> str:
     lines = ["apiVersion: jetstream.nats.io/v1beta2", "kind: Consumer",
              *_metadata(q.consumer.lower()), "spec:", f"  account: {ACCOUNT}",
              f"  streamName: {topo.jobs_stream}", f"  durableName: {q.consumer}"]
+    what = f"Priority {q.priority}."
     if q.partition is not None:
-        ps = [s.split(".")[-3] for s in q.subjects]  # <prefix><p>.<k>.*
-        what = f"Session partition {q.partition}, priority {'-'.join(dict.fromkeys((ps[0], ps[-1])))}."
-    else:
-        what = f"Priority {q.priority}."
+        last = q.subjects[-1].split(".")[-3]  # <prefix><p>.<k>.*: its class's last priority
+        span = f"{q.priority}-{last}" if int(last) != q.priority else str(q.priority)
+        what = f"Session partition {q.partition}, priority {span}."
     lines += [f"  description: {what}", "  deliverPolicy: all", "  ackPolicy: explicit",
               f"  ackWait: {_go_duration(topo.ack_wait_s)}", f"  maxDeliver: {topo.max_deliver}",
               f"  maxAckPending: {topo.max_ack_pending}", "  replayPolicy: instant",

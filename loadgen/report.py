@@ -123,6 +123,11 @@ def build_report(stats: RunStats, worker_metrics: dict[str, Any] | None = None) 
         "worker_latency_ms": percentiles(worker_ms),
         "ttft_ms": percentiles(ttft_ms),
         "workers": dict(sorted(Counter(o.worker for o in ok).items())),
+        # When each worker answered its last job, seconds from the first send: in a fleet,
+        # a worker done well before the wall has idled at the end (its share was smaller).
+        "worker_done_s": {w: round(max(stats.arrived_s[o.id] for o in ok if o.worker == w)
+                                   - first, 3)
+                          for w in sorted({o.worker for o in ok})} if first is not None else {},
         "max_in_flight": stats.max_in_flight,
         # Scheduled arrivals only: how late the producer itself published.
         "arrival_lag_ms": ({**percentiles(lag_ms), "max": max(lag_ms)} if lag_ms else None),

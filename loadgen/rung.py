@@ -172,6 +172,7 @@ def run_rung(cfg: BenchConfig, broker: EmbeddedNats, work: Path, name: str, poli
         "policy": policy, "runner": ready.get("mode"), "decode_graphs": ready.get("decode_graphs"),
         "graphed_step_fraction": s.get("graphed_step_fraction"), "jobs": len(stats.job_ids),
         "jobs_ok": rep["jobs_ok"], "jobs_by_worker": rep["workers"], "wall_s": rep["wall_s"],
+        "worker_done_s": rep["worker_done_s"],
         "jobs_per_s": rep["jobs_per_s"], "useful_tokens_per_s": rep["useful_tokens_per_s"],
         "padding_fraction": rep["padding_fraction"], "latency_ms": rep["latency_ms"],
         "cache_hit_fraction": rep["cache_hit_fraction"],

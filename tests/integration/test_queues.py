@@ -4,6 +4,7 @@ makes, pulled by `Ingress` over several consumers, with the owners `Membership` 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 
@@ -253,8 +254,11 @@ def test_members_split_the_partitions_and_take_over_from_one_that_leaves(nats_ur
             assert pulls["alpha"] == frozenset(range(16))  # alone at first
             await ms["alpha"].refresh()
             assert pulls["alpha"] == ms["alpha"].owned
-            # beta leaves cleanly: the others take its partitions and keep their own.
+            # beta leaves cleanly: the others take its partitions and keep their own. Its
+            # refresh loop runs on until teardown ends: that must not put the entry back.
             await ms["beta"].leave()
+            await ms["beta"].refresh()
+            assert await ms["alpha"].read() == ("alpha", "gamma")
             for w in ("alpha", "gamma"):
                 await ms[w].refresh()
             assert ms["alpha"].owned | ms["gamma"].owned == frozenset(range(16))
@@ -264,4 +268,22 @@ def test_members_split_the_partitions_and_take_over_from_one_that_leaves(nats_ur
             await ms["alpha"].refresh()
             assert ms["alpha"].owned == frozenset(range(16))
             assert ms["alpha"].members == ("alpha",)
+    asyncio.run(main())
+
+
+def test_pools_on_one_broker_share_the_members_bucket_but_not_the_owners(nats_url: str) -> None:
+    """Workers of another jobs stream, or of another consumer on this one, are not members:
+    they would own partitions they never pull. (The bench ran a one-core pool and then two
+    workers on one broker; the one-core worker's entry made it own partitions of the next.)"""
+    async def main() -> None:
+        async with Broker(nats_url, partitions=16) as b:
+            other_stream = dataclasses.replace(b.topo, jobs_stream=b.topo.jobs_stream + "X")
+            other_consumer = dataclasses.replace(b.topo, consumer="v")
+            ms = [Membership(b.nc, b.js, t, w, 16, on_change=lambda o: None)
+                  for t, w in ((b.topo, "alpha"), (other_stream, "beta"), (other_consumer, "gamma"))]
+            for m in ms:
+                assert await m.join()
+            for m in ms:
+                await m.refresh()
+                assert m.members == (m.me,) and m.owned == frozenset(range(16))
     asyncio.run(main())

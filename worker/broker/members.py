@@ -2,8 +2,10 @@
 that each owns its share (`owners`).
 
 Every worker puts its id in the members KV bucket (`Topology.members_bucket`, whose entries
-expire after `member_ttl_s`) every sixth of that TTL, and reads the bucket's keys back (one
-stream-info request, not a watch: an entry that expires leaves no marker to watch). A
+expire after `member_ttl_s`) every sixth of that TTL, under its pool's scope
+(`<jobs stream>.<consumer>.m.<worker>`: pools of other streams or consumers on the same broker
+share the bucket, not the owners), and reads its scope's keys back (one stream-info request,
+not a watch: an entry that expires leaves no marker to watch). A
 partition's owner is the member with the highest hash of (member, partition) -- rendezvous
 hashing, as Kafka's sticky assignor and the cache-aware routers aim for: every worker
 computes the same owners from the same list with no coordinator, a worker that joins takes
@@ -105,6 +107,11 @@ class Membership:
         self.refresh_s = topo.member_ttl_s / 6
         self._kv = None
         self.errors = 0
+        # Two pools on one broker (another jobs stream, or another consumer on this one)
+        # must not own each other's partitions: keys are scoped by both.
+        self.scope = f"{topo.jobs_stream}.{topo.consumer}"
+        self._lock = asyncio.Lock()  # a refresh's put and leave's purge never cross
+        self._left = False
 
     @property
     def _stream(self) -> str:
@@ -134,7 +141,12 @@ class Membership:
                     log.warning("members_refresh_failed", error=repr(e), count=self.errors)
 
     async def refresh(self) -> None:
-        await self._kv.put(self.me, json.dumps({"worker": self.me}).encode())
+        async with self._lock:
+            if not self._left:
+                await self._refresh()
+
+    async def _refresh(self) -> None:
+        await self._kv.put(f"{self.scope}.m.{self.me}", json.dumps({"worker": self.me}).encode())
         members = await self.read()
         if self.me not in members:
             members = tuple(sorted((*members, self.me)))
@@ -149,7 +161,7 @@ class Membership:
             self.on_change(pulls)
 
     async def read(self) -> tuple[str, ...]:
-        prefix = f"$KV.{self.topo.members_bucket}."
+        prefix = f"$KV.{self.topo.members_bucket}.{self.scope}.m."
         resp = await api_call(self.nc, f"{self.topo.api_prefix}.STREAM.INFO.{self._stream}",
                               {"subjects_filter": prefix + ">"})
         subjects = (resp.get("state") or {}).get("subjects") or {}
@@ -157,9 +169,15 @@ class Membership:
 
     async def leave(self, timeout_s: float = 0.5) -> None:
         """Stopping: delete our entry outright (a KV delete would leave a marker behind),
-        so the others take our partitions now rather than after the TTL."""
+        so the others take our partitions now rather than after the TTL. No refresh puts it
+        back: `run` keeps going until teardown ends, and before this lock and flag its next
+        put undid the purge, so a stopped worker's partitions waited out the TTL unowned."""
+        subject = f"$KV.{self.topo.members_bucket}.{self.scope}.m.{self.me}"
         try:
-            await asyncio.wait_for(self.js.purge_stream(
-                self._stream, subject=f"$KV.{self.topo.members_bucket}.{self.me}"), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                async with self._lock:
+                    self._left = True
+                    await self.js.purge_stream(self._stream, subject=subject)
         except Exception as e:  # noqa: BLE001 - then it expires after the TTL
+            self._left = True
             log.warning("members_leave_failed", error=repr(e))

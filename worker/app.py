@@ -159,7 +159,7 @@ class Worker:
         partitions = len({q.partition for q in verified.queues if q.partition is not None})
         if verified.members and partitions:
             self.members = Membership(self.nc, js, self.topo, wid, partitions,
-                                      on_change=self.ingress.set_owned)
+                                      self.ingress.set_owned, self.ingress.loads.counts)
         room_changed = self.ingress.room_changed.set
         self.stops = Stops(loaded.tokenizer, end=ex.end)
         self.answers = Answers(intake, self.publisher, stats, wid, self.topo.dlq_subject,

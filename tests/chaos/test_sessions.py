@@ -54,6 +54,32 @@ def _owners(got, rounds) -> dict[str, Counter]:
     return out
 
 
+def _moved(got, rounds) -> set[str]:
+    """The sessions whose turns in `rounds` (in order) changed worker, and where one
+    changed more than once, an error."""
+    out = set()
+    for s, ws in _by_round(got, rounds).items():
+        changes = sum(x != y for x, y in zip(ws, ws[1:]))
+        assert changes <= 1, (s, ws)
+        if changes:
+            out.add(s)
+    return out
+
+
+def _by_round(got, rounds) -> dict[str, list[str]]:
+    out: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for jid, rs in got.items():
+        if "-t" in jid and int(jid.split("-t")[1]) in rounds:
+            s, t = jid.split("-t")
+            out[s].append((int(t), rs[0].worker))
+    return {s: [w for _, w in sorted(v)] for s, v in out.items()}
+
+
+def _moved_sessions(workers) -> int:
+    """Sessions in the partitions the leaders moved by load (`partition_moved`)."""
+    return sum(e["sessions"] for w in workers for e in log_events(w, "partition_moved"))
+
+
 async def test_sessions_stay_then_move_when_their_worker_dies_and_to_one_that_joins(
         cluster, fleet, tmp_path) -> None:
     urls = ",".join(n.url for n in cluster)
@@ -82,10 +108,11 @@ async def test_sessions_stay_then_move_when_their_worker_dies_and_to_one_that_jo
     for r in range(5):
         await round_(r, [a, b])
     got = await results(urls, reply)
-    # Every session ran all its turns on one worker, and both workers have sessions.
+    # Every session ran all its turns on one worker, but for those whose partition the
+    # leader moved to even out the sessions (once each), and both workers have sessions.
     before = _owners(got, range(5))
-    assert all(len(c) == 1 for c in before.values()), before
-    served = Counter(next(iter(c)) for c in before.values())
+    assert len(_moved(got, range(5))) <= _moved_sessions([a, b]), before
+    served = Counter(_by_round(got, range(5))[s][-1] for s in before)
     assert set(served) == {"a", "b"}, served
 
     # Kill -9 the worker with more sessions mid-conversation: the other serves them all.
@@ -103,12 +130,14 @@ async def test_sessions_stay_then_move_when_their_worker_dies_and_to_one_that_jo
     # A worker that joins takes its share of the sessions within a refresh or two.
     c = f.start("c")
     await _settled([survivor, c])
+    moved_before = _moved_sessions([survivor, c])
     for r in range(8, 11):
         await round_(r, [survivor, c])
     got = await results(urls, reply)
     after = _owners(got, range(9, 11))
     assert any("c" in cnt for cnt in after.values()), after
-    assert all(len(cnt) == 1 for cnt in after.values()), after  # settled: one worker each
+    # Settled: one worker each, but for the sessions of a partition moved by load.
+    assert len(_moved(got, range(9, 11))) <= _moved_sessions([survivor, c]) - moved_before, after
 
     # One Result per job, equal to the reference: nothing lost, nothing run twice.
     assert got.keys() == {j.id for j in sent}

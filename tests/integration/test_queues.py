@@ -13,7 +13,7 @@ import pytest
 
 from schemas import Job, encode
 from worker.broker.ingress import Ingress
-from worker.broker.members import Membership
+from worker.broker.members import Membership, owners
 from worker.broker.topology import Topology, provision, verify
 from worker.broker.validate import Limits, Ticket, Validator
 from worker.model.tokenizer import ByteTokenizer
@@ -286,4 +286,62 @@ def test_pools_on_one_broker_share_the_members_bucket_but_not_the_owners(nats_ur
             for m in ms:
                 await m.refresh()
                 assert m.members == (m.me,) and m.owned == frozenset(range(16))
+    asyncio.run(main())
+
+
+def test_the_leader_evens_out_the_sessions_and_every_member_follows(nats_url: str) -> None:
+    """Hash and cap give each member 8 partitions; here alpha's carry 3 sessions each and
+    beta's 1 (24 against 8). The leader (alpha, first by name) moves one partition a
+    refresh until a move could not narrow the gap; beta reads the same owners; then
+    nothing moves any more. Each worker reports the sessions of the partitions it pulls."""
+    async def main() -> None:
+        async with Broker(nats_url, partitions=16) as b:
+            names = ("alpha", "beta")
+            start = owners(names, 16)
+            sessions = [3 if start[k] == "alpha" else 1 for k in range(16)]
+            ms: dict[str, Membership] = {}
+            for w in names:
+                ms[w] = Membership(b.nc, b.js, b.topo, w, 16, on_change=lambda o: None,
+                                   loads=lambda w=w: {k: sessions[k] for k in ms[w].pulls})
+            for m in ms.values():
+                assert await m.join()
+
+            def totals() -> dict[str, int]:
+                return {w: sum(sessions[k] for k in m.owned) for w, m in ms.items()}
+            seen = []
+            for _ in range(12):
+                for m in ms.values():
+                    await m.refresh()
+                seen.append(totals())
+            assert ms["alpha"].owned | ms["beta"].owned == frozenset(range(16))
+            assert not ms["alpha"].owned & ms["beta"].owned
+            assert totals() == {"alpha": 16, "beta": 16}, seen
+            assert ms["beta"].moved == 0 and 2 <= ms["alpha"].moved <= 5, seen
+            moved, owned = ms["alpha"].moved, {w: m.owned for w, m in ms.items()}
+            for _ in range(3):  # settled: no more moves
+                for m in ms.values():
+                    await m.refresh()
+            assert ms["alpha"].moved == moved and {w: m.owned for w, m in ms.items()} == owned
+    asyncio.run(main())
+
+
+def test_a_joiner_is_heard_at_once_not_at_the_next_refresh(nats_url: str) -> None:
+    """Refreshes 10 s apart here: alpha still learns of beta as soon as beta puts its entry
+    (its put is a message alpha hears), so alpha stops pulling beta's partitions freely."""
+    async def main() -> None:
+        async with Broker(nats_url, partitions=16, member_ttl_s=60.0) as b:
+            pulls: dict[str, frozenset[int]] = {}
+            ms = {w: Membership(b.nc, b.js, b.topo, w, 16,
+                                on_change=lambda o, w=w: pulls.__setitem__(w, o))
+                  for w in ("alpha", "beta")}
+            assert await ms["alpha"].join()
+            task = asyncio.create_task(ms["alpha"].run())
+            assert ms["alpha"].members == ("alpha",)
+            t0 = time.monotonic()
+            assert await ms["beta"].join()
+            await _until(lambda: ms["alpha"].members == ("alpha", "beta"))
+            assert time.monotonic() - t0 < 2.0
+            assert not ms["alpha"].owned & ms["beta"].owned
+            await _until(lambda: pulls["alpha"] == ms["alpha"].owned, 2.0)
+            task.cancel()
     asyncio.run(main())

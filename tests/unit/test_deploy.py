@@ -376,9 +376,12 @@ def test_worker_permissions_are_least_privilege():
         f"$JS.API.CONSUMER.INFO.{stream}.*",
         f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*",
         f"$JS.ACK.{stream}.>",
-        # The members bucket: its own entry (put, purge on leaving), the list (stream info).
+        # The members bucket: its own entry (put, purge on leaving), the list (stream info),
+        # the others' entries and the leader's owners (get: direct, or through the API).
         f"$JS.API.STREAM.INFO.KV_{topo.members_bucket}",
         f"$JS.API.STREAM.PURGE.KV_{topo.members_bucket}",
+        f"$JS.API.DIRECT.GET.KV_{topo.members_bucket}.>",
+        f"$JS.API.STREAM.MSG.GET.KV_{topo.members_bucket}",
         f"$KV.{topo.members_bucket}.>",
         f"{topo.results_prefix}>",
         f"{topo.dlq_prefix}>",
@@ -391,7 +394,9 @@ def test_worker_permissions_are_least_privilege():
         f"$JS.API.CONSUMER.DELETE.{topo.cancels_stream}.>",
     }
     # Cancels: every worker hears them, and may answer one sent as a request (only that).
-    assert _allowed(users["worker"], "subscribe") == {"_INBOX.>", "fabric.cancel"}
+    # and the members' puts (a joiner is heard at once, not at the next refresh).
+    assert _allowed(users["worker"], "subscribe") == {"_INBOX.>", "fabric.cancel",
+                                                      f"$KV.{topo.members_bucket}.>"}
     assert "allow_responses: true" in users["worker"]
     provisioner = _allowed(users["provisioner"], "publish")
     assert not any(".DELETE" in subject for subject in provisioner)
@@ -479,6 +484,15 @@ async def test_live_nats_server_enforces_the_permissions(tmp_path: Path):
             m = Membership(worker, js, topo, "w-1", topo.partitions, on_change=lambda o: None)
             await m.join()
             assert m.members == ("w-1",) and m.owned == frozenset(range(topo.partitions))
+            # A second member: the leader (w-1) reads both entries and writes the owners,
+            # which the other reads back.
+            m2 = Membership(worker, js, topo, "w-2", topo.partitions, on_change=lambda o: None)
+            await m2.join()
+            await m.refresh()
+            await m2.refresh()
+            assert m.owned and m2.owned and not m.owned & m2.owned
+            assert m.owned | m2.owned == frozenset(range(topo.partitions))
+            await m2.leave()
             urgent = await js.pull_subscribe_bind(durable=f"{topo.consumer}-p0",
                                                   stream=topo.jobs_stream)
             [msg] = await urgent.fetch(1, timeout=2)

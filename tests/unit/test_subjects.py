@@ -4,11 +4,12 @@ session partitions (`worker.broker.members`): plain functions, checked on their 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections import Counter
 
 from schemas import Job
 from schemas.subjects import job_subject, session_token
-from worker.broker.members import member_key, owned, owners, preferred
+from worker.broker.members import SessionLoads, member_key, owned, owners, preferred, rebalance
 
 
 def _job(**kw) -> Job:
@@ -70,3 +71,60 @@ def test_owners_cover_every_partition_once_evenly_and_move_little() -> None:
 def test_member_keys_are_valid_kv_keys() -> None:
     assert member_key("gpu-node-3-1234") == "gpu-node-3-1234"
     assert member_key("host.example.com:1") == "host_example_com_1"
+
+
+def _totals(own, load, members):
+    return {m: sum(n for k, n in enumerate(load) if own[k] == m) for m in members}
+
+
+def test_rebalance_moves_the_partition_that_narrows_the_gap_most() -> None:
+    members = ["a", "b"]
+    own = ["a", "a", "a", "b", "b", "a"]
+    load = [3, 1, 4, 2, 2, 2]  # a: 10, b: 4, gap 6: the 3 closes it
+    assert rebalance(own, load, members) == (0, "a", "b")
+    assert rebalance(own, load, members, frozen=frozenset({0})) in {(5, "a", "b"), (2, "a", "b")}
+    # A gap a move cannot narrow by two sessions stays (no move for one session's worth).
+    assert rebalance(["a", "b"], [5, 4], members) is None
+    assert rebalance(["a", "b", "b"], [3, 0, 0], members) is None  # the 3 would only flip it
+    assert rebalance(["a", "a"], [1, 1], members) == (0, "a", "b")
+    assert rebalance(own, load, ["a"]) is None  # one member: nothing to balance
+    assert rebalance(["a", "b"], [0, 0], members) is None  # empty partitions never move
+
+
+def test_rebalance_converges_and_never_moves_a_partition_back() -> None:
+    """Every move shrinks the spread between two members, so moves stop; the loads left
+    can be no closer by one more move. Random fleets and loads, as hashing makes them."""
+    rng = random.Random(7)
+    for _ in range(300):
+        members = [f"w{i}" for i in range(rng.randint(2, 5))]
+        partitions = rng.choice([8, 16, 32])
+        own = owners(members, partitions)
+        load = [rng.choice([0, 0, 1, 1, 2, 3, 5]) for _ in range(partitions)]
+        seen: set[tuple[int, str]] = set()
+        for moves in range(partitions + 1):
+            move = rebalance(own, load, members)
+            if move is None:
+                break
+            k, frm, to = move
+            assert own[k] == frm and (k, frm) not in seen  # never back where it was
+            seen.add((k, to))
+            own[k] = to
+        else:
+            raise AssertionError("did not converge")
+        t = _totals(own, load, members)
+        hi, lo = max(t.values()), min(t.values())
+        busiest = [m for m in members if t[m] == hi]
+        for k, m in enumerate(own):  # no single move from the busiest closes 2 more
+            if m in busiest and load[k]:
+                assert (hi - lo) - abs(hi - lo - 2 * load[k]) < 2
+
+
+def test_session_loads_count_each_session_once_within_the_window() -> None:
+    loads = SessionLoads(window_s=10.0)
+    loads.saw(3, "chat-1", 100.0)
+    loads.saw(3, "chat-1", 104.0)  # the same session's next turn
+    loads.saw(3, "chat-2", 101.0)
+    loads.saw(5, "chat-9", 95.0)
+    assert loads.counts(now=105.0) == {3: 2, 5: 1}
+    assert loads.counts(now=111.5) == {3: 1}  # chat-2 and chat-9 quiet for over 10 s
+    assert loads.counts(now=200.0) == {}

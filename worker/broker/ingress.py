@@ -45,6 +45,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from worker.ops import failpoints
+from worker.broker.members import SessionLoads
 from worker.broker.topology import DEFAULT_PRIORITY, Queue
 from worker.broker.validate import Outcome, Ticket, Validator
 
@@ -129,6 +130,7 @@ class Ingress:
         self.stopping = False
         self.fetched = 0
         self.spilled = 0  # jobs taken from partitions another worker owns
+        self.loads = SessionLoads()  # sessions pulled per partition, for the owners' balance
         self.last_fetch_len = 0  # the batch of the request that brought the latest delivery
         self.fetch_errors = 0
         self.requests_expire_at = 0.0  # monotonic time by which every pull request we made expired
@@ -271,6 +273,8 @@ class Ingress:
         self.fetched += 1
         if s.min_pending:
             self.spilled += 1
+        if s.queue.partition is not None:  # `<prefix><p>.<k>.<session token>`
+            self.loads.saw(s.queue.partition, msg.subject.rpartition(".")[2], time.monotonic())
         self.last_fetch_len = s.batch
         if s.credit <= 0:
             self._ended(s, short=False)

@@ -1,5 +1,6 @@
 """Who owns which session partition: rendezvous hashing over the workers alive, capped so
-that each owns its share (`owners`).
+that each owns its share (`owners`), then evened out by the sessions each carries, one
+move at a time, by the first member (`rebalance`, `Membership._owners`).
 
 Every worker puts its id in the members KV bucket (`Topology.members_bucket`, whose entries
 expire after `member_ttl_s`) every sixth of that TTL, under its pool's scope
@@ -12,12 +13,19 @@ computes the same owners from the same list with no coordinator, a worker that j
 about 1/N of the partitions (and a few move between the others as the caps fall), and one
 that leaves (or stops being heard from) hands over its own.
 
-Not balanced by load: a version that carried each worker's recent work per partition and
-placed partitions as consistent hashing with bounded loads does flapped -- each worker
-computes from its own fresh rates and the others' second-old ones, so on bursty session
-traffic the views disagreed and partitions moved back and forth every refresh, each move
-a recomputed history -- and it showed no gain in the fleet runs
-(`docs/bench/README.md`, issue 26). Load is left to the overflow bound (the ingress).
+Balanced by load through one snapshot (`rebalance`): each worker's entry carries the
+sessions it pulled jobs of per partition in the last `LOAD_WINDOW_S` (`SessionLoads`); the
+member first by name (the leader) reads them all, moves at most one partition a refresh
+from the busiest worker to the idlest when that narrows their gap by `MIN_GAIN` sessions
+or more, and writes the owners to one key (`<scope>.owners`) that every member reads and
+follows while its list of members is theirs. A partition that moved stays put for
+`DWELL_S`. (A first version let every worker place partitions by load from its own fresh
+figures and the others' second-old ones; the views disagreed on bursty traffic and
+partitions moved back and forth every refresh. One writer cannot disagree with itself.)
+Hash and cap alone left 32 like sessions split 13/19 and worse, and the worker with fewer
+sat idle for the last third of the run (`docs/bench/README.md`, issue 26). Until the
+leader has written owners for the current members (a join or a leave), every worker uses
+the capped rendezvous owners, which need no snapshot.
 
 Views can disagree for one refresh (about a second): a partition then has two owners
 (both pull it freely) or none. A worker keeps pulling freely a partition it owned at the
@@ -33,13 +41,68 @@ import asyncio
 import hashlib
 import json
 import re
+import time
 from collections.abc import Callable, Sequence
 
+import nats.js.errors
 import structlog
 
 from worker.broker.topology import Topology, api_call
 
 log = structlog.get_logger("members")
+
+LOAD_WINDOW_S = 10.0  # a session counts toward its partition's load this long after a job
+DWELL_S = 30.0  # a partition that moved stays with its new owner at least this long
+MIN_GAIN = 2  # a move must narrow the gap between two workers by this many sessions
+
+
+class SessionLoads:
+    """The sessions this worker pulled jobs of, per partition, in the last window: its view
+    of each partition's load. Counted in sessions, not tokens served: an agent session
+    keeps one turn out at a time, so a worker with more sessions serves each of them more
+    slowly at the same tokens/s -- what it serves says nothing of what waits on it."""
+
+    def __init__(self, window_s: float = LOAD_WINDOW_S):
+        self.window_s = window_s
+        self._seen: dict[int, dict[str, float]] = {}
+
+    def saw(self, partition: int, session: str, now: float) -> None:
+        self._seen.setdefault(partition, {})[session] = now
+
+    def counts(self, now: float | None = None) -> dict[int, int]:
+        cut = (time.monotonic() if now is None else now) - self.window_s
+        out: dict[int, int] = {}
+        for k, seen in self._seen.items():
+            for session in [x for x, t in seen.items() if t < cut]:
+                del seen[session]
+            if seen:
+                out[k] = len(seen)
+        return out
+
+
+def rebalance(owner: Sequence[str | None], load: Sequence[int], members: Sequence[str],
+              frozen: frozenset[int] = frozenset(),
+              min_gain: int = MIN_GAIN) -> tuple[int, str, str] | None:
+    """The one move (partition, from, to) that narrows the gap between the busiest member
+    and the idlest the most, if it narrows it by `min_gain` or more; None otherwise.
+    A partition in `frozen` (moved lately) stays. Loads that hold still converge: every
+    move shrinks the spread, so nothing moves back and forth."""
+    total = {m: 0 for m in members}
+    for k, m in enumerate(owner):
+        if m in total:
+            total[m] += load[k]
+    if len(total) < 2:
+        return None
+    top = max(total.values())
+    lo = min(total, key=lambda m: (total[m], m))
+    gap = top - total[lo]
+    best: tuple[int, int] | None = None
+    for k, m in enumerate(owner):  # from any of the busiest (they may tie)
+        if m in total and total[m] == top and k not in frozen and load[k] > 0:
+            gain = gap - abs(gap - 2 * load[k])
+            if gain >= min_gain and (best is None or gain > best[0]):
+                best = (gain, k)
+    return None if best is None else (best[1], owner[best[1]], lo)
 
 
 def _weight(m: str, partition: int) -> bytes:
@@ -94,8 +157,11 @@ class Membership:
     """This worker's entry in the members bucket, and the partitions it owns by it."""
 
     def __init__(self, nc, js, topo: Topology, worker_id: str, partitions: int,
-                 on_change: Callable[[frozenset[int]], None]):
+                 on_change: Callable[[frozenset[int]], None],
+                 loads: Callable[[], dict[int, int]] = dict):
         self.nc, self.js, self.topo = nc, js, topo
+        self.loads = loads  # this worker's sessions per partition (`SessionLoads.counts`)
+        self.moved = 0  # partitions this worker moved while it led
         self.me = member_key(worker_id)
         self.partitions = partitions
         self.on_change = on_change
@@ -112,6 +178,8 @@ class Membership:
         self.scope = f"{topo.jobs_stream}.{topo.consumer}"
         self._lock = asyncio.Lock()  # a refresh's put and leave's purge never cross
         self._left = False
+        self._joined = asyncio.Event()  # a member we do not know put its entry
+        self._sub = None
 
     @property
     def _stream(self) -> str:
@@ -123,6 +191,11 @@ class Membership:
         then nobody owns anything here and this worker pulls every partition freely."""
         try:
             self._kv = await self.js.key_value(self.topo.members_bucket)
+            # Every entry's put is a message on its subject: hearing one from a member we
+            # do not know, refresh now, not at the next tick -- the workers that were
+            # there first would otherwise pull the joiner's partitions for up to a second.
+            self._sub = await self.nc.subscribe(
+                f"$KV.{self.topo.members_bucket}.{self.scope}.m.*", cb=self._heard)
             await self.refresh()
             return True
         except Exception as e:  # noqa: BLE001 - a fleet without owners still serves all
@@ -130,9 +203,21 @@ class Membership:
                         hint="session partitions are served by all workers alike")
             return False
 
+    async def _heard(self, msg) -> None:
+        if msg.subject.rpartition(".")[2] not in self.members:
+            self._joined.set()
+
     async def run(self) -> None:
+        wait = self.refresh_s
         while True:
-            await asyncio.sleep(self.refresh_s)
+            try:
+                await asyncio.wait_for(self._joined.wait(), wait)
+                # Heard a joiner: refresh now, and again shortly, which ends the refresh
+                # for which we still pull what we owned before (`owned | previous`).
+                wait = min(0.25, self.refresh_s)
+            except asyncio.TimeoutError:
+                wait = self.refresh_s
+            self._joined.clear()
             try:
                 await self.refresh()
             except Exception as e:  # noqa: BLE001 - a broker hiccup: keep what we had
@@ -146,11 +231,12 @@ class Membership:
                 await self._refresh()
 
     async def _refresh(self) -> None:
-        await self._kv.put(f"{self.scope}.m.{self.me}", json.dumps({"worker": self.me}).encode())
+        entry = {"worker": self.me, "loads": {str(k): n for k, n in self.loads().items()}}
+        await self._kv.put(f"{self.scope}.m.{self.me}", json.dumps(entry).encode())
         members = await self.read()
         if self.me not in members:
             members = tuple(sorted((*members, self.me)))
-        mine = owned(self.me, members, self.partitions)
+        mine = frozenset(k for k, m in enumerate(await self._owners(members)) if m == self.me)
         if members != self.members:
             log.info("members_changed", members=list(members), owned=sorted(mine))
         self.members = members
@@ -159,6 +245,46 @@ class Membership:
         if pulls != self.pulls:
             self.pulls = pulls
             self.on_change(pulls)
+
+    async def _get(self, key: str) -> dict | None:
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return json.loads(entry.value) if entry.value else None
+
+    async def _owners(self, members: tuple[str, ...]) -> list[str | None]:
+        """The leader's owners when it wrote them for these members, else capped rendezvous.
+        The leader (first by name) also moves one partition by load and writes them again,
+        every refresh, so the key outlives the bucket's TTL while the leader does."""
+        key = f"{self.scope}.owners"
+        rec = await self._get(key)
+        valid = (rec is not None and rec.get("members") == list(members)
+                 and len(rec.get("owners", ())) == self.partitions)
+        own = list(rec["owners"]) if valid else owners(members, self.partitions)
+        if members[0] != self.me or len(members) < 2:
+            return own
+        now = time.time()
+        moved = {k: t for k, t in (rec.get("moved", {}) if valid else {}).items()
+                 if now - t < DWELL_S}
+        entries = await asyncio.gather(*(self._get(f"{self.scope}.m.{m}") for m in members))
+        load = [0] * self.partitions
+        for e in entries:  # a partition's sessions: the most any member saw (one that moved
+            for k, n in ((e or {}).get("loads") or {}).items():  # is seen by both a while)
+                if int(k) < self.partitions:
+                    load[int(k)] = max(load[int(k)], int(n))
+        move = rebalance(own, load, members, frozenset(int(k) for k in moved))
+        if move is not None:
+            k, frm, to = move
+            own[k] = to
+            moved[str(k)] = now
+            self.moved += 1
+            log.info("partition_moved", partition=k, sessions=load[k], frm=frm, to=to,
+                     loads={m: sum(n for p, n in enumerate(load) if own[p] == m)
+                            for m in members})
+        await self._kv.put(key, json.dumps({"members": list(members), "owners": own,
+                                            "moved": moved}).encode())
+        return own
 
     async def read(self) -> tuple[str, ...]:
         prefix = f"$KV.{self.topo.members_bucket}.{self.scope}.m."
@@ -177,6 +303,8 @@ class Membership:
             async with asyncio.timeout(timeout_s):
                 async with self._lock:
                     self._left = True
+                    if self._sub is not None:
+                        await self._sub.unsubscribe()
                     await self.js.purge_stream(self._stream, subject=subject)
         except Exception as e:  # noqa: BLE001 - then it expires after the TTL
             self._left = True

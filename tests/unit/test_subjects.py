@@ -89,6 +89,9 @@ def test_rebalance_moves_the_partition_that_narrows_the_gap_most() -> None:
     assert rebalance(["a", "a"], [1, 1], members) == (0, "a", "b")
     assert rebalance(own, load, ["a"]) is None  # one member: nothing to balance
     assert rebalance(["a", "b"], [0, 0], members) is None  # empty partitions never move
+    # Hundreds of sessions a worker: a gap of a few is noise, not worth the moved histories.
+    assert rebalance(["a", "a", "b"], [250, 4, 246], members) is None  # 254 against 246
+    assert rebalance(["a", "a", "b"], [250, 40, 200], members) == (1, "a", "b")
 
 
 def test_rebalance_converges_and_never_moves_a_partition_back() -> None:
@@ -114,9 +117,10 @@ def test_rebalance_converges_and_never_moves_a_partition_back() -> None:
         t = _totals(own, load, members)
         hi, lo = max(t.values()), min(t.values())
         busiest = [m for m in members if t[m] == hi]
-        for k, m in enumerate(own):  # no single move from the busiest closes 2 more
+        floor = max(2, 0.05 * sum(load) / len(members))
+        for k, m in enumerate(own):  # no single move from the busiest closes the floor
             if m in busiest and load[k]:
-                assert (hi - lo) - abs(hi - lo - 2 * load[k]) < 2
+                assert (hi - lo) - abs(hi - lo - 2 * load[k]) < floor
 
 
 def test_session_loads_count_each_session_once_within_the_window() -> None:

@@ -53,7 +53,8 @@ log = structlog.get_logger("members")
 
 LOAD_WINDOW_S = 10.0  # a session counts toward its partition's load this long after a job
 DWELL_S = 30.0  # a partition that moved stays with its new owner at least this long
-MIN_GAIN = 2  # a move must narrow the gap between two workers by this many sessions
+MIN_GAIN = 2  # a move must narrow the gap between two workers by this many sessions,
+MIN_GAIN_SHARE = 0.05  # and by this share of a worker's mean (a move recomputes histories)
 
 
 class SessionLoads:
@@ -84,7 +85,9 @@ def rebalance(owner: Sequence[str | None], load: Sequence[int], members: Sequenc
               frozen: frozenset[int] = frozenset(),
               min_gain: int = MIN_GAIN) -> tuple[int, str, str] | None:
     """The one move (partition, from, to) that narrows the gap between the busiest member
-    and the idlest the most, if it narrows it by `min_gain` or more; None otherwise.
+    and the idlest the most, if it narrows it by `min_gain` or more and by `MIN_GAIN_SHARE`
+    of a member's mean load (with hundreds of sessions a worker, a handful more or less
+    is noise, and every move costs its sessions their cached histories); None otherwise.
     A partition in `frozen` (moved lately) stays. Loads that hold still converge: every
     move shrinks the spread, so nothing moves back and forth."""
     total = {m: 0 for m in members}
@@ -93,6 +96,7 @@ def rebalance(owner: Sequence[str | None], load: Sequence[int], members: Sequenc
             total[m] += load[k]
     if len(total) < 2:
         return None
+    min_gain = max(min_gain, MIN_GAIN_SHARE * sum(total.values()) / len(total))
     top = max(total.values())
     lo = min(total, key=lambda m: (total[m], m))
     gap = top - total[lo]

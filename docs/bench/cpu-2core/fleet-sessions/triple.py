@@ -4,13 +4,14 @@ two one-core workers on one broker (the fleet, the same 32 sessions); two indepe
 halves at once (each a one-core worker with its own broker and 16 sessions of its own),
 their traffic started together (a barrier: staggered starts would overlap less and flatter
 the halves). The halves are what the machine gives two workers with no fleet at all."""
-import json, sys, tempfile, threading, asyncio
+import json, os, sys, tempfile, threading, asyncio
 from pathlib import Path
 import loadgen.rung as rung
 from loadgen.broker import EmbeddedNats
 from loadgen.rung import BenchConfig, run_rung, log_event
 from loadgen.sessions import SessionSpec
 
+CPUS = os.environ.get("FLEET_CPUS", "0,1").split(",")  # two cores: one per worker
 cfg = BenchConfig(max_seq_len=1280, model=sys.argv[2] if len(sys.argv) > 2 else "builtin:small")
 work = Path(tempfile.mkdtemp())
 barrier = threading.Barrier(2)
@@ -38,15 +39,15 @@ def fleet(broker, name, cpus, args):
 
 with EmbeddedNats() as b1, EmbeddedNats() as b2:
     for i in range(int(sys.argv[1])):
-        row = {"one_core": fleet(b1, f"t{i}one", ("0",), ("--kv-pool-blocks", "4096")),
-               "fleet": fleet(b1, f"t{i}two", ("0", "1"), ())}
+        row = {"one_core": fleet(b1, f"t{i}one", (CPUS[0],), ("--kv-pool-blocks", "4096")),
+               "fleet": fleet(b1, f"t{i}two", tuple(CPUS), ())}
         out = {}
 
         def go(tag, cpu, broker, seed):
             r = run_rung(cfg, broker, work, f"t{i}h{tag}", "continuous", [], cpus=(cpu,),
                          sessions=spec(16, seed), worker_args=("--kv-pool-blocks", "2048"))
             out[tag] = r
-        ts = [threading.Thread(target=go, args=a) for a in (("a", "0", b1, 0), ("b", "1", b2, 1))]
+        ts = [threading.Thread(target=go, args=a) for a in (("a", CPUS[0], b1, 0), ("b", CPUS[1], b2, 1))]
         [t.start() for t in ts]
         [t.join() for t in ts]
         a, b = out["a"], out["b"]

@@ -182,7 +182,8 @@ class Membership:
         self.scope = f"{topo.jobs_stream}.{topo.consumer}"
         self._lock = asyncio.Lock()  # a refresh's put and leave's purge never cross
         self._left = False
-        self._joined = asyncio.Event()  # a member we do not know put its entry
+        self._heard_change = asyncio.Event()  # a member we do not know, or new owners
+        self._own: list[str | None] = []  # every partition's owner, by the latest refresh
         self._sub = None
 
     @property
@@ -195,11 +196,11 @@ class Membership:
         then nobody owns anything here and this worker pulls every partition freely."""
         try:
             self._kv = await self.js.key_value(self.topo.members_bucket)
-            # Every entry's put is a message on its subject: hearing one from a member we
-            # do not know, refresh now, not at the next tick -- the workers that were
-            # there first would otherwise pull the joiner's partitions for up to a second.
-            self._sub = await self.nc.subscribe(
-                f"$KV.{self.topo.members_bucket}.{self.scope}.m.*", cb=self._heard)
+            # Every put is a message on its key's subject: hearing a member we do not know,
+            # or owners other than ours, refresh now, not at the next tick -- the workers
+            # there first would otherwise pull a joiner's partitions for up to a second,
+            # and a partition the leader moved would have two owners as long.
+            self._sub = await self.nc.subscribe(f"{self._prefix}>", cb=self._heard)
             await self.refresh()
             return True
         except Exception as e:  # noqa: BLE001 - a fleet without owners still serves all
@@ -207,21 +208,33 @@ class Membership:
                         hint="session partitions are served by all workers alike")
             return False
 
+    @property
+    def _prefix(self) -> str:
+        return f"$KV.{self.topo.members_bucket}.{self.scope}."
+
     async def _heard(self, msg) -> None:
-        if msg.subject.rpartition(".")[2] not in self.members:
-            self._joined.set()
+        key = msg.subject[len(self._prefix):]
+        if key == "owners":
+            try:
+                changed = json.loads(msg.data).get("owners") != self._own
+            except (ValueError, AttributeError):
+                return  # not ours to read: the next refresh reads it as it can
+        else:
+            changed = key.startswith("m.") and key[2:] not in self.members
+        if changed:
+            self._heard_change.set()
 
     async def run(self) -> None:
         wait = self.refresh_s
         while True:
             try:
-                await asyncio.wait_for(self._joined.wait(), wait)
-                # Heard a joiner: refresh now, and again shortly, which ends the refresh
-                # for which we still pull what we owned before (`owned | previous`).
+                await asyncio.wait_for(self._heard_change.wait(), wait)
+                # Heard a joiner or a move: refresh now, and again shortly, which ends the
+                # refresh for which we still pull what we owned before (`owned | previous`).
                 wait = min(0.25, self.refresh_s)
             except asyncio.TimeoutError:
                 wait = self.refresh_s
-            self._joined.clear()
+            self._heard_change.clear()
             try:
                 await self.refresh()
             except Exception as e:  # noqa: BLE001 - a broker hiccup: keep what we had
@@ -240,7 +253,8 @@ class Membership:
         members = await self.read()
         if self.me not in members:
             members = tuple(sorted((*members, self.me)))
-        mine = frozenset(k for k, m in enumerate(await self._owners(members)) if m == self.me)
+        self._own = await self._owners(members)
+        mine = frozenset(k for k, m in enumerate(self._own) if m == self.me)
         if members != self.members:
             log.info("members_changed", members=list(members), owned=sorted(mine))
         self.members = members
@@ -291,7 +305,7 @@ class Membership:
         return own
 
     async def read(self) -> tuple[str, ...]:
-        prefix = f"$KV.{self.topo.members_bucket}.{self.scope}.m."
+        prefix = f"{self._prefix}m."
         resp = await api_call(self.nc, f"{self.topo.api_prefix}.STREAM.INFO.{self._stream}",
                               {"subjects_filter": prefix + ">"})
         subjects = (resp.get("state") or {}).get("subjects") or {}
@@ -302,7 +316,7 @@ class Membership:
         so the others take our partitions now rather than after the TTL. No refresh puts it
         back: `run` keeps going until teardown ends, and before this lock and flag its next
         put undid the purge, so a stopped worker's partitions waited out the TTL unowned."""
-        subject = f"$KV.{self.topo.members_bucket}.{self.scope}.m.{self.me}"
+        subject = f"{self._prefix}m.{self.me}"
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._lock:

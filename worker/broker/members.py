@@ -17,7 +17,7 @@ Balanced by load through one snapshot (`rebalance`): each worker's entry carries
 sessions it pulled jobs of per partition in the last `LOAD_WINDOW_S` (`SessionLoads`); the
 member first by name (the leader) reads them all, moves at most one partition a refresh
 from the busiest worker to the idlest when that narrows their gap by `MIN_GAIN` sessions
-or more, and writes the owners to one key (`<scope>.owners`) that every member reads and
+or more (the same move seen at two refreshes in a row), and writes the owners to one key (`<scope>.owners`) that every member reads and
 follows while its list of members is theirs. A partition that moved stays put for
 `DWELL_S`. (A first version let every worker place partitions by load from its own fresh
 figures and the others' second-old ones; the views disagreed on bursty traffic and
@@ -166,6 +166,7 @@ class Membership:
         self.nc, self.js, self.topo = nc, js, topo
         self.loads = loads  # this worker's sessions per partition (`SessionLoads.counts`)
         self.moved = 0  # partitions this worker moved while it led
+        self._proposed: tuple[int, str, str] | None = None  # the move the last refresh saw
         self.me = member_key(worker_id)
         self.partitions = partitions
         self.on_change = on_change
@@ -292,7 +293,12 @@ class Membership:
                 if int(k) < self.partitions:
                     load[int(k)] = max(load[int(k)], int(n))
         move = rebalance(own, load, members, frozenset(int(k) for k in moved))
+        # Acted on when proposed at two refreshes in a row: while loads are still coming
+        # in (the first seconds of a run, an entry a second older than another) a move
+        # the next snapshot would undo is proposed once, and each move costs histories.
+        move, self._proposed = (move if move == self._proposed else None), move
         if move is not None:
+            self._proposed = None
             k, frm, to = move
             own[k] = to
             moved[str(k)] = now

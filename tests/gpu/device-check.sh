@@ -10,12 +10,7 @@
 # Everything lands in $OUT (device-check.log, gpu-tests.log, bf16-*, fp8-*, trace*, peer*,
 # tier-*).
 #   device run: sh tests/gpu/device-check.sh      carry: [".whl"]     timeout_s: 590
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+. tests/gpu/site.sh  # $OUT, the carried wheels, the paths
 LOG="$OUT/device-check.log"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -7,12 +7,7 @@
 # builtin:small, on two cores of different physical cores: one one-core worker, the fleet
 # of two, and two independent halves, alternated.
 #   device run: sh tests/gpu/fleet-check.sh      carry: [".whl"]     timeout_s: 300
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+. tests/gpu/site.sh  # $OUT, the carried wheels, the paths
 lscpu > "$OUT/lscpu.txt" 2>&1
 # The first logical CPU of each physical core, two of them, as far apart as listed.
 CPUS=$(lscpu -p=CPU,CORE | grep -v '^#' | awk -F, '!seen[$2]++ {print $1}' | sed -n '1p;$p' | paste -sd, -)

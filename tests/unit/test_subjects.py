@@ -9,7 +9,12 @@ from collections import Counter
 
 from schemas import Job
 from schemas.subjects import job_subject, session_token
-from worker.broker.members import SessionLoads, member_key, owned, owners, preferred, rebalance
+from worker.broker.members import SessionLoads, member_key, owners, preferred, rebalance
+
+
+def owned(me: str, members, partitions: int) -> frozenset[int]:
+    """The partitions `owners` gives `me`."""
+    return frozenset(k for k, m in enumerate(owners(members, partitions)) if m == me)
 
 
 def _job(**kw) -> Job:

@@ -147,10 +147,6 @@ def owners(members: Sequence[str], partitions: int) -> list[str | None]:
     return out
 
 
-def owned(me: str, members: Sequence[str], partitions: int) -> frozenset[int]:
-    return frozenset(k for k, m in enumerate(owners(members, partitions)) if m == me)
-
-
 def member_key(worker_id: str) -> str:
     """A KV key for a worker id: letters, digits and -_= kept, anything else `_` (a dot
     would make the key two subject tokens)."""

@@ -209,6 +209,10 @@ class Membership:
     def _prefix(self) -> str:
         return f"$KV.{self.topo.members_bucket}.{self.scope}."
 
+    def _key(self, member: str) -> str:
+        """A member's entry in the bucket (`<scope>.m.<member>`)."""
+        return f"{self.scope}.m.{member}"
+
     async def _heard(self, msg) -> None:
         key = msg.subject[len(self._prefix):]
         if key == "owners":
@@ -246,7 +250,7 @@ class Membership:
 
     async def _refresh(self) -> None:
         entry = {"worker": self.me, "loads": {str(k): n for k, n in self.loads().items()}}
-        await self._kv.put(f"{self.scope}.m.{self.me}", json.dumps(entry).encode())
+        await self._kv.put(self._key(self.me), json.dumps(entry).encode())
         members = await self.read()
         if self.me not in members:
             members = tuple(sorted((*members, self.me)))
@@ -282,7 +286,7 @@ class Membership:
         now = time.time()
         moved = {k: t for k, t in (rec.get("moved", {}) if valid else {}).items()
                  if now - t < DWELL_S}
-        entries = await asyncio.gather(*(self._get(f"{self.scope}.m.{m}") for m in members))
+        entries = await asyncio.gather(*(self._get(self._key(m)) for m in members))
         load = [0] * self.partitions
         for e in entries:  # a partition's sessions: the most any member saw (one that moved
             for k, n in ((e or {}).get("loads") or {}).items():  # is seen by both a while)
@@ -318,7 +322,7 @@ class Membership:
         so the others take our partitions now rather than after the TTL. No refresh puts it
         back: `run` keeps going until teardown ends, and before this lock and flag its next
         put undid the purge, so a stopped worker's partitions waited out the TTL unowned."""
-        subject = f"{self._prefix}m.{self.me}"
+        subject = f"$KV.{self.topo.members_bucket}.{self._key(self.me)}"
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._lock:
